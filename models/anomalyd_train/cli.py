@@ -1,0 +1,222 @@
+"""The `anomalyd-train` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import KINDS, __version__
+
+DESCRIPTION = """\
+Train autoencoders on normal data and export them as self-describing ONNX models for the
+anomalyd daemon (one file: features, window, normalisation, per-feature error output and the
+calibration of held-back validation scores; see docs/MODEL-CONTRACT.md).
+
+commands:
+  fit       train a model on normal data and export it (plus a loss-curve PNG beside it)
+  generate  sample synthetic normal data from a trained VAE model
+  check     check ONNX files against the model contract
+  synth     write a synthetic dataset (normal data, optionally with labelled anomalies)
+
+Run `anomalyd-train COMMAND --help` for a command's options.
+"""
+
+FIT_EPILOG = """\
+kinds:
+  pca        linear baseline: projection on the top principal components (closed form, no epochs)
+  dense      dense autoencoder (tanh), bottleneck --latent
+  conv       convolutional: 1-D over a window of T rows (default T=16), or 2-D over image-shaped
+             records with --shape C,H,W (NDJSON, one H x W array field per channel)
+  vae        variational autoencoder; score = squared error of the mean path (z = mu);
+             `anomalyd-train generate` samples from it
+  sparse     wide code with a sparsity penalty: --sparsity kl (target activation --rho) or l1
+  stacked    greedy layer-wise pretraining (--pretrain-epochs per level), then fine-tuning
+  denoising  reconstructs clean inputs from corrupted ones (--noise-std, --mask-prob); its
+             reconstruction is a denoised signal
+  lstm, gru  recurrent sequence-to-sequence autoencoders over windows of T rows (default T=16)
+
+Point kinds use window 1 unless --window is given (their window is then flattened).
+With --key, rows are grouped per entity (file order) and windows never cross entities.
+
+examples:
+  anomalyd-train fit --kind dense --data fleet.csv --features cpu_pct,latency_ms --out models/x.onnx
+  anomalyd-train fit --kind lstm --data fleet.csv --features cpu_pct,latency_ms --key host \\
+      --window 16 --epochs 20 --out models/x-lstm.onnx
+"""
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return items
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers), got {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anomalyd-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"anomalyd-train {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    f = sub.add_parser(
+        "fit", help="train a model and export it", description="Train a model on normal data and export it "
+        "as one ONNX file under the model contract, with a loss-curve PNG beside it (NAME.loss.png).",
+        epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = f.add_argument_group("data and output")
+    g.add_argument("--kind", required=True, choices=KINDS, help="model kind (see below)")
+    g.add_argument("--data", required=True, metavar="FILE", help="training data: .csv (header line) or .ndjson")
+    g.add_argument("--features", required=True, type=_csv_list, metavar="A,B,C",
+                   help="feature columns, in the order the model will take them")
+    g.add_argument("--key", metavar="COL", help="entity key column: one series per key (e.g. host)")
+    g.add_argument("--window", type=int, metavar="T", help="rows per sample (default 1; 16 for conv, lstm, gru)")
+    g.add_argument("--shape", type=_shape, metavar="C,H,W", help="conv only: image-shaped records (2-D model)")
+    g.add_argument("--out", required=True, metavar="NAME.onnx", help="the model file to write")
+    g.add_argument("--name", help="model name in the metadata (default: the file's stem)")
+    g.add_argument("--version", dest="model_version", default="1.0.0", help="model version (default 1.0.0)")
+    g.add_argument("--no-plot", action="store_true", help="do not write the loss-curve PNG")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    t = f.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=30, help="training epochs (default 30; pca ignores it)")
+    t.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share held back for validation and calibration (default 0.2)")
+    t.add_argument("--seed", type=int, default=0, help="random seed: same seed and data, same model (default 0)")
+    t.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+
+    a = f.add_argument_group("architecture")
+    a.add_argument("--latent", type=int,
+                   help="code size (default: min(D/2, 8) for D = window x features; sparse: twice that; "
+                        "pca: the fewest components explaining --variance)")
+    a.add_argument("--hidden", type=int, default=32, help="hidden layer / recurrent state size (default 32)")
+    a.add_argument("--variance", type=float, default=0.95, help="pca: share of variance to keep (default 0.95)")
+    a.add_argument("--sparsity", choices=("kl", "l1"), default="kl",
+                   help="sparse: KL divergence to a target activation (default) or L1 of the code")
+    a.add_argument("--sparsity-weight", type=float, help="sparse: penalty weight (default 0.1 kl, 1e-3 l1)")
+    a.add_argument("--rho", type=float, default=0.05, help="sparse kl: target mean activation (default 0.05)")
+    a.add_argument("--noise-std", type=float, default=0.5,
+                   help="denoising: Gaussian corruption in normalised units (default 0.5)")
+    a.add_argument("--mask-prob", type=float, default=0.1,
+                   help="denoising: probability of masking an input value (default 0.1)")
+    a.add_argument("--beta", type=float, default=1.0, help="vae: weight of the KL term (default 1)")
+    a.add_argument("--pretrain-epochs", type=int, help="stacked: epochs per level (default epochs/3)")
+
+    gen = sub.add_parser("generate", help="sample synthetic normal data from a VAE model",
+                         description="Sample synthetic normal data from a trained VAE model: z ~ N(0, I) "
+                         "is decoded by the model's own decoder (the sub-graph from the latent code to "
+                         "`reconstruction`), plus Gaussian noise with the per-feature residual variance "
+                         "measured on validation data (calibration feature_mean) unless --no-noise.")
+    gen.add_argument("--model", required=True, metavar="MODEL.onnx", help="a model of kind vae")
+    gen.add_argument("-n", type=int, default=100, help="number of samples (default 100)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--no-noise", action="store_true", help="output the decoder means only")
+    gen.add_argument("--out", default="-", metavar="FILE", help="output .csv or .ndjson (default: CSV on stdout)")
+
+    c = sub.add_parser("check", help="check ONNX files against the model contract",
+                       description="Check ONNX files against docs/MODEL-CONTRACT.md; exit 1 if any fails.")
+    c.add_argument("models", nargs="+", metavar="MODEL.onnx")
+    c.add_argument("--json", action="store_true", help="print each model's contract summary as JSON")
+
+    s = sub.add_parser("synth", help="write a synthetic dataset",
+                       description="Write a synthetic dataset of correlated sensor series (normal data), "
+                       "optionally with injected, labelled anomalies (column `anomaly`).")
+    s.add_argument("--rows", type=int, default=10000, help="total rows (default 10000)")
+    s.add_argument("--entities", type=int, default=10, help="number of entities, column `entity` (default 10)")
+    s.add_argument("--anomalies", type=float, default=0.0, help="share of anomalous rows (default 0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, metavar="FILE.csv")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .data import DataError
+
+    try:
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "synth":
+            return _synth(args)
+    except DataError as e:
+        print(f"anomalyd-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _fit(args) -> int:
+    from .fit import FitOptions, fit
+
+    opts = FitOptions(
+        kind=args.kind, data=args.data, features=args.features, out=args.out, key=args.key,
+        window=args.window, shape=args.shape, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, threads=args.threads, version=args.model_version,
+        name=args.name, quiet=args.quiet, plot=not args.no_plot, latent=args.latent, hidden=args.hidden,
+        sparsity=args.sparsity, sparsity_weight=args.sparsity_weight, rho=args.rho, noise_std=args.noise_std,
+        mask_prob=args.mask_prob, beta=args.beta, pretrain_epochs=args.pretrain_epochs, variance=args.variance,
+    )
+    res = fit(opts)
+    q = res.calibration["quantiles"]
+    print(
+        f"wrote {res.path} ({args.kind}, window {res.meta['anomalyd.window']}, "
+        f"{len(res.train)} training / {len(res.val)} validation windows, {res.seconds:.1f} s); "
+        f"validation score p50 {q['0.5']:.4g}, p99 {q['0.99']:.4g}"
+        + (f"; loss curve {res.png}" if res.png else "")
+    )
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import generate, write
+
+    features, samples = generate(args.model, args.n, seed=args.seed, noise=not args.no_noise)
+    write(args.out, features, samples)
+    return 0
+
+
+def _check(args) -> int:
+    from .contract import check, summary
+
+    failed = 0
+    for path in args.models:
+        problems = check(path)
+        if args.json and not problems:
+            print(json.dumps(summary(path)))
+        if problems:
+            failed += 1
+            print(f"{path}: FAILED", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+        elif not args.json:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+def _synth(args) -> int:
+    from .synth import sensors_table, write_csv
+
+    cols, rows = sensors_table(args.rows, args.entities, args.anomalies, args.seed)
+    write_csv(args.out, cols, rows)
+    print(f"wrote {args.out}: {len(rows)} rows, columns {','.join(cols)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""`fit`: data file -> trained model -> one self-describing ONNX file (+ loss-curve PNG)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from . import KINDS, SEQUENCE_KINDS, __version__, calibrate, data, export, plots
+from .kinds import Core, Spec, build
+from .train import TrainConfig, fit_minibatch, fit_pca, fit_stacked, seed_everything
+
+DEFAULT_SEQUENCE_WINDOW = 16
+
+
+@dataclass
+class FitOptions:
+    kind: str
+    data: str
+    features: list[str]
+    out: str
+    key: str | None = None
+    window: int | None = None  # default: 1, or 16 for conv (1-D), lstm and gru
+    shape: tuple[int, int, int] | None = None  # conv 2-D: (C, H, W)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    seed: int = 0
+    threads: int = 2
+    version: str = "1.0.0"
+    name: str | None = None
+    quiet: bool = False
+    plot: bool = True
+    # architecture / kind-specific, see kinds.Spec
+    latent: int | None = None
+    hidden: int = 32
+    sparsity: str = "kl"
+    sparsity_weight: float | None = None
+    rho: float = 0.05
+    noise_std: float = 0.5
+    mask_prob: float = 0.1
+    beta: float = 1.0
+    pretrain_epochs: int | None = None
+    variance: float = 0.95
+    decoder: str = "position"
+
+
+@dataclass
+class FitResult:
+    path: str
+    png: str | None
+    core: Core
+    model: export.Exported  # the PyTorch module that was exported (normalisation included)
+    proto: onnx.ModelProto
+    history: list[dict]
+    calibration: dict
+    train: np.ndarray  # raw training windows
+    val: np.ndarray  # raw validation windows
+    seconds: float
+    meta: dict = field(default_factory=dict)
+
+
+def best_val_mse(history: list[dict], spec: Spec) -> float:
+    """Validation reconstruction MSE of the exported model (PCA: at the kept component count)."""
+    if spec.kind == "pca":
+        return history[spec.latent - 1]["val"]
+    return min(h["val"] for h in history if h["phase"] in ("train", "fine-tune"))
+
+
+def resolve_window(opts: FitOptions) -> int:
+    if opts.shape is not None:
+        if opts.kind != "conv":
+            raise data.DataError(f"--shape is for kind conv (2-D) only, not {opts.kind}")
+        if opts.window not in (None, 1):
+            raise data.DataError("--window does not apply to image-shaped (--shape) models")
+        return 1
+    if opts.window is None:
+        return DEFAULT_SEQUENCE_WINDOW if opts.kind in SEQUENCE_KINDS else 1
+    if opts.window < 1:
+        raise data.DataError(f"--window must be at least 1, got {opts.window}")
+    if opts.kind in ("lstm", "gru", "conv") and opts.window < 2:
+        raise data.DataError(f"kind {opts.kind} needs a window of at least 2 rows, got {opts.window}")
+    return opts.window
+
+
+def fit(opts: FitOptions) -> FitResult:
+    if opts.kind not in KINDS:
+        raise data.DataError(f"unknown kind {opts.kind!r}; kinds: {', '.join(KINDS)}")
+    if opts.epochs < 1 and opts.kind != "pca":
+        raise data.DataError(f"--epochs must be at least 1, got {opts.epochs}")
+    if not opts.out.endswith(".onnx"):
+        raise data.DataError(f"--out must name a .onnx file, got {opts.out}")
+    window = resolve_window(opts)
+    seed_everything(opts.seed, opts.threads)
+    started = time.perf_counter()
+
+    table = data.load(opts.data, opts.features, key=opts.key, shape=opts.shape)
+    parts = [table.values] if opts.shape is not None else data.series(table)
+    train, val = data.split_windows(parts, window, opts.val_fraction, opts.seed)
+    mean, std = data.normalisation(train)
+    image = opts.shape is not None
+    bshape = (1, -1, 1, 1) if image else (1, 1, -1)
+    train_n = torch.from_numpy((train - mean.reshape(bshape)) / std.reshape(bshape)).float()
+    val_n = torch.from_numpy((val - mean.reshape(bshape)) / std.reshape(bshape)).float()
+
+    spec = Spec(
+        kind=opts.kind, window=window, features=len(opts.features), image_shape=opts.shape,
+        latent=opts.latent, hidden=opts.hidden, sparsity=opts.sparsity,
+        sparsity_weight=opts.sparsity_weight, rho=opts.rho, noise_std=opts.noise_std,
+        mask_prob=opts.mask_prob, beta=opts.beta, decoder=opts.decoder, variance=opts.variance,
+    )
+    cfg = TrainConfig(
+        epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
+        pretrain_epochs=opts.pretrain_epochs, threads=opts.threads, quiet=opts.quiet,
+    )
+    torch.manual_seed(opts.seed)
+    if opts.kind == "pca":
+        core, history = fit_pca(spec, train_n, val_n)
+    else:
+        core = build(spec)
+        if opts.kind == "stacked":
+            history = fit_stacked(core, train_n, val_n, cfg)
+        else:
+            history = fit_minibatch(core, train_n, val_n, cfg)
+    core.eval()
+
+    model = export.Exported(core, mean, std, image=image)
+    proto = export.to_onnx(model, torch.from_numpy(val[:2]))
+    _, err = export.run(export.session(proto), val)
+    calibration = calibrate.summarise(err)
+
+    name = opts.name or os.path.splitext(os.path.basename(opts.out))[0]
+    meta: dict[str, object] = {
+        "anomalyd.kind": opts.kind,
+        "anomalyd.features": list(opts.features),
+        "anomalyd.window": str(window),
+        "anomalyd.calibration": calibration,
+        "anomalyd.version": opts.version,
+        "anomalyd.trained_at": export.trained_at(),
+        "anomalyd.training_data": {
+            "sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data),
+        },
+        "anomalyd.name": name,
+        "anomalyd.normalisation": {
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        },
+        "anomalyd.training": {
+            "toolkit": f"anomalyd-train {__version__}",
+            "torch": torch.__version__,
+            "seed": opts.seed,
+            "epochs": opts.epochs if opts.kind != "pca" else 0,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "val_fraction": opts.val_fraction,
+            "key": opts.key,
+            "train_windows": int(len(train)),
+            "val_windows": int(len(val)),
+            "val_mse": float(f"{best_val_mse(history, spec):.6g}"),
+            "architecture": spec.describe(),
+        },
+    }
+    if image:
+        meta["anomalyd.shape"] = list(opts.shape)
+    if opts.kind == "vae":
+        meta["anomalyd.vae"] = {"latent": spec.code_size(), "latent_tensor": export.find_tensor(proto, "/core/mu/")}
+    export.set_metadata(proto, meta)
+    proto.producer_name = "anomalyd-train"
+    proto.producer_version = __version__
+    proto.doc_string = (
+        f"anomalyd {opts.kind} autoencoder over {window} row(s) of {', '.join(opts.features)}; "
+        "see docs/MODEL-CONTRACT.md"
+    )
+    export.save(proto, opts.out)
+    seconds = time.perf_counter() - started
+
+    png = None
+    if opts.plot:
+        png = plots.loss_png_path(opts.out)
+        title = f"{name}: {opts.kind}, window {window}, {len(train)} training windows"
+        plots.loss_curve(history, title, png, calibration_p99=None)
+    return FitResult(
+        path=opts.out, png=png, core=core, model=model, proto=proto, history=history,
+        calibration=calibration, train=train, val=val, seconds=seconds, meta=meta,
+    )

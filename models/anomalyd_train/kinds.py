@@ -1,0 +1,372 @@
+"""The nine model kinds, as PyTorch modules over normalised data.
+
+Every model ("core") maps a normalised batch to its reconstruction of the same shape:
+`[B, T, F]` (a window of T rows of F features; T = 1 for point models) or `[B, C, H, W]` for the
+2-D convolutional model. `forward` is the deterministic path that is exported to ONNX;
+`loss` is what training minimises (it may corrupt the input, sample, or add a penalty).
+Normalisation, de-normalisation and the per-feature error are added around the core at export
+(see export.py), so the cores never see raw units.
+
+The dense kinds (pca, dense, sparse, stacked, denoising, vae) flatten the window, so they also
+accept T > 1 (e.g. a denoising model over a window of a single series).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as fn
+
+from . import KINDS
+
+
+@dataclass
+class Spec:
+    """Architecture and loss settings of one model. `describe()` goes into the model's metadata."""
+
+    kind: str
+    window: int
+    features: int
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) for 2-D conv models
+    latent: int | None = None  # code size; None picks a default from the input size
+    hidden: int = 32
+    # sparse
+    sparsity: str = "kl"  # "kl": KL divergence of mean sigmoid activation to rho; "l1": L1 of the code
+    sparsity_weight: float | None = None  # default 0.1 (kl) or 1e-3 (l1)
+    rho: float = 0.05
+    # denoising
+    noise_std: float = 0.5  # Gaussian corruption, in normalised units
+    mask_prob: float = 0.1  # probability of replacing an input value by the feature mean
+    # vae
+    beta: float = 1.0
+    # lstm / gru: "position" (latent repeated over time + a t/T channel: exact in tract) or
+    # "repeat" (the classic RepeatVector: tract computes it wrongly, kept only as a test canary)
+    decoder: str = "position"
+    # pca: keep the fewest components explaining this share of the variance (unless latent is set)
+    variance: float = 0.95
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def flat(self) -> int:
+        if self.image_shape is not None:
+            c, h, w = self.image_shape
+            return c * h * w
+        return self.window * self.features
+
+    def code_size(self) -> int:
+        if self.latent is not None:
+            return self.latent
+        base = max(1, min(self.flat // 2, 8))
+        return 2 * base if self.kind == "sparse" else base
+
+    def describe(self) -> dict:
+        d = {"latent": self.code_size() if self.kind != "pca" else self.latent, "hidden": self.hidden}
+        if self.kind == "sparse":
+            d.update(sparsity=self.sparsity, sparsity_weight=self.penalty_weight(), rho=self.rho)
+        if self.kind == "denoising":
+            d.update(noise_std=self.noise_std, mask_prob=self.mask_prob)
+        if self.kind == "vae":
+            d.update(beta=self.beta)
+        if self.kind in ("lstm", "gru"):
+            d.update(decoder=self.decoder)
+        if self.kind == "pca":
+            d.update(variance=self.variance)
+        d.update(self.extra)
+        return d
+
+    def penalty_weight(self) -> float:
+        if self.sparsity_weight is not None:
+            return self.sparsity_weight
+        return 0.1 if self.sparsity == "kl" else 1e-3
+
+
+class Core(nn.Module):
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return fn.mse_loss(self(x), x)
+
+
+def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class Flat(Core):
+    """Base of the dense kinds: flattens [B, T, F] to [B, T*F] and back."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.sample_shape = (spec.window, spec.features)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(torch.flatten(x, 1))).view(-1, *self.sample_shape)
+
+
+class PCA(Flat):
+    """Linear baseline: projection on the top-k principal components (fitted in closed form)."""
+
+    def __init__(self, spec: Spec, k: int):
+        super().__init__(spec)
+        d = spec.flat
+        self.register_buffer("center", torch.zeros(d))
+        self.register_buffer("components", torch.zeros(d, k))
+
+    def encode(self, x):
+        return (x - self.center) @ self.components
+
+    def decode(self, z):
+        return z @ self.components.T + self.center
+
+
+class Dense(Flat):
+    """Dense autoencoder: D -> hidden -> latent -> hidden -> D, tanh hidden layers."""
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        d, h, k = spec.flat, spec.hidden, spec.code_size()
+        self.encoder = mlp([d, h, k])
+        self.decoder = mlp([k, h, d])
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class Denoising(Dense):
+    """Dense autoencoder trained to reconstruct the clean input from a corrupted copy
+    (Gaussian noise plus random masking to the feature mean, which is 0 after normalisation)."""
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        self.noise_std = spec.noise_std
+        self.mask_prob = spec.mask_prob
+
+    def corrupt(self, x):
+        noisy = x + self.noise_std * torch.randn_like(x)
+        if self.mask_prob > 0:
+            keep = (torch.rand_like(x) >= self.mask_prob).to(x.dtype)
+            noisy = noisy * keep
+        return noisy
+
+    def loss(self, x):
+        return fn.mse_loss(self(self.corrupt(x)), x)
+
+
+class Sparse(Flat):
+    """Sparse autoencoder: a wider code with a sparsity penalty instead of a narrow bottleneck.
+
+    kl: sigmoid code units, penalty = sum over units of KL(rho || mean activation over the batch).
+    l1: ReLU code units, penalty = mean over the batch of the L1 norm of the code.
+    """
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        d, h, k = spec.flat, spec.hidden, spec.code_size()
+        if spec.sparsity not in ("kl", "l1"):
+            raise ValueError(f"sparsity must be kl or l1, got {spec.sparsity!r}")
+        self.sparsity = spec.sparsity
+        self.weight = spec.penalty_weight()
+        self.rho = spec.rho
+        self.encoder = nn.Sequential(
+            nn.Linear(d, h), nn.Tanh(), nn.Linear(h, k), nn.Sigmoid() if self.sparsity == "kl" else nn.ReLU()
+        )
+        self.decoder = mlp([k, h, d])
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def penalty(self, code):
+        if self.sparsity == "l1":
+            return code.abs().sum(dim=1).mean()
+        rho_hat = code.mean(dim=0).clamp(1e-6, 1 - 1e-6)
+        rho = self.rho
+        return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+    def loss(self, x):
+        flat = torch.flatten(x, 1)
+        code = self.encode(flat)
+        return fn.mse_loss(self.decode(code), flat) + self.weight * self.penalty(code)
+
+
+class Stacked(Flat):
+    """Stacked autoencoder: D -> hidden -> hidden/2 -> latent and back. Each level is first
+    pretrained greedily as a shallow autoencoder of the codes below it (train.py), then the whole
+    stack is fine-tuned end to end."""
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        sizes = [spec.flat, spec.hidden, max(spec.hidden // 2, spec.code_size()), spec.code_size()]
+        self.sizes = sizes
+        levels = len(sizes) - 1
+        self.encoders = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for i in range(levels):
+            inner = i < levels - 1  # the innermost code is linear
+            self.encoders.append(nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), *([nn.Tanh()] if inner else [])))
+            # A decoder reproduces the level below: tanh codes, except the linear data level.
+            self.decoders.append(nn.Sequential(nn.Linear(sizes[i + 1], sizes[i]), *([nn.Tanh()] if i > 0 else [])))
+
+    def encode(self, x, levels: int | None = None):
+        for enc in self.encoders[: levels if levels is not None else len(self.encoders)]:
+            x = enc(x)
+        return x
+
+    def decode(self, z):
+        for dec in reversed(self.decoders):
+            z = dec(z)
+        return z
+
+
+class VAE(Flat):
+    """Variational autoencoder with a Gaussian latent. Training maximises the ELBO (squared error
+    plus beta * KL to N(0, I)); the exported graph and the score use the mean path z = mu, so the
+    score is the squared error of the reconstruction of mu: deterministic and comparable to the
+    other kinds. `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal data."""
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        d, h, k = spec.flat, spec.hidden, spec.code_size()
+        self.beta = spec.beta
+        self.body = mlp([d, h], last_activation=True)
+        self.mu = nn.Linear(h, k)
+        self.logvar = nn.Linear(h, k)
+        self.decoder = mlp([k, h, d])
+
+    def encode(self, x):
+        return self.mu(self.body(x))
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def loss(self, x):
+        flat = torch.flatten(x, 1)
+        hid = self.body(flat)
+        mu, logvar = self.mu(hid), self.logvar(hid).clamp(-10, 10)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        sq = ((self.decode(z) - flat) ** 2).sum(dim=1)
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1)
+        return (sq + self.beta * kl).mean() / flat.shape[1]
+
+
+class Conv1D(Core):
+    """1-D convolutional autoencoder over a window [B, T, F]: convolutions along time (features
+    are channels), a strided layer halving T, a dense bottleneck, and the mirror image back."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        f, t, c, k = spec.features, spec.window, max(8, spec.hidden // 2), spec.code_size()
+        half = (t + 1) // 2
+        self.t, self.c, self.half = t, c, half
+        self.enc = nn.Sequential(
+            nn.Conv1d(f, c, 5, padding=2), nn.ReLU(), nn.Conv1d(c, c, 5, stride=2, padding=2), nn.ReLU()
+        )
+        self.to_code = nn.Linear(c * half, k)
+        self.from_code = nn.Sequential(nn.Linear(k, c * half), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose1d(c, c, 4, stride=2, padding=1), nn.ReLU())
+        self.out = nn.Conv1d(c, f, 5, padding=2)
+
+    def forward(self, x):
+        h = self.enc(x.transpose(1, 2))  # [B, c, half]
+        z = self.to_code(torch.flatten(h, 1))
+        h = self.from_code(z).view(-1, self.c, self.half)
+        h = self.up(h)[:, :, : self.t]  # 2*half >= T
+        return self.out(h).transpose(1, 2)
+
+
+class Conv2D(Core):
+    """2-D convolutional autoencoder over image-shaped records [B, C, H, W]: two stride-2
+    convolutions, a dense bottleneck, two stride-2 transposed convolutions, cropped to H x W."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        ch, h, w = spec.image_shape
+        c, k = max(8, spec.hidden // 2), spec.code_size()
+        h4, w4 = (h + 3) // 4, (w + 3) // 4
+        self.h, self.w, self.c2, self.h4, self.w4 = h, w, 2 * c, h4, w4
+        self.enc = nn.Sequential(
+            nn.Conv2d(ch, c, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.to_code = nn.Linear(2 * c * h4 * w4, k)
+        self.from_code = nn.Sequential(nn.Linear(k, 2 * c * h4 * w4), nn.ReLU())
+        self.dec = nn.Sequential(
+            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(c, ch, 4, stride=2, padding=1),
+        )
+
+    def forward(self, x):
+        z = self.to_code(torch.flatten(self.enc(x), 1))
+        h = self.from_code(z).view(-1, self.c2, self.h4, self.w4)
+        return self.dec(h)[:, :, : self.h, : self.w]
+
+
+class Recurrent(Core):
+    """Sequence-to-sequence recurrent autoencoder over a window [B, T, F].
+
+    Encoder: an LSTM/GRU reads the window; its last output goes through a linear layer to the
+    latent code. Decoder: at every step t it reads the code concatenated with the position
+    channel t/T, and a linear layer maps its outputs to the F features.
+
+    The position channel matters beyond modelling: with the classic RepeatVector decoder (the code
+    alone repeated over time, `decoder="repeat"`) tract 0.23 computes a result 3e-2 away from
+    PyTorch and onnxruntime, while this design is exact (see tests/test_parity.py).
+    """
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        cell = {"lstm": nn.LSTM, "gru": nn.GRU}[spec.kind]
+        f, t, h, k = spec.features, spec.window, spec.hidden, spec.code_size()
+        if spec.decoder not in ("position", "repeat"):
+            raise ValueError(f"decoder must be position or repeat, got {spec.decoder!r}")
+        self.position = spec.decoder == "position"
+        self.t = t
+        self.encoder = cell(f, h, batch_first=True)
+        self.to_code = nn.Linear(h, k)
+        self.decoder = cell(k + (1 if self.position else 0), h, batch_first=True)
+        self.out = nn.Linear(h, f)
+        self.register_buffer("steps", (torch.arange(1, t + 1, dtype=torch.float32) / t).view(1, t, 1))
+
+    def forward(self, x):
+        seq, _ = self.encoder(x)
+        z = self.to_code(seq[:, -1, :])  # [B, k]
+        rep = z.unsqueeze(1).expand(-1, self.t, -1)  # [B, T, k]
+        if self.position:
+            rep = torch.cat([rep, self.steps.expand(x.shape[0], -1, -1)], dim=2)
+        dec, _ = self.decoder(rep)
+        return self.out(dec)
+
+
+def build(spec: Spec, pca_components: int | None = None) -> Core:
+    if spec.kind not in KINDS:
+        raise ValueError(f"unknown kind {spec.kind!r}; kinds: {', '.join(KINDS)}")
+    if spec.kind == "pca":
+        return PCA(spec, pca_components or 1)
+    if spec.kind == "conv":
+        return Conv2D(spec) if spec.image_shape is not None else Conv1D(spec)
+    if spec.image_shape is not None:
+        raise ValueError(f"--shape (image-shaped input) is for kind conv only, not {spec.kind}")
+    return {
+        "dense": Dense,
+        "denoising": Denoising,
+        "sparse": Sparse,
+        "stacked": Stacked,
+        "vae": VAE,
+        "lstm": Recurrent,
+        "gru": Recurrent,
+    }[spec.kind](spec)

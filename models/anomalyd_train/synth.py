@@ -1,0 +1,176 @@
+"""Synthetic datasets for tests and examples, all seeded.
+
+- `sensors`: entities with four correlated sensors driven by one latent load (a cycle plus noise);
+  values are O(1..30) so raw-unit comparisons stay meaningful in float32.
+- `perturb`: injects anomalies into the last rows of windows (spike, level shift, broken
+  correlation), the "easy case" of the detection tests.
+- `blobs`: image-shaped records (a Gaussian blob, its second channel a dimmer copy).
+- `noisy_series`: a clean quasi-periodic signal and a noisy copy (the denoising test).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+SENSOR_FEATURES = ["temp", "pressure", "flow", "power"]
+PERIOD = 60
+
+
+def sensors(rows: int, entities: int = 1, seed: int = 0, start: int = 0) -> np.ndarray:
+    """[entities, rows, 4] of normal data. `start` offsets time, for held-out continuations
+    (same seed, same entities)."""
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 2 * np.pi, entities)[:, None]
+    scale = rng.uniform(0.8, 1.2, entities)[:, None]
+    noise = np.random.default_rng(seed + 1000 + start)
+    t = np.arange(start, start + rows)[None, :]
+    load = 0.5 + 0.35 * np.sin(2 * np.pi * t / PERIOD + phase) + 0.03 * noise.standard_normal((entities, rows))
+    n = lambda: noise.standard_normal((entities, rows))  # noqa: E731
+    temp = 20 + 10 * load + 0.3 * n()
+    pressure = 2 + 3 * load**2 + 0.1 * n()
+    flow = scale * (5 + 10 * load) + 0.3 * n()
+    power = 0.5 * flow + 2 * load + 0.3 * n()
+    return np.stack([temp, pressure, flow, power], axis=-1)
+
+
+def windows(series: np.ndarray, window: int) -> np.ndarray:
+    """All sliding windows of every entity: [entities, rows, F] -> [n, window, F]."""
+    w = np.lib.stride_tricks.sliding_window_view(series, window, axis=1)  # [E, n, F, T]
+    return np.ascontiguousarray(np.moveaxis(w, -1, 2).reshape(-1, window, series.shape[-1]))
+
+
+def perturb(x: np.ndarray, seed: int, frac: float = 0.5, magnitude: float = 5.0):
+    """Returns (x', labels): a share `frac` of the windows [n, T, F] get an anomaly in their last
+    max(1, T // 2) rows: a spike or level shift of `magnitude` feature standard deviations on one
+    feature, or one feature's values mirrored around its mean (a broken correlation)."""
+    rng = np.random.default_rng(seed)
+    x = x.copy()
+    n, t, f = x.shape
+    mean, std = x.reshape(-1, f).mean(0), x.reshape(-1, f).std(0)
+    labels = rng.random(n) < frac
+    span = max(1, t // 2)
+    for i in np.flatnonzero(labels):
+        j = rng.integers(f)
+        kind = rng.integers(3)
+        rows = slice(t - span, t)
+        if kind == 0:
+            x[i, -1, j] += rng.choice([-1, 1]) * magnitude * std[j]
+        elif kind == 1:
+            x[i, rows, j] += rng.choice([-1, 1]) * magnitude * std[j]
+        else:
+            x[i, rows, j] = 2 * mean[j] - x[i, rows, j] + rng.choice([-1, 1]) * 2 * std[j]
+    return x, labels
+
+
+def sensors_table(rows: int, entities: int, anomalies: float, seed: int):
+    """A CSV-ready table: entity, t, the four sensors, and `anomaly` (0/1) when anomalies > 0.
+    Anomalies are 5-row segments (level shift of 5 std, or a feature mirrored)."""
+    per = max(1, rows // entities)
+    data = sensors(per, entities, seed)
+    labels = np.zeros(data.shape[:2], dtype=int)
+    if anomalies > 0:
+        rng = np.random.default_rng(seed + 7)
+        std = data.reshape(-1, 4).std(0)
+        mean = data.reshape(-1, 4).mean(0)
+        segments = int(anomalies * entities * per / 5)
+        for _ in range(segments):
+            e, s, j = rng.integers(entities), rng.integers(0, per - 5), rng.integers(4)
+            if rng.random() < 0.5:
+                data[e, s : s + 5, j] += rng.choice([-1, 1]) * 5 * std[j]
+            else:
+                data[e, s : s + 5, j] = 2 * mean[j] - data[e, s : s + 5, j]
+            labels[e, s : s + 5] = 1
+    cols = ["entity", "t", *SENSOR_FEATURES] + (["anomaly"] if anomalies > 0 else [])
+    out = []
+    for t in range(per):  # interleaved by time, as a stream would deliver them
+        for e in range(entities):
+            row = [f"e{e:02d}", t, *[round(float(v), 4) for v in data[e, t]]]
+            if anomalies > 0:
+                row.append(int(labels[e, t]))
+            out.append(row)
+    return cols, out
+
+
+def write_csv(path: str, cols: list[str], rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+
+
+def write_series_csv(path: str, series: np.ndarray, features: list[str], key: str | None = "entity") -> None:
+    """[entities, rows, F] -> CSV interleaved by time (with a key column unless key is None)."""
+    e, n, _ = series.shape
+    cols = ([key] if key else []) + features
+    rows = []
+    for t in range(n):
+        for i in range(e):
+            rows.append(([f"e{i:02d}"] if key else []) + [repr(float(v)) for v in series[i, t]])
+    write_csv(path, cols, rows)
+
+
+def blobs(n: int, seed: int, shape=(2, 12, 12)) -> np.ndarray:
+    """[n, C, H, W]: a Gaussian blob of random position and width; channel c is a copy scaled by
+    1 / (c + 1), plus a little noise."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy = rng.uniform(3, h - 3, n)[:, None, None]
+    cx = rng.uniform(3, w - 3, n)[:, None, None]
+    s = rng.uniform(1.5, 2.5, n)[:, None, None]
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+    img = np.stack([blob / (k + 1) for k in range(c)], axis=1)
+    return img + 0.02 * rng.standard_normal(img.shape)
+
+
+def perturb_images(x: np.ndarray, seed: int, frac: float = 0.5):
+    """A bright 3x3 square at a random place in one channel of a share `frac` of the images."""
+    rng = np.random.default_rng(seed)
+    x = x.copy()
+    n, c, h, w = x.shape
+    labels = rng.random(n) < frac
+    for i in np.flatnonzero(labels):
+        y, z, ch = rng.integers(0, h - 3), rng.integers(0, w - 3), rng.integers(c)
+        x[i, ch, y : y + 3, z : z + 3] += 1.0
+    return x, labels
+
+
+def write_images_ndjson(path: str, images: np.ndarray, channels: list[str]) -> None:
+    with open(path, "w") as f:
+        for img in images:
+            f.write(json.dumps({name: np.round(img[k], 5).tolist() for k, name in enumerate(channels)}) + "\n")
+
+
+def noisy_series(rows: int, seed: int, noise_std: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy), each [rows]: two sines (periods 40 and 13 rows) with a slowly drifting
+    amplitude, plus white Gaussian noise of `noise_std`."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(rows)
+    amp = 1.0 + 0.3 * np.sin(2 * np.pi * t / 997)
+    clean = amp * np.sin(2 * np.pi * t / 40) + 0.5 * np.sin(2 * np.pi * t / 13 + 1.0)
+    return clean, clean + noise_std * rng.standard_normal(rows)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties counted half."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUC needs both anomalous and normal samples")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    allv = np.concatenate([pos, neg])[order]
+    ranks = np.empty(len(allv))
+    i = 0
+    while i < len(allv):  # average ranks over ties
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[i : j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = np.empty(len(allv))
+    r[order] = ranks
+    u = r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
