@@ -1,0 +1,507 @@
+//! The command line: `run`, `demo`, `score`, `check`, `inspect`. The only place `anyhow` is used.
+
+use std::io::{BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+use crate::daemon;
+use crate::model::Model;
+use crate::replay::{self, Format};
+
+/// Exit code for a bad configuration or model (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "anomalyd",
+    version,
+    about = "Streaming anomaly detection: Kafka records scored by autoencoders (ONNX), judged against adaptive per-entity thresholds, alerted on.",
+    long_about = "Streaming anomaly detection. Records arrive on Kafka topics; each pipeline scores them with an autoencoder exported to ONNX (reconstruction error), judges each score against an adaptive threshold per entity (host, sensor…), and emits alert events, Prometheus metrics and, optionally, scores and denoised values.\n\nStart with `anomalyd demo`: it runs everything in-process on a generated fleet of hosts with injected incidents."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: consume the configured topics until SIGTERM/SIGINT, then drain and commit.
+    #[command(
+        long_about = "Run the daemon with a configuration file (see docs/CONFIG.md; every key can be overridden by an environment variable ANOMALYD__SECTION__KEY).\n\nOn SIGTERM or SIGINT it stops consuming, finishes the records in flight, commits their offsets and exits 0 within runtime.shutdown_grace. Offsets are committed only once a record's outputs are acknowledged (at-least-once). Exits 64 if the configuration or a model is invalid."
+    )]
+    Run {
+        /// The configuration file (TOML).
+        #[arg(short, long, env = "ANOMALYD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on a generated fleet with injected incidents, in-process.
+    #[command(
+        long_about = "Run the embedded demo: an in-process Kafka cluster, a generated stream of 20 hosts × 4 correlated metrics (a daily cycle plus noise) with injected incidents (latency spikes, a CPU level shift, a stuck sensor, a broken correlation), the real pipeline with the shipped dense autoencoder, live alerts as they fire and resolve, and /metrics served while it runs. Ends with a summary whose last line reads `incidents caught X/Y, false alarms Z`."
+    )]
+    Demo(crate::demo::DemoArgs),
+    /// Score a file offline (CSV or NDJSON) through the same code as the daemon.
+    #[command(
+        long_about = "Score a file offline through the daemon's own decode → window → infer → threshold → alert code, with the settings of one pipeline of a configuration. Writes one row per input row (CSV or NDJSON, by the output's extension): key, timestamp, score (reconstruction error), threshold, anomaly_score in [0, 1], is_anomaly, top features, alert event, and the error for rows that could not be scored."
+    )]
+    Score(ScoreArgs),
+    /// Validate a configuration and load every model; report every problem at once.
+    #[command(
+        long_about = "Validate a configuration file (with its environment overrides) and load every model it names, checking each against its pipeline. Reports every problem at once. Exits 0 when valid, 64 when not."
+    )]
+    Check {
+        /// The configuration file (TOML).
+        #[arg(short, long, env = "ANOMALYD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a model's contract (kind, features, window, shapes, calibration, version).
+    #[command(
+        long_about = "Print what anomalyd reads from an ONNX model: kind, features, window, input and output shapes, calibration summary, version and training data. With --verify, also run the model in tract on the inputs of a samples file and compare its outputs with the expected ones (exit 1 if any differs by more than --tolerance)."
+    )]
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct ScoreArgs {
+    /// The configuration file (TOML) holding the pipeline.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// The pipeline whose model, fields and threshold settings to use.
+    #[arg(short, long)]
+    pipeline: String,
+    /// Input file, or `-` for standard input.
+    #[arg(short, long)]
+    input: String,
+    /// Output file (`.csv` or `.ndjson`); standard output when absent.
+    #[arg(short, long)]
+    output: Option<String>,
+    /// Input format, when the input's extension does not say (standard input: guessed from the first byte).
+    #[arg(long, value_parser = parse_format)]
+    input_format: Option<Format>,
+    /// Output format, when the output's extension does not say (default: CSV).
+    #[arg(long, value_parser = parse_format)]
+    output_format: Option<Format>,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The ONNX model file.
+    model: PathBuf,
+    /// Print the contract as JSON.
+    #[arg(long)]
+    json: bool,
+    /// A samples file `{"input": [...], "error": [...], "reconstruction": [...]}` (nested lists,
+    /// batch first) to run through tract and compare.
+    #[arg(long, value_name = "SAMPLES.json")]
+    verify: Option<PathBuf>,
+    /// Largest accepted absolute difference for --verify.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "csv" => Ok(Format::Csv),
+        "ndjson" | "jsonl" | "json" => Ok(Format::Ndjson),
+        _ => Err(format!("unknown format {s:?} (csv or ndjson)")),
+    }
+}
+
+/// Sets up logging on stderr. `RUST_LOG` wins over the configured level.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+/// The entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => return run(&config),
+        Command::Check { config } => return check(&config),
+        Command::Demo(args) => crate::demo::main(args),
+        Command::Score(args) => score(args),
+        Command::Inspect(args) => inspect(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path, None).map_err(|e| {
+        eprintln!("{}: invalid configuration:", path.display());
+        for p in &e.problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// A multi-threaded runtime with room for the blocking rebalance callbacks beside the tasks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(4);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("anomalyd")
+        .enable_all()
+        .build()
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log.format, &config.log.level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        let daemon = match daemon::Daemon::start(config, shutdown.clone()).await {
+            Ok(d) => d,
+            Err(daemon::DaemonError::Models(problems)) => {
+                for p in problems {
+                    tracing::error!("{p}");
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let watchdog = sd_notify::watchdog_enabled().map(|every| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every / 2);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            })
+        });
+        tracing::info!("anomalyd {} is running.", env!("CARGO_PKG_VERSION"));
+        let result = daemon.wait().await;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!("anomalyd stopped cleanly.");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("Cannot install signal handlers; stop the daemon with SIGKILL.");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("Shutdown requested: draining (send the signal again to exit at once).");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("Second signal: exiting without draining; uncommitted records will be processed again.");
+    std::process::exit(130);
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match daemon::load_models(&config) {
+        Ok(models) => {
+            println!("{}: valid", path.display());
+            for (name, m) in &models {
+                let c = &m.contract;
+                println!(
+                    "  pipeline {name}: topics {:?} → model {} ({} {}, {} features, window {})",
+                    config.pipelines[name].topics,
+                    m.path.display(),
+                    format!("{:?}", c.kind).to_lowercase(),
+                    c.version,
+                    c.features.len(),
+                    c.window
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            eprintln!("{}: invalid configuration:", path.display());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(pipeline) = config.pipelines.get(&args.pipeline) else {
+        eprintln!(
+            "{}: no pipeline {:?} (pipelines: {:?})",
+            args.config.display(),
+            args.pipeline,
+            config.pipelines.keys().collect::<Vec<_>>()
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    let model = match Model::load(&pipeline.model) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let (reader, input_format): (Box<dyn std::io::BufRead>, Format) = if args.input == "-" {
+        let mut stdin = BufReader::with_capacity(1 << 16, std::io::stdin());
+        let format = match args.input_format {
+            Some(f) => f,
+            None => {
+                let head = std::io::BufRead::fill_buf(&mut stdin)?;
+                match head.iter().find(|b| !b.is_ascii_whitespace()) {
+                    Some(b'{') => Format::Ndjson,
+                    _ => Format::Csv,
+                }
+            }
+        };
+        (Box::new(stdin), format)
+    } else {
+        let format = match args.input_format.or_else(|| Format::from_path(&args.input)) {
+            Some(f) => f,
+            None => bail!(
+                "cannot tell the format of {} from its extension: pass --input-format csv|ndjson",
+                args.input
+            ),
+        };
+        let file = std::fs::File::open(&args.input)
+            .with_context(|| format!("cannot open the input {}", args.input))?;
+        (Box::new(BufReader::with_capacity(1 << 16, file)), format)
+    };
+    let output_format = args
+        .output_format
+        .or_else(|| args.output.as_deref().and_then(Format::from_path))
+        .unwrap_or(Format::Csv);
+    let started = std::time::Instant::now();
+    let summary = match &args.output {
+        Some(path) if path != "-" => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create the output {path}"))?;
+            replay::replay(&args.pipeline, pipeline, model, reader, input_format, file, output_format)
+        }
+        _ => replay::replay(
+            &args.pipeline,
+            pipeline,
+            model,
+            reader,
+            input_format,
+            std::io::stdout().lock(),
+            output_format,
+        ),
+    }
+    .with_context(|| format!("scoring {}", args.input))?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "scored {} of {} rows in {:.2}s ({:.0} rows/s): {} anomalous, {} alerts fired, {} warming up, {} could not be scored",
+        summary.scored,
+        summary.rows,
+        secs,
+        summary.rows as f64 / secs.max(1e-9),
+        summary.anomalies,
+        summary.alerts_fired,
+        summary.warming,
+        summary.errors
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let model = match Model::load(&args.model) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let verification = match &args.verify {
+        Some(path) => Some(verify(&model, path, args.tolerance)?),
+        None => None,
+    };
+    let c = &model.contract;
+    if args.json {
+        let mut out = serde_json::to_value(c)?;
+        out["path"] = model.path.display().to_string().into();
+        if let Some(v) = &verification {
+            out["verify"] = serde_json::to_value(v)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let shape = |tail: &[usize]| {
+            let dims: Vec<String> = tail.iter().map(|d| d.to_string()).collect();
+            format!("[batch, {}]", dims.join(", "))
+        };
+        let cal = &c.calibration;
+        println!("model        {} ({})", c.name, model.path.display());
+        println!("kind         {}", format!("{:?}", c.kind).to_lowercase());
+        println!("version      {}", c.version);
+        println!("trained at   {}", c.trained_at.as_deref().unwrap_or("unknown"));
+        println!("features     {}", c.features.join(", "));
+        println!("window       {}", c.window);
+        println!("input        input {} float32", shape(&c.sample_shape));
+        println!(
+            "outputs      error {} float32, reconstruction {} float32",
+            shape(&[c.features.len()]),
+            shape(&c.sample_shape)
+        );
+        println!(
+            "calibration  {} held-back samples: mean {:.6}, std {:.6}; {}; {} scores kept for warm starts",
+            cal.count,
+            cal.mean,
+            cal.std,
+            cal.quantiles
+                .iter()
+                .map(|(q, v)| format!("q{q} {v:.6}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cal.sample.len()
+        );
+        if let Some(t) = &c.training_data {
+            println!("training     {t}");
+        }
+        if let Some(v) = &verification {
+            println!(
+                "verify       {} samples: max |Δ| error {:.3e}, reconstruction {:.3e} (tolerance {:.1e}): {}",
+                v.samples,
+                v.error,
+                v.reconstruction,
+                v.tolerance,
+                if v.ok { "ok" } else { "MISMATCH" }
+            );
+        }
+    }
+    Ok(match verification {
+        Some(v) if !v.ok => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Verification {
+    samples: usize,
+    error: f64,
+    reconstruction: f64,
+    tolerance: f64,
+    ok: bool,
+}
+
+/// Runs the samples file's inputs through tract and compares with its expected outputs.
+fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verification> {
+    #[derive(serde::Deserialize)]
+    struct Samples {
+        input: serde_json::Value,
+        error: serde_json::Value,
+        reconstruction: serde_json::Value,
+    }
+    fn flatten(v: &serde_json::Value, out: &mut Vec<f32>) -> anyhow::Result<()> {
+        match v {
+            serde_json::Value::Array(items) => items.iter().try_for_each(|i| flatten(i, out)),
+            serde_json::Value::Number(n) => {
+                out.push(n.as_f64().context("a number out of range")? as f32);
+                Ok(())
+            }
+            other => bail!("expected numbers, found {other}"),
+        }
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let samples: Samples = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a samples file", path.display()))?;
+    let (mut input, mut error, mut recon) = (Vec::new(), Vec::new(), Vec::new());
+    flatten(&samples.input, &mut input)?;
+    flatten(&samples.error, &mut error)?;
+    flatten(&samples.reconstruction, &mut recon)?;
+    let per = model.contract.sample_len();
+    if input.is_empty() || input.len() % per != 0 {
+        bail!(
+            "{}: `input` holds {} values, not a whole number of samples of {per}",
+            path.display(),
+            input.len()
+        );
+    }
+    let n = input.len() / per;
+    let out = model.infer(&input, n, true)?;
+    let max_diff = |got: &[f32], want: &[f32], name: &str| -> anyhow::Result<f64> {
+        if got.len() != want.len() {
+            bail!(
+                "`{name}` has {} expected values but the model produced {}",
+                want.len(),
+                got.len()
+            );
+        }
+        Ok(got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0.0, f64::max))
+    };
+    let error = max_diff(&out.errors, &error, "error")?;
+    let reconstruction = max_diff(out.reconstructions.as_deref().unwrap_or_default(), &recon, "reconstruction")?;
+    Ok(Verification {
+        samples: n,
+        error,
+        reconstruction,
+        tolerance,
+        ok: error <= tolerance && reconstruction <= tolerance && error.is_finite() && reconstruction.is_finite(),
+    })
+}

@@ -1,0 +1,573 @@
+//! Configuration: a TOML file plus `ANOMALYD__SECTION__KEY` environment overrides, read into
+//! typed structs (every field documented in `docs/CONFIG.md`).
+//!
+//! Loading reports every problem at once: unknown keys (anywhere in the tree), then the checks
+//! of [`Config::validate`]. A key-value map can stand in for the environment, so tests build
+//! configs without touching the process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::threshold::ThresholdConfig;
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    /// How to reach Kafka (shared by every pipeline).
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// The HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Inference threads and shutdown.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// The pipelines, by name.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list (librdkafka `bootstrap.servers`).
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group prefix; pipeline `P` consumes as group `<group_id>.<P>`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Where a group with no committed offset starts: `earliest` or `latest`.
+    #[serde(default = "default_offset_reset")]
+    pub auto_offset_reset: String,
+    /// How often stored offsets are committed.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long to wait for outputs to be acknowledged before giving up a batch of partitions on
+    /// revoke. Records still in flight then are processed again by the partition's next owner.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Extra librdkafka properties passed as they are to every client (SASL/SSL, tuning), e.g.
+    /// `"security.protocol" = "SASL_SSL"`. They override anomalyd's own defaults, except the
+    /// offset-management ones that at-least-once delivery depends on.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            group_id: default_group_id(),
+            auto_offset_reset: default_offset_reset(),
+            commit_interval: default_commit_interval(),
+            drain_timeout: default_drain_timeout(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpConfig {
+    /// Listen address; empty disables the endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (for log shippers).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `anomalyd=debug,rdkafka=warn`; `RUST_LOG` wins if set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RuntimeConfig {
+    /// Threads running inference (outside the async runtime); 0 means one per core.
+    #[serde(default)]
+    pub inference_threads: usize,
+    /// On SIGTERM/SIGINT: how long to drain in-flight records and commit before exiting anyway.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            inference_threads: 0,
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    pub fn threads(&self) -> usize {
+        if self.inference_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.inference_threads
+        }
+    }
+}
+
+/// One flow: input topic(s) → one model → sinks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PipelineConfig {
+    /// Input topics (a list, or one comma-separated string).
+    #[serde(deserialize_with = "string_or_list")]
+    pub topics: Vec<String>,
+    /// Path of the ONNX model (relative paths are relative to the config file).
+    pub model: PathBuf,
+    /// Record field holding the entity key (host, sensor…). Records without it are dead letters.
+    #[serde(default = "default_key_field")]
+    pub key_field: String,
+    /// Record field holding the timestamp, echoed in outputs; when absent the Kafka timestamp is used.
+    #[serde(default = "default_timestamp_field")]
+    pub timestamp_field: String,
+    /// Record field names for the model's features, when they differ from the model's names:
+    /// `{ model_feature = "record_field" }`.
+    #[serde(default)]
+    pub field_map: BTreeMap<String, String>,
+    /// Topic for alert events (firing / resolved); empty: none.
+    #[serde(default = "default_alerts_topic")]
+    pub alerts_topic: String,
+    /// Topic for one score record per scored input; empty: none.
+    #[serde(default)]
+    pub scores_topic: String,
+    /// Topic for reconstructions (the denoised values); empty: none.
+    #[serde(default)]
+    pub denoised_topic: String,
+    /// Topic for records that cannot be scored, with the reason in headers; empty: counted and dropped.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Also print alert events on stdout, one JSON object per line.
+    #[serde(default)]
+    pub stdout: bool,
+    /// Largest accepted record, in bytes; larger ones are dead letters.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// Most entity keys whose state is kept; the least recently seen key is evicted beyond it.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+    /// Micro-batching.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// The adaptive threshold, per key.
+    #[serde(default)]
+    pub threshold: ThresholdConfig,
+    /// Alert hysteresis.
+    #[serde(default)]
+    pub alert: AlertConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BatchConfig {
+    /// Most samples per inference call.
+    #[serde(default = "default_batch_size")]
+    pub max_size: usize,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_size: default_batch_size(),
+            max_wait: default_batch_wait(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+pub struct AlertConfig {
+    /// Consecutive anomalous points of a key before an episode fires.
+    #[serde(default = "default_fire_after")]
+    pub fire_after: u32,
+    /// Consecutive normal points before a firing episode resolves.
+    #[serde(default = "default_resolve_after")]
+    pub resolve_after: u32,
+    /// Anomaly score (0..1) from which an alert's severity is `critical` rather than `warning`.
+    #[serde(default = "default_critical_above")]
+    pub critical_above: f64,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        AlertConfig {
+            fire_after: default_fire_after(),
+            resolve_after: default_resolve_after(),
+            critical_above: default_critical_above(),
+        }
+    }
+}
+
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_group_id() -> String {
+    "anomalyd".into()
+}
+fn default_offset_reset() -> String {
+    "earliest".into()
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_listen() -> String {
+    "0.0.0.0:9898".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_key_field() -> String {
+    "key".into()
+}
+fn default_timestamp_field() -> String {
+    "ts".into()
+}
+fn default_alerts_topic() -> String {
+    "anomalyd-alerts".into()
+}
+fn default_dead_letter_topic() -> String {
+    "anomalyd-dead-letters".into()
+}
+fn default_max_record_bytes() -> usize {
+    1 << 20
+}
+fn default_max_keys() -> usize {
+    100_000
+}
+fn default_batch_size() -> usize {
+    256
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(20)
+}
+fn default_fire_after() -> u32 {
+    3
+}
+fn default_resolve_after() -> u32 {
+    5
+}
+fn default_critical_above() -> f64 {
+    0.99
+}
+
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// The prefix of environment overrides: `ANOMALYD__KAFKA__BROKERS=…`.
+pub const ENV_PREFIX: &str = "ANOMALYD";
+
+impl Config {
+    /// Reads `path` and overrides it with `env` (`None`: the process environment).
+    /// Relative model paths are resolved against the file's directory.
+    pub fn load(path: &Path, env: Option<HashMap<String, String>>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("cannot read config {}: {e}", path.display())))?;
+        let mut config = Self::from_toml(&text, env)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in config.pipelines.values_mut() {
+            if p.model.is_relative() {
+                p.model = base.join(&p.model);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text plus overrides, without validating (see [`Config::validate`]).
+    pub fn from_toml(
+        text: &str,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        if env.is_some() {
+            environment = environment.source(env);
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| ConfigError::one(format!("config: {e}")))?;
+        let mut unknown = Vec::new();
+        let parsed: Result<Config, _> =
+            serde_ignored::deserialize(raw, |path| unknown.push(path.to_string()));
+        let mut problems: Vec<String> = unknown
+            .into_iter()
+            .map(|k| format!("{k}: unknown key"))
+            .collect();
+        match parsed {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError { problems }),
+            Err(e) => {
+                problems.push(format!("config: {e}"));
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// Checks everything that can be checked without loading models, and reports it all at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.pipelines.is_empty() {
+            problems.push("pipelines: no pipeline is configured".to_string());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            problems.push("kafka.brokers: must name at least one broker".into());
+        }
+        if !matches!(
+            self.kafka.auto_offset_reset.as_str(),
+            "earliest" | "latest"
+        ) {
+            problems.push(format!(
+                "kafka.auto_offset_reset: {:?} is neither `earliest` nor `latest`",
+                self.kafka.auto_offset_reset
+            ));
+        }
+        for key in self.kafka.properties.keys() {
+            if crate::kafka::RESERVED_PROPERTIES.contains(&key.as_str()) {
+                problems.push(format!(
+                    "kafka.properties.{key}: anomalyd manages this property itself (at-least-once delivery depends on it)"
+                ));
+            }
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen: {:?} is not an address like 0.0.0.0:9898",
+                self.http.listen
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level: {e}"));
+        }
+        for (name, p) in &self.pipelines {
+            let at = |field: &str| format!("pipelines.{name}.{field}");
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "pipelines.{name}: a pipeline name uses lowercase letters, digits, - and _ only (it is a metric label and an environment key)"
+                ));
+            }
+            if p.topics.is_empty() {
+                problems.push(format!("{}: lists no topic", at("topics")));
+            }
+            for out in [&p.alerts_topic, &p.scores_topic, &p.denoised_topic, &p.dead_letter_topic] {
+                if p.topics.contains(out) {
+                    problems.push(format!(
+                        "{}: topic {out:?} is both an input and an output of the pipeline",
+                        at("topics")
+                    ));
+                }
+            }
+            if !p.model.is_file() {
+                problems.push(format!(
+                    "{}: no model file at {}",
+                    at("model"),
+                    p.model.display()
+                ));
+            }
+            if p.key_field.is_empty() {
+                problems.push(format!("{}: must not be empty", at("key_field")));
+            }
+            if p.max_keys == 0 {
+                problems.push(format!("{}: must be at least 1", at("max_keys")));
+            }
+            if p.max_record_bytes == 0 {
+                problems.push(format!("{}: must be at least 1", at("max_record_bytes")));
+            }
+            if p.batch.max_size == 0 {
+                problems.push(format!("{}: must be at least 1", at("batch.max_size")));
+            }
+            if p.alert.fire_after == 0 || p.alert.resolve_after == 0 {
+                problems.push(format!(
+                    "{}: fire_after and resolve_after must be at least 1",
+                    at("alert")
+                ));
+            }
+            if !(0.0..=1.0).contains(&p.alert.critical_above) {
+                problems.push(format!("{}: must be in [0, 1]", at("alert.critical_above")));
+            }
+            problems.extend(
+                p.threshold
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("{}: {e}", at("threshold"))),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [pipelines.fleet]
+        topics = ["metrics"]
+        model = "m.onnx"
+        key_field = "host"
+    "#;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_fill_in_a_minimal_config() {
+        let c = Config::from_toml(MINIMAL, env(&[])).unwrap();
+        let p = &c.pipelines["fleet"];
+        assert_eq!(p.topics, ["metrics"]);
+        assert_eq!(p.alerts_topic, "anomalyd-alerts");
+        assert_eq!(p.batch.max_size, 256);
+        assert_eq!(c.kafka.brokers, "localhost:9092");
+        assert_eq!(c.runtime.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::from_toml(
+            MINIMAL,
+            env(&[
+                ("ANOMALYD__KAFKA__BROKERS", "b1:9092,b2:9092"),
+                ("ANOMALYD__PIPELINES__FLEET__TOPICS", "a,b"),
+                ("ANOMALYD__PIPELINES__FLEET__BATCH__MAX_SIZE", "64"),
+                ("ANOMALYD__RUNTIME__SHUTDOWN_GRACE", "5s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b1:9092,b2:9092");
+        assert_eq!(c.pipelines["fleet"].topics, ["a", "b"]);
+        assert_eq!(c.pipelines["fleet"].batch.max_size, 64);
+        assert_eq!(c.runtime.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_at_once() {
+        let text = format!("{MINIMAL}\nbogus = 1\n[kafka]\nbrokerz = \"x\"\n");
+        let e = Config::from_toml(&text, env(&[])).unwrap_err();
+        let all = e.to_string();
+        assert!(all.contains("kafka.brokerz: unknown key"), "{all}");
+        assert!(all.contains("pipelines.fleet.bogus: unknown key"), "{all}");
+    }
+
+    #[test]
+    fn validation_names_each_bad_field() {
+        let text = r#"
+            [kafka]
+            auto_offset_reset = "middle"
+            [kafka.properties]
+            "enable.auto.offset.store" = "true"
+            [pipelines.Fleet]
+            topics = ["m"]
+            model = "/nonexistent.onnx"
+            alerts_topic = "m"
+            [pipelines.Fleet.batch]
+            max_size = 0
+        "#;
+        let c = Config::from_toml(text, env(&[])).unwrap();
+        let e = c.validate().unwrap_err();
+        let all = e.to_string();
+        for needle in [
+            "kafka.auto_offset_reset",
+            "kafka.properties.enable.auto.offset.store",
+            "pipelines.Fleet: a pipeline name",
+            "pipelines.Fleet.topics: topic \"m\" is both",
+            "pipelines.Fleet.model: no model file",
+            "pipelines.Fleet.batch.max_size",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(e.problems.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field() {
+        let text = format!("{MINIMAL}\nmax_keys = \"many\"\n");
+        let e = Config::from_toml(&text, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("max_keys"), "{e}");
+    }
+}

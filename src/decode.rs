@@ -1,0 +1,564 @@
+//! Decode: raw records (JSON objects from Kafka or NDJSON, rows of CSV) into typed records.
+//!
+//! A JSON record is one object with the entity key, an optional timestamp and the model's
+//! features by name (numbers; arrays of numbers for image models). Other fields are skipped
+//! without being materialised, so wide records cost little. A record that cannot be decoded is
+//! never fatal: the caller routes the [`DecodeError`] to the dead-letter sink with its reason.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+/// Why a record could not be scored. The label is the `reason` of the dead letter and of the
+/// `anomalyd_dead_letters_total` metric.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("record is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("record is not a JSON object")]
+    NotAnObject,
+    #[error("record has no key field `{0}`")]
+    MissingKey(String),
+    #[error("record has no field `{0}`")]
+    MissingField(String),
+    #[error("field `{0}` is not a number")]
+    NotANumber(String),
+    #[error("field `{0}` is not finite (NaN, infinite, or beyond float32)")]
+    NonFinite(String),
+    #[error("field `{field}` has {found} values, the model expects {expected}")]
+    WrongDimensions {
+        field: String,
+        found: usize,
+        expected: usize,
+    },
+}
+
+impl DecodeError {
+    /// A short, stable, low-cardinality label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::MissingKey(_) => "missing_key",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::NotANumber(_) => "not_a_number",
+            DecodeError::NonFinite(_) => "non_finite",
+            DecodeError::WrongDimensions { .. } => "wrong_dimensions",
+        }
+    }
+}
+
+/// A decoded record: one row of features (or one image) of one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub key: String,
+    /// The timestamp as it appeared in the record (text), if it had one.
+    pub timestamp: Option<String>,
+    /// `F` values for row records, `F·H·W` for image records, in the model's feature order.
+    pub values: Vec<f32>,
+}
+
+/// Decodes records for one pipeline's model.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    key_field: String,
+    timestamp_field: String,
+    /// Record field name of each model feature, in the model's order.
+    fields: Vec<String>,
+    /// Values per feature: 1 for rows, H·W for image models.
+    per_field: usize,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(
+        key_field: &str,
+        timestamp_field: &str,
+        fields: Vec<String>,
+        per_field: usize,
+        max_bytes: usize,
+    ) -> Decoder {
+        Decoder {
+            key_field: key_field.to_string(),
+            timestamp_field: timestamp_field.to_string(),
+            fields,
+            per_field,
+            max_bytes,
+        }
+    }
+
+    pub fn fields(&self) -> &[String] {
+        &self.fields
+    }
+
+    pub fn key_field(&self) -> &str {
+        &self.key_field
+    }
+
+    pub fn timestamp_field(&self) -> &str {
+        &self.timestamp_field
+    }
+
+    /// Decodes one JSON object.
+    pub fn decode_json(&self, bytes: &[u8]) -> Result<Record, DecodeError> {
+        if bytes.len() > self.max_bytes {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bytes,
+            });
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let seed = RecordSeed { decoder: self };
+        let fields = match seed.deserialize(&mut de) {
+            Ok(f) => f,
+            Err(e) => return Err(classify(e)),
+        };
+        de.end().map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+        fields.finish(self)
+    }
+
+    /// Decodes one CSV row, given the header's column index of each field.
+    pub fn decode_csv(&self, row: &csv::StringRecord, columns: &CsvColumns) -> Result<Record, DecodeError> {
+        let key = row
+            .get(columns.key)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| DecodeError::MissingKey(self.key_field.clone()))?;
+        let timestamp = columns
+            .timestamp
+            .and_then(|i| row.get(i))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        let mut values = Vec::with_capacity(self.fields.len());
+        for (name, &col) in self.fields.iter().zip(&columns.features) {
+            let text = row
+                .get(col)
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| DecodeError::MissingField(name.clone()))?;
+            let v: f64 = text
+                .parse()
+                .map_err(|_| DecodeError::NotANumber(name.clone()))?;
+            values.push(finite(v, name)?);
+        }
+        Ok(Record {
+            key: key.to_string(),
+            timestamp,
+            values,
+        })
+    }
+
+    /// Finds the columns of a CSV header. Only row models can read CSV.
+    pub fn csv_columns(&self, header: &csv::StringRecord) -> Result<CsvColumns, String> {
+        if self.per_field != 1 {
+            return Err("image models read NDJSON, not CSV".into());
+        }
+        let find = |name: &str| header.iter().position(|h| h.trim() == name);
+        let key = find(&self.key_field)
+            .ok_or_else(|| format!("the header has no key column `{}`", self.key_field))?;
+        let missing: Vec<&str> = self
+            .fields
+            .iter()
+            .filter(|f| find(f).is_none())
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("the header has no column for feature(s) {missing:?}"));
+        }
+        Ok(CsvColumns {
+            key,
+            timestamp: find(&self.timestamp_field),
+            features: self.fields.iter().map(|f| find(f).unwrap_or(0)).collect(),
+        })
+    }
+}
+
+/// Column indexes of a CSV file's fields.
+#[derive(Debug, Clone)]
+pub struct CsvColumns {
+    key: usize,
+    timestamp: Option<usize>,
+    features: Vec<usize>,
+}
+
+fn finite(v: f64, field: &str) -> Result<f32, DecodeError> {
+    let f = v as f32;
+    if f.is_finite() {
+        Ok(f)
+    } else {
+        Err(DecodeError::NonFinite(field.to_string()))
+    }
+}
+
+/// Our own errors travel through serde as custom messages with this prefix.
+const TAG: &str = "\u{1}anomalyd:";
+
+fn classify(e: serde_json::Error) -> DecodeError {
+    let text = e.to_string();
+    if let Some(rest) = text.strip_prefix(TAG) {
+        // Custom messages are `reason|field|found|expected`; serde_json appends the position.
+        let rest = rest.split(" at line ").next().unwrap_or(rest);
+        let parts: Vec<&str> = rest.splitn(4, '|').collect();
+        let field = parts.get(1).copied().unwrap_or_default().to_string();
+        return match parts[0] {
+            "not_a_number" => DecodeError::NotANumber(field),
+            "non_finite" => DecodeError::NonFinite(field),
+            "not_an_object" => DecodeError::NotAnObject,
+            "wrong_dimensions" => DecodeError::WrongDimensions {
+                field,
+                found: parts.get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
+                expected: parts.get(3).and_then(|s| s.parse().ok()).unwrap_or(0),
+            },
+            _ => DecodeError::InvalidJson(rest.to_string()),
+        };
+    }
+    DecodeError::InvalidJson(text)
+}
+
+fn tagged<E: de::Error>(reason: &str, field: &str) -> E {
+    E::custom(format!("{TAG}{reason}|{field}"))
+}
+
+/// The fields found in one object, before checking that nothing is missing.
+struct Found {
+    key: Option<String>,
+    timestamp: Option<String>,
+    values: Vec<f32>,
+    seen: Vec<bool>,
+}
+
+impl Found {
+    fn finish(self, decoder: &Decoder) -> Result<Record, DecodeError> {
+        let key = self
+            .key
+            .ok_or_else(|| DecodeError::MissingKey(decoder.key_field.clone()))?;
+        if let Some(i) = self.seen.iter().position(|s| !s) {
+            return Err(DecodeError::MissingField(decoder.fields[i].clone()));
+        }
+        Ok(Record {
+            key,
+            timestamp: self.timestamp,
+            values: self.values,
+        })
+    }
+}
+
+struct RecordSeed<'a> {
+    decoder: &'a Decoder,
+}
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
+    type Value = Found;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Found, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_> {
+    type Value = Found;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+        let dec = self.decoder;
+        let mut found = Found {
+            key: None,
+            timestamp: None,
+            values: vec![0.0; dec.fields.len() * dec.per_field],
+            seen: vec![false; dec.fields.len()],
+        };
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if name == dec.key_field {
+                found.key = map.next_value::<Scalar>()?.0;
+            } else if name == dec.timestamp_field {
+                found.timestamp = map.next_value::<Scalar>()?.0;
+            } else if let Some(i) = dec.fields.iter().position(|f| *f == name) {
+                let out = &mut found.values[i * dec.per_field..(i + 1) * dec.per_field];
+                map.next_value_seed(Numbers {
+                    field: &dec.fields[i],
+                    out,
+                })?;
+                found.seen[i] = true;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Found, A::Error> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Found, E> {
+        Err(tagged("not_an_object", ""))
+    }
+}
+
+/// A key or timestamp: text or a number, kept as text; anything else counts as absent.
+struct Scalar(Option<String>);
+
+impl<'de> de::Deserialize<'de> for Scalar {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar((!v.is_empty()).then(|| v.to_string())))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_string())))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_string())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_string())))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Scalar, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Scalar, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One feature's value(s), written straight into the record's value buffer.
+struct Numbers<'a> {
+    field: &'a str,
+    out: &'a mut [f32],
+}
+
+impl<'de> DeserializeSeed<'de> for Numbers<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Numbers<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number")
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        if self.out.len() != 1 {
+            return Err(wrong_dims(self.field, 1, self.out.len()));
+        }
+        self.out[0] = finite(v, self.field).map_err(|_| tagged("non_finite", self.field))?;
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let expected = self.out.len();
+        let mut n = 0;
+        while let Some(v) = seq.next_element::<NumberOnly>()? {
+            let Some(v) = v.0 else {
+                return Err(tagged("not_a_number", self.field));
+            };
+            if n < expected {
+                self.out[n] = finite(v, self.field).map_err(|_| tagged("non_finite", self.field))?;
+            }
+            n += 1;
+        }
+        if n != expected {
+            return Err(wrong_dims(self.field, n, expected));
+        }
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(tagged("not_a_number", self.field))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(tagged("not_a_number", self.field))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(tagged("not_a_number", self.field))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(tagged("not_a_number", self.field))
+    }
+}
+
+fn wrong_dims<E: de::Error>(field: &str, found: usize, expected: usize) -> E {
+    E::custom(format!("{TAG}wrong_dimensions|{field}|{found}|{expected}"))
+}
+
+/// An array element: a number, or `None` for anything else.
+struct NumberOnly(Option<f64>);
+
+impl<'de> de::Deserialize<'de> for NumberOnly {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<NumberOnly, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NumberOnly;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(Some(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(Some(v as f64)))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(None))
+            }
+            fn visit_unit<E>(self) -> Result<NumberOnly, E> {
+                Ok(NumberOnly(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<NumberOnly, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(NumberOnly(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<NumberOnly, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(NumberOnly(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_decoder() -> Decoder {
+        Decoder::new("host", "ts", vec!["a".into(), "b".into()], 1, 1024)
+    }
+
+    #[test]
+    fn decodes_a_wide_record_and_skips_other_fields() {
+        let r = row_decoder()
+            .decode_json(br#"{"x":{"deep":[1,2,{"y":null}]},"b":2.5,"host":"h1","ts":"2026-01-01T00:00:00Z","a":-1,"z":"s"}"#)
+            .unwrap();
+        assert_eq!(r.key, "h1");
+        assert_eq!(r.timestamp.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(r.values, vec![-1.0, 2.5]);
+    }
+
+    #[test]
+    fn numeric_keys_and_timestamps_become_text() {
+        let r = row_decoder()
+            .decode_json(br#"{"host":17,"ts":1767225600,"a":1,"b":2}"#)
+            .unwrap();
+        assert_eq!(r.key, "17");
+        assert_eq!(r.timestamp.as_deref(), Some("1767225600"));
+    }
+
+    #[test]
+    fn every_bad_record_gets_its_reason() {
+        let d = row_decoder();
+        let cases: &[(&[u8], &str)] = &[
+            (b"{\"host\":\"h\",\"a\":1", "invalid_json"),
+            (b"not json", "invalid_json"),
+            (b"[1,2]", "not_an_object"),
+            (b"42", "not_an_object"),
+            (br#"{"a":1,"b":2}"#, "missing_key"),
+            (br#"{"host":"h","a":1}"#, "missing_field"),
+            (br#"{"host":"h","a":"1","b":2}"#, "not_a_number"),
+            (br#"{"host":"h","a":null,"b":2}"#, "not_a_number"),
+            (br#"{"host":"h","a":1e39,"b":2}"#, "non_finite"),
+            (br#"{"host":"h","a":1e999,"b":2}"#, "invalid_json"),
+            (br#"{"host":"h","a":[1,2],"b":2}"#, "wrong_dimensions"),
+            (br#"{"host":"h","a":1,"b":2} trailing"#, "invalid_json"),
+        ];
+        for (input, reason) in cases {
+            let e = d.decode_json(input).unwrap_err();
+            assert_eq!(e.reason(), *reason, "{} -> {e}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn oversized_and_deeply_nested_records_are_refused() {
+        let d = row_decoder();
+        let big = format!(r#"{{"host":"h","a":1,"b":2,"pad":"{}"}}"#, "x".repeat(2000));
+        assert_eq!(d.decode_json(big.as_bytes()).unwrap_err().reason(), "too_large");
+        let deep = Decoder::new("host", "ts", vec!["a".into()], 1, 1 << 20);
+        let nested = format!(r#"{{"host":"h","a":1,"n":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+        assert_eq!(deep.decode_json(nested.as_bytes()).unwrap_err().reason(), "invalid_json");
+    }
+
+    #[test]
+    fn image_records_read_arrays() {
+        let d = Decoder::new("k", "ts", vec!["c0".into()], 4, 1024);
+        let r = d.decode_json(br#"{"k":"img","c0":[1,2,3,4]}"#).unwrap();
+        assert_eq!(r.values, vec![1.0, 2.0, 3.0, 4.0]);
+        let e = d.decode_json(br#"{"k":"img","c0":[1,2,3]}"#).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::WrongDimensions {
+                field: "c0".into(),
+                found: 3,
+                expected: 4
+            }
+        );
+        assert_eq!(
+            d.decode_json(br#"{"k":"img","c0":[1,2,"x",4]}"#).unwrap_err().reason(),
+            "not_a_number"
+        );
+    }
+
+    #[test]
+    fn csv_rows_decode_by_header() {
+        let d = row_decoder();
+        let header = csv::StringRecord::from(vec!["ts", "b", "host", "a"]);
+        let cols = d.csv_columns(&header).unwrap();
+        let r = d
+            .decode_csv(&csv::StringRecord::from(vec!["t1", "2", "h", "1"]), &cols)
+            .unwrap();
+        assert_eq!((r.key.as_str(), r.values.clone()), ("h", vec![1.0, 2.0]));
+        let e = d
+            .decode_csv(&csv::StringRecord::from(vec!["t1", "NaN", "h", "1"]), &cols)
+            .unwrap_err();
+        assert_eq!(e.reason(), "non_finite");
+        let missing = csv::StringRecord::from(vec!["ts", "host", "a"]);
+        assert!(d.csv_columns(&missing).unwrap_err().contains("\"b\""));
+    }
+}

@@ -1,0 +1,248 @@
+//! Metrics: Prometheus metrics and the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Labels are low-cardinality only (pipeline, outcome, reason, topic, partition): never the
+//! entity key, whose cardinality is the users' and unbounded. The registry is an explicit value,
+//! not a global, so tests can run several daemons in one process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric anomalyd exposes (documented in docs/OPERATIONS.md).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub records: IntCounterVec,
+    pub anomalies: IntCounterVec,
+    pub alerts: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub produce_errors: IntCounterVec,
+    pub inference_seconds: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub reconstruction_error: HistogramVec,
+    pub anomaly_score: HistogramVec,
+    pub consumer_lag: IntGaugeVec,
+    pub partitions_assigned: IntGaugeVec,
+    pub keys_tracked: IntGaugeVec,
+    pub key_evictions: IntCounterVec,
+    pub keys_firing: IntGaugeVec,
+    pub offsets_committed: IntCounterVec,
+    pub model_info: IntGaugeVec,
+    pub model_load_failures: IntCounterVec,
+    pub build_info: IntGaugeVec,
+    pub ready: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["pipeline"])
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let exp = |start: f64, factor: f64, n: usize| {
+            prometheus::exponential_buckets(start, factor, n).expect("valid buckets")
+        };
+        let m = Metrics {
+            records: counter(&r, "anomalyd_records_total", "Input records by outcome: scored, warming (window not full yet) or dead_letter.", &["pipeline", "outcome"]),
+            anomalies: counter(&r, "anomalyd_anomalies_total", "Scored records over their key's threshold.", &["pipeline"]),
+            alerts: counter(&r, "anomalyd_alerts_total", "Alert events by state: firing or resolved.", &["pipeline", "state"]),
+            dead_letters: counter(&r, "anomalyd_dead_letters_total", "Records that could not be scored, by reason.", &["pipeline", "reason"]),
+            produce_errors: counter(&r, "anomalyd_produce_errors_total", "Failed deliveries to an output topic (each is retried).", &["pipeline", "sink"]),
+            inference_seconds: histogram(&r, "anomalyd_inference_seconds", "Time to run one batch through the model.", exp(0.00005, 2.0, 16)),
+            batch_size: histogram(&r, "anomalyd_batch_size", "Samples per inference batch.", exp(1.0, 2.0, 12)),
+            reconstruction_error: histogram(&r, "anomalyd_reconstruction_error", "Score (mean squared reconstruction error, normalised units) of scored records.", exp(0.001, 2.0, 20)),
+            anomaly_score: histogram(&r, "anomalyd_anomaly_score", "Anomaly score (0..1) of scored records.", vec![0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.95, 0.99, 0.999]),
+            consumer_lag: gauge(&r, "anomalyd_consumer_lag", "Records between the consumer's position and the partition's end, from librdkafka statistics.", &["pipeline", "topic", "partition"]),
+            partitions_assigned: gauge(&r, "anomalyd_partitions_assigned", "Input partitions currently assigned to this instance.", &["pipeline"]),
+            keys_tracked: gauge(&r, "anomalyd_keys_tracked", "Entity keys with state held in memory.", &["pipeline"]),
+            key_evictions: counter(&r, "anomalyd_key_evictions_total", "Keys evicted (least recently seen) to stay under max_keys.", &["pipeline"]),
+            keys_firing: gauge(&r, "anomalyd_keys_firing", "Keys with an alert episode currently firing.", &["pipeline"]),
+            offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
+            model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (value 1).", &["pipeline", "model", "version", "kind"]),
+            model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
+            build_info: gauge(&r, "anomalyd_build_info", "anomalyd's version (value 1).", &["version"]),
+            ready: IntGauge::new("anomalyd_ready", "1 when models are loaded and every pipeline has partitions assigned.").expect("valid metric"),
+            registry: r,
+        };
+        m.registry
+            .register(Box::new(m.ready.clone()))
+            .expect("unique metric");
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let _ = m.registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+
+    /// Sets the lag gauges of a pipeline from a librdkafka statistics report.
+    pub fn set_lag(&self, pipeline: &str, stats: &rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" bucket; a lag of -1 means
+                // unknown (not fetched yet, or not assigned here).
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                self.consumer_lag
+                    .with_label_values(&[pipeline, topic, &p.to_string()])
+                    .set(part.consumer_lag);
+            }
+        }
+    }
+}
+
+/// What `/healthz` and `/readyz` report; mirrored in the `anomalyd_ready` gauge.
+pub struct Health {
+    /// Pipelines by name, and whether each has partitions assigned.
+    pipelines: Mutex<BTreeMap<String, bool>>,
+    models_loaded: AtomicBool,
+    /// Set once the daemon has started draining: not ready for new work any more.
+    stopping: AtomicBool,
+    gauge: IntGauge,
+}
+
+impl Health {
+    pub fn new(pipelines: impl IntoIterator<Item = String>, metrics: &Metrics) -> Health {
+        Health {
+            pipelines: Mutex::new(pipelines.into_iter().map(|p| (p, false)).collect()),
+            models_loaded: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            gauge: metrics.ready.clone(),
+        }
+    }
+
+    fn refresh(&self) {
+        self.gauge.set(i64::from(self.readiness().is_ok()));
+    }
+
+    pub fn set_models_loaded(&self) {
+        self.models_loaded.store(true, Ordering::SeqCst);
+        self.refresh();
+    }
+
+    pub fn set_assigned(&self, pipeline: &str, assigned: bool) {
+        if let Some(a) = self.pipelines.lock().expect("health lock").get_mut(pipeline) {
+            *a = assigned;
+        }
+        self.refresh();
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.refresh();
+    }
+
+    /// `Ok` when ready, else the reasons it is not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        if !self.models_loaded.load(Ordering::SeqCst) {
+            return Err("models not loaded yet".into());
+        }
+        let waiting: Vec<String> = self
+            .pipelines
+            .lock()
+            .expect("health lock")
+            .iter()
+            .filter(|(_, a)| !**a)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "no partitions assigned yet to pipeline(s): {}",
+                waiting.join(", ")
+            ))
+        }
+    }
+}
+
+/// Serves the endpoint until `shutdown` is cancelled. Binds before returning, so a bad address
+/// or a port in use is reported at start-up.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::{http::StatusCode, routing::get, Router};
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let h = health.clone();
+                async move {
+                    match h.readiness() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        );
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok((bound, handle))
+}

@@ -1,0 +1,376 @@
+//! Models: ONNX files under the model contract (`docs/MODEL-CONTRACT.md`), loaded by tract.
+//!
+//! A [`Model`] is loaded once, checked against the contract, optimised into one tract plan and
+//! shared (through `Arc`) by every inference thread: `run` spawns a fresh, cheap execution state
+//! per call, so concurrent batches never contend on a lock.
+//!
+//! Every error names the file, so an operator with ten pipelines knows which model to fix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+
+/// What went wrong loading or running a model. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model {path}: cannot read the file: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model {path}: not a model tract can load: {reason}")]
+    Onnx { path: PathBuf, reason: String },
+    #[error("model {path}: metadata `{key}` {reason}")]
+    Metadata {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+    #[error("model {path}: {reason}")]
+    Contract { path: PathBuf, reason: String },
+    #[error("model {path}: inference failed: {reason}")]
+    Inference { path: PathBuf, reason: String },
+}
+
+/// The model families the training toolkit produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Pca,
+    Dense,
+    Conv,
+    Vae,
+    Sparse,
+    Stacked,
+    Denoising,
+    Lstm,
+    Gru,
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!("unknown kind {s:?} (expected pca, dense, conv, vae, sparse, stacked, denoising, lstm or gru)")
+        })
+    }
+}
+
+/// A summary of the model's scores on held-back normal data, used to warm-start thresholds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Number of held-back samples the summary was computed from.
+    pub count: u64,
+    pub mean: f64,
+    pub std: f64,
+    /// Selected quantiles of the score, keyed by level ("0.99").
+    #[serde(default)]
+    pub quantiles: BTreeMap<String, f64>,
+    /// Up to a few thousand held-back scores, sorted ascending.
+    #[serde(default)]
+    pub sample: Vec<f64>,
+    /// Mean `error` per feature on the held-back data.
+    #[serde(default)]
+    pub feature_mean: Vec<f64>,
+}
+
+/// Everything the daemon reads from a model file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contract {
+    pub name: String,
+    pub kind: Kind,
+    pub features: Vec<String>,
+    /// Rows per sample: 1 for point models, T for sequence models.
+    pub window: usize,
+    /// `[C, H, W]` for image models.
+    pub shape: Option<Vec<usize>>,
+    /// Input dimensions after the batch dimension.
+    pub sample_shape: Vec<usize>,
+    pub version: String,
+    pub trained_at: Option<String>,
+    pub training_data: Option<serde_json::Value>,
+    pub calibration: Calibration,
+}
+
+impl Contract {
+    /// Number of f32 values in one sample.
+    pub fn sample_len(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+
+    /// True for models that score a window of an entity's last rows rather than one record.
+    pub fn is_sequence(&self) -> bool {
+        self.shape.is_none() && self.window > 1
+    }
+}
+
+/// The outputs of one batch: `errors[i * F + f]` and, if asked for, the reconstructions.
+#[derive(Debug, Default)]
+pub struct Inference {
+    pub errors: Vec<f32>,
+    pub reconstructions: Option<Vec<f32>>,
+}
+
+/// A loaded, optimised model.
+#[derive(Debug)]
+pub struct Model {
+    pub path: PathBuf,
+    pub contract: Contract,
+    plan: Arc<TypedRunnableModel>,
+}
+
+const META_PREFIX: &str = "anomalyd.";
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_bytes(&path, &bytes)
+    }
+
+    /// Loads a model from its bytes; `path` is only used to name it in errors and as the
+    /// default model name.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Model, ModelError> {
+        let onnx_err = |e: TractError| ModelError::Onnx {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        };
+        let contract_err = |reason: String| ModelError::Contract {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let onnx = tract_onnx::onnx();
+        let proto: ModelProto = onnx.proto_model_for_read(&mut &*bytes).map_err(onnx_err)?;
+        let meta: BTreeMap<&str, &str> = proto
+            .metadata_props
+            .iter()
+            .filter_map(|e| Some((e.key.strip_prefix(META_PREFIX)?, e.value.as_str())))
+            .collect();
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| contract_err("the file has no graph".into()))?;
+        let input_names: Vec<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+        if input_names != ["input"] {
+            return Err(contract_err(format!(
+                "expected exactly one input named `input`, found {input_names:?}"
+            )));
+        }
+        let output_names: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+        for wanted in ["error", "reconstruction"] {
+            if !output_names.contains(&wanted) {
+                return Err(contract_err(format!(
+                    "expected outputs `error` and `reconstruction`, found {output_names:?}"
+                )));
+            }
+        }
+
+        let mut contract = parse_metadata(path, &meta)?;
+
+        let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
+        model
+            .select_outputs_by_name(["error", "reconstruction"])
+            .map_err(onnx_err)?;
+        let typed = model.into_optimized().map_err(onnx_err)?;
+        let input = typed.input_fact(0).map_err(onnx_err)?.clone();
+        if input.datum_type != f32::datum_type() {
+            return Err(contract_err(format!(
+                "input must be float32, found {:?}",
+                input.datum_type
+            )));
+        }
+        let dims = input.shape.dims();
+        let sample_shape: Option<Vec<usize>> =
+            dims.iter().skip(1).map(|d| d.to_usize().ok()).collect();
+        let Some(sample_shape) = sample_shape.filter(|_| dims.len() >= 2) else {
+            return Err(contract_err(format!(
+                "input shape {input:?} must be [batch, ...] with every dimension but the batch fixed"
+            )));
+        };
+        let f = contract.features.len();
+        let expected: Vec<usize> = match &contract.shape {
+            Some(chw) => chw.clone(),
+            None if sample_shape.len() == 1 && contract.window == 1 => vec![f],
+            None => vec![contract.window, f],
+        };
+        if sample_shape != expected {
+            return Err(contract_err(format!(
+                "input is [batch, {}] but the metadata (window {}, {} features{}) implies [batch, {}]",
+                join(&sample_shape),
+                contract.window,
+                f,
+                contract
+                    .shape
+                    .as_ref()
+                    .map(|s| format!(", shape {s:?}"))
+                    .unwrap_or_default(),
+                join(&expected)
+            )));
+        }
+        if !contract.calibration.feature_mean.is_empty() && contract.calibration.feature_mean.len() != f {
+            return Err(ModelError::Metadata {
+                path: path.to_path_buf(),
+                key: "calibration",
+                reason: format!(
+                    "has {} feature means for {f} features",
+                    contract.calibration.feature_mean.len()
+                ),
+            });
+        }
+        contract.sample_shape = sample_shape;
+        let plan = typed.into_runnable().map_err(onnx_err)?;
+        let model = Model {
+            path: path.to_path_buf(),
+            contract,
+            plan,
+        };
+        // Run one sample through the plan now, so a model that loads but cannot run (or whose
+        // outputs have the wrong shape) is refused at start-up rather than on the first record.
+        let probe = vec![0.0f32; model.contract.sample_len()];
+        model.infer(&probe, 1, true)?;
+        Ok(model)
+    }
+
+    /// Runs `n` samples (`input.len() == n * sample_len`) through the model.
+    pub fn infer(
+        &self,
+        input: &[f32],
+        n: usize,
+        want_reconstructions: bool,
+    ) -> Result<Inference, ModelError> {
+        let fail = |reason: String| ModelError::Inference {
+            path: self.path.clone(),
+            reason,
+        };
+        let per = self.contract.sample_len();
+        if input.len() != n * per {
+            return Err(fail(format!(
+                "batch of {n} samples needs {} values, got {}",
+                n * per,
+                input.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(Inference::default());
+        }
+        let mut shape = vec![n];
+        shape.extend(&self.contract.sample_shape);
+        let tensor = Tensor::from_shape(&shape, input).map_err(|e| fail(format!("{e:#}")))?;
+        let outputs = self
+            .plan
+            .run(tvec![tensor.into()])
+            .map_err(|e| fail(format!("{e:#}")))?;
+        let f = self.contract.features.len();
+        let errors = read_output(&outputs[0], n * f, "error").map_err(fail)?;
+        let reconstructions = if want_reconstructions {
+            Some(read_output(&outputs[1], n * per, "reconstruction").map_err(fail)?)
+        } else {
+            None
+        };
+        Ok(Inference {
+            errors,
+            reconstructions,
+        })
+    }
+}
+
+fn read_output(value: &TValue, expected_len: usize, name: &str) -> Result<Vec<f32>, String> {
+    let view = value
+        .to_plain_array_view::<f32>()
+        .map_err(|e| format!("output `{name}` is not float32: {e:#}"))?;
+    if view.len() != expected_len {
+        return Err(format!(
+            "output `{name}` has shape {:?}, expected {expected_len} values",
+            view.shape()
+        ));
+    }
+    Ok(view.iter().copied().collect())
+}
+
+fn join(dims: &[usize]) -> String {
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, ModelError> {
+    let bad = |key: &'static str, reason: String| ModelError::Metadata {
+        path: path.to_path_buf(),
+        key,
+        reason,
+    };
+    let required = |key: &'static str| -> Result<&str, ModelError> {
+        meta.get(key).copied().ok_or_else(|| {
+            bad(
+                key,
+                "is missing: train the model with anomalyd-train, or add it (see docs/MODEL-CONTRACT.md)".into(),
+            )
+        })
+    };
+    fn json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+        serde_json::from_str(text).map_err(|e| format!("is not valid: {e}"))
+    }
+
+    let kind: Kind = required("kind")?
+        .parse()
+        .map_err(|e: String| bad("kind", e))?;
+    let features: Vec<String> =
+        json(required("features")?).map_err(|e| bad("features", e))?;
+    if features.is_empty() {
+        return Err(bad("features", "lists no feature".into()));
+    }
+    let window: usize = required("window")?
+        .trim()
+        .parse()
+        .map_err(|_| bad("window", "must be a positive integer".into()))?;
+    if window == 0 {
+        return Err(bad("window", "must be at least 1".into()));
+    }
+    let shape: Option<Vec<usize>> = meta
+        .get("shape")
+        .map(|s| json(s).map_err(|e| bad("shape", e)))
+        .transpose()?;
+    if let Some(s) = &shape {
+        if s.len() != 3 || s[0] != features.len() {
+            return Err(bad(
+                "shape",
+                format!("must be [C, H, W] with C = {} features, found {s:?}", features.len()),
+            ));
+        }
+    }
+    let calibration: Calibration = meta
+        .get("calibration")
+        .map(|s| json(s).map_err(|e| bad("calibration", e)))
+        .transpose()?
+        .unwrap_or_default();
+    if calibration.sample.iter().any(|v| !v.is_finite()) {
+        return Err(bad("calibration", "has a non-finite score in `sample`".into()));
+    }
+    let name = meta
+        .get("name")
+        .map(|s| s.to_string())
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    Ok(Contract {
+        name,
+        kind,
+        features,
+        window,
+        shape,
+        sample_shape: Vec::new(),
+        version: meta.get("version").unwrap_or(&"unversioned").to_string(),
+        trained_at: meta.get("trained_at").map(|s| s.to_string()),
+        training_data: meta
+            .get("training_data")
+            .and_then(|s| serde_json::from_str(s).ok()),
+        calibration,
+    })
+}

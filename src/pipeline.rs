@@ -1,0 +1,421 @@
+//! Pipeline: one configured flow, Kafka topic(s) → decode → window → batch → infer → score →
+//! threshold → alert → sinks, as four tasks joined by bounded channels:
+//!
+//! ```text
+//! ingest (consumer, decode) ─▶ batcher (window, micro-batch) ─▶ inference threads ─▶ judge (in order) ─▶ sinks
+//!                                                                                    committer (stored offsets)
+//! ```
+//!
+//! Inference runs on blocking threads (at most `runtime.inference_threads` batches at once,
+//! across all pipelines); the judge takes finished batches strictly in the order they were
+//! prepared, so per-key state always sees a key's records in partition order. Bounded channels
+//! make a slow model slow the consumer down rather than buffer without limit.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{KafkaConfig, PipelineConfig};
+use crate::decode::Record;
+use crate::detect::{Batch, Detector, Origin};
+use crate::kafka::{consumer_config, producer_config, PipelineContext, ProducerContext};
+use crate::metrics::{Health, Metrics};
+use crate::model::{Inference, Model, ModelError};
+use crate::offsets::OffsetTracker;
+use crate::sink::Outputs;
+
+/// What can stop a pipeline from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline {pipeline}: cannot create the Kafka {what}: {source}")]
+    Client {
+        pipeline: String,
+        what: &'static str,
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// What every pipeline of a daemon shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub kafka: KafkaConfig,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    /// One permit per inference thread.
+    pub inference: Arc<Semaphore>,
+    /// How long shutdown may take once it starts.
+    pub grace: Duration,
+}
+
+type Inferred = (Result<Inference, ModelError>, Duration);
+
+/// Runs one pipeline until `shutdown` is cancelled, then drains it: stops consuming, finishes
+/// the records in flight, commits, and returns (within the grace period).
+pub async fn run(
+    name: String,
+    cfg: PipelineConfig,
+    model: Arc<Model>,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let client_err = |what, source| PipelineError::Client {
+        pipeline: name.clone(),
+        what,
+        source,
+    };
+    let detector = Arc::new(Mutex::new(Detector::new(&name, &cfg, model.clone())));
+    let decoder = detector.lock().expect("detector lock").decoder().clone();
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let context = PipelineContext {
+        pipeline: name.clone(),
+        tracker: tracker.clone(),
+        detector: detector.clone(),
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        drain_timeout: shared.kafka.drain_timeout,
+    };
+    let group = format!("{}.{}", shared.kafka.group_id, name);
+    let consumer: Arc<StreamConsumer<PipelineContext>> = Arc::new(
+        consumer_config(&shared.kafka, &group)
+            .create_with_context(context)
+            .map_err(|e| client_err("consumer", e))?,
+    );
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| client_err("consumer", e))?;
+    let producer = producer_config(&shared.kafka)
+        .create_with_context::<_, rdkafka::producer::FutureProducer<ProducerContext>>(ProducerContext)
+        .map_err(|e| client_err("producer", e))?;
+    let give_up = CancellationToken::new();
+    let outputs = Arc::new(Outputs::new(
+        &name,
+        &cfg,
+        model.contract.features.clone(),
+        producer,
+        shared.metrics.clone(),
+        tracker.clone(),
+        give_up.clone(),
+    ));
+    shared.metrics
+        .model_info
+        .with_label_values(&[
+            name.as_str(),
+            model.contract.name.as_str(),
+            model.contract.version.as_str(),
+            &format!("{:?}", model.contract.kind).to_lowercase(),
+        ])
+        .set(1);
+    tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), "Pipeline started.");
+
+    let (record_tx, record_rx) = mpsc::channel::<(Origin, Record)>(cfg.batch.max_size * 4);
+    let (judge_tx, judge_rx) = mpsc::channel::<(Batch, JoinHandle<Inferred>)>(4);
+    let batcher = tokio::spawn(batch_loop(
+        record_rx,
+        judge_tx,
+        detector.clone(),
+        cfg.clone(),
+        shared.clone(),
+        outputs.wants_reconstructions(),
+        name.clone(),
+    ));
+    let judge = tokio::spawn(judge_loop(
+        judge_rx,
+        detector.clone(),
+        outputs.clone(),
+        shared.metrics.clone(),
+    ));
+    let stop_committer = CancellationToken::new();
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        tracker.clone(),
+        shared.kafka.commit_interval,
+        shared.metrics.clone(),
+        name.clone(),
+        stop_committer.clone(),
+    ));
+
+    // Ingest: consume, decode, hand over. Nothing here waits on inference except through the
+    // bounded channel (backpressure).
+    let mut topic_names: Vec<Arc<str>> = Vec::new();
+    let mut consecutive_errors = 0u32;
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let m = match message {
+            Ok(m) => {
+                consecutive_errors = 0;
+                m
+            }
+            Err(e) => {
+                consecutive_errors += 1;
+                tracing::warn!(pipeline = %name, "Consumer error: {e}");
+                // Back off a little while the broker is unreachable, so the log stays readable.
+                let pause = Duration::from_millis(50 * u64::from(consecutive_errors.min(20)));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let topic = match topic_names.iter().find(|t| ***t == *m.topic()) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(m.topic());
+                topic_names.push(t.clone());
+                t
+            }
+        };
+        let origin = Origin {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        tracker
+            .lock()
+            .expect("tracker lock")
+            .begin(&origin.topic, origin.partition, origin.offset);
+        let payload = m.payload().unwrap_or_default();
+        match decoder.decode_json(payload) {
+            Ok(mut record) => {
+                if record.timestamp.is_none() {
+                    record.timestamp = m.timestamp().to_millis().map(crate::time::rfc3339_millis);
+                }
+                drop(m);
+                if record_tx.send((origin, record)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                let key = m.key().map(<[u8]>::to_vec);
+                let payload = payload.to_vec();
+                drop(m);
+                outputs.undecodable(origin, key, payload, &e);
+            }
+        }
+    }
+
+    // Drain: no more records come in; let the batches in flight finish, then commit.
+    shared.health.set_stopping();
+    let started = Instant::now();
+    tracing::info!(pipeline = %name, "Stopped consuming; draining in-flight records.");
+    drop(record_tx);
+    let deadline = tokio::time::Instant::now() + shared.grace;
+    let _ = tokio::time::timeout_at(deadline, batcher).await;
+    let _ = tokio::time::timeout_at(deadline, judge).await;
+    while tracker.lock().expect("tracker lock").in_flight(None) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    give_up.cancel();
+    stop_committer.cancel();
+    let _ = committer.await;
+    let left = tracker.lock().expect("tracker lock").in_flight(None);
+    if left > 0 {
+        tracing::warn!(pipeline = %name, in_flight = left, "Grace period over with records in flight; they will be processed again after the restart.");
+    }
+    let final_positions = {
+        let t = tracker.lock().expect("tracker lock");
+        let mut tpl = TopicPartitionList::new();
+        if let Ok(assigned) = consumer.assignment() {
+            for e in assigned.elements() {
+                if let Some(pos) = t.position(e.topic(), e.partition()) {
+                    let _ = tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(pos));
+                }
+            }
+        }
+        tpl
+    };
+    if final_positions.count() > 0 {
+        let _ = consumer.store_offsets(&final_positions);
+        if let Err(e) = consumer.commit(&final_positions, CommitMode::Sync) {
+            tracing::warn!(pipeline = %name, "Final commit failed: {e}; records since the last commit will be processed again.");
+        }
+    }
+    let _ = outputs.producer().flush(Duration::from_secs(5));
+    consumer.unsubscribe();
+    tracing::info!(pipeline = %name, elapsed_ms = started.elapsed().as_millis() as u64, "Pipeline drained and committed.");
+    Ok(())
+}
+
+/// Collects records into micro-batches (max size or max wait), windows them, and starts their
+/// inference.
+async fn batch_loop(
+    mut records: mpsc::Receiver<(Origin, Record)>,
+    judge: mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
+    detector: Arc<Mutex<Detector>>,
+    cfg: PipelineConfig,
+    shared: Shared,
+    want_reconstructions: bool,
+    name: String,
+) {
+    let mut pending: Vec<(Origin, Record)> = Vec::with_capacity(cfg.batch.max_size);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let flush = tokio::select! {
+            r = records.recv() => match r {
+                Some(item) => {
+                    if pending.is_empty() {
+                        deadline = Some(tokio::time::Instant::now() + cfg.batch.max_wait);
+                    }
+                    pending.push(item);
+                    pending.len() >= cfg.batch.max_size
+                }
+                None => {
+                    if !pending.is_empty() {
+                        dispatch(&mut pending, &judge, &detector, &shared, want_reconstructions, &name).await;
+                    }
+                    return;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+        };
+        if flush {
+            deadline = None;
+            dispatch(&mut pending, &judge, &detector, &shared, want_reconstructions, &name).await;
+        }
+    }
+}
+
+async fn dispatch(
+    pending: &mut Vec<(Origin, Record)>,
+    judge: &mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
+    detector: &Arc<Mutex<Detector>>,
+    shared: &Shared,
+    want_reconstructions: bool,
+    name: &str,
+) {
+    let (mut batch, model) = {
+        let mut d = detector.lock().expect("detector lock");
+        (d.prepare(pending.drain(..)), d.model().clone())
+    };
+    let n = batch.sample_count();
+    shared
+        .metrics
+        .batch_size
+        .with_label_values(&[name])
+        .observe(n as f64);
+    let samples = std::mem::take(&mut batch.samples);
+    let permit = shared
+        .inference
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the inference semaphore is never closed");
+    let handle = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let t = Instant::now();
+        let result = model.infer(&samples, n, want_reconstructions);
+        (result, t.elapsed())
+    });
+    let _ = judge.send((batch, handle)).await;
+}
+
+/// Takes inferred batches in order, judges them, and emits their outcomes.
+async fn judge_loop(
+    mut batches: mpsc::Receiver<(Batch, JoinHandle<Inferred>)>,
+    detector: Arc<Mutex<Detector>>,
+    outputs: Arc<Outputs>,
+    metrics: Metrics,
+) {
+    let name = outputs.pipeline.clone();
+    let mut evictions_seen = 0;
+    while let Some((batch, handle)) = batches.recv().await {
+        let (result, elapsed) = match handle.await {
+            Ok(r) => r,
+            Err(e) => (
+                Err(ModelError::Inference {
+                    path: Default::default(),
+                    reason: format!("inference thread failed: {e}"),
+                }),
+                Duration::ZERO,
+            ),
+        };
+        match result {
+            Ok(inference) => {
+                metrics
+                    .inference_seconds
+                    .with_label_values(&[&name])
+                    .observe(elapsed.as_secs_f64());
+                let (outcomes, keys, evictions, firing) = {
+                    let mut d = detector.lock().expect("detector lock");
+                    let o = d.judge(batch, &inference);
+                    (o, d.keys(), d.evictions(), d.firing())
+                };
+                metrics.keys_tracked.with_label_values(&[&name]).set(keys as i64);
+                metrics.keys_firing.with_label_values(&[&name]).set(firing as i64);
+                metrics
+                    .key_evictions
+                    .with_label_values(&[&name])
+                    .inc_by(evictions - evictions_seen);
+                evictions_seen = evictions;
+                for outcome in outcomes {
+                    outputs.emit(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %name, "Inference failed; the batch's records go to the dead-letter topic: {e}");
+                for entry in batch.entries {
+                    let payload = serde_json::json!({
+                        "key": entry.record.key,
+                        "timestamp": entry.record.timestamp,
+                        "values": entry.record.values,
+                    });
+                    outputs.dead_letter(
+                        entry.origin,
+                        Some(entry.record.key.into_bytes()),
+                        payload.to_string().into_bytes(),
+                        "inference_failed",
+                        e.to_string(),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Periodically stores the contiguous-prefix positions; librdkafka commits stored offsets.
+async fn commit_loop(
+    consumer: Arc<StreamConsumer<PipelineContext>>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    every: Duration,
+    metrics: Metrics,
+    name: String,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every.min(Duration::from_millis(500)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let moved = tracker.lock().expect("tracker lock").take_committable();
+        if moved.is_empty() {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), pos) in &moved {
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*pos));
+        }
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => metrics
+                .offsets_committed
+                .with_label_values(&[&name])
+                .inc_by(moved.len() as u64),
+            // A partition revoked a moment ago cannot be stored any more; its next owner
+            // starts from the position committed on revoke.
+            Err(e) => tracing::debug!(pipeline = %name, "Storing offsets: {e}"),
+        }
+    }
+}

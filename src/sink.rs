@@ -1,0 +1,316 @@
+//! Sinks: where a pipeline's outputs go (alerts, scores and denoised topics, dead letters,
+//! stdout), and the JSON shapes they are written in.
+//!
+//! A delivery that fails is retried with backoff until it succeeds or the daemon gives up at the
+//! end of its shutdown grace period; the input record's offset is released only after all of
+//! its outputs are acknowledged, so a record whose alert never reached Kafka is read again.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::FeatureError;
+use crate::config::PipelineConfig;
+use crate::decode::DecodeError;
+use crate::detect::{Origin, Outcome, Scored};
+use crate::kafka::ProducerContext;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+
+/// One message to deliver.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    pub sink: &'static str,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// A score row: the record's score, threshold and verdict (also the row `anomalyd score` writes).
+#[derive(Debug, Serialize)]
+pub struct ScoreRow<'a> {
+    pub key: &'a str,
+    pub timestamp: Option<&'a str>,
+    pub score: f64,
+    pub threshold: f64,
+    pub anomaly_score: f64,
+    pub is_anomaly: bool,
+    pub top_features: Vec<&'a str>,
+}
+
+impl<'a> ScoreRow<'a> {
+    pub fn of(s: &'a Scored) -> ScoreRow<'a> {
+        ScoreRow {
+            key: &s.key,
+            timestamp: s.timestamp.as_deref(),
+            score: s.score,
+            threshold: s.verdict.threshold,
+            anomaly_score: s.verdict.anomaly_score,
+            is_anomaly: s.verdict.is_anomaly,
+            top_features: s.top_features.iter().map(|f: &FeatureError| f.name.as_str()).collect(),
+        }
+    }
+}
+
+/// The outputs of one pipeline.
+pub struct Outputs {
+    pub pipeline: String,
+    producer: FutureProducer<ProducerContext>,
+    alerts_topic: String,
+    scores_topic: String,
+    denoised_topic: String,
+    dead_letter_topic: String,
+    stdout: bool,
+    features: Vec<String>,
+    metrics: Metrics,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// Cancelled when the daemon stops retrying failed deliveries (end of the grace period).
+    give_up: CancellationToken,
+}
+
+impl Outputs {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pipeline: &str,
+        cfg: &PipelineConfig,
+        features: Vec<String>,
+        producer: FutureProducer<ProducerContext>,
+        metrics: Metrics,
+        tracker: Arc<Mutex<OffsetTracker>>,
+        give_up: CancellationToken,
+    ) -> Outputs {
+        Outputs {
+            pipeline: pipeline.to_string(),
+            producer,
+            alerts_topic: cfg.alerts_topic.clone(),
+            scores_topic: cfg.scores_topic.clone(),
+            denoised_topic: cfg.denoised_topic.clone(),
+            dead_letter_topic: cfg.dead_letter_topic.clone(),
+            stdout: cfg.stdout,
+            features,
+            metrics,
+            tracker,
+            give_up,
+        }
+    }
+
+    pub fn producer(&self) -> &FutureProducer<ProducerContext> {
+        &self.producer
+    }
+
+    /// Counts an outcome, sends its outputs, and releases its offset once they are acknowledged.
+    pub fn emit(self: &Arc<Self>, outcome: Outcome) {
+        let p = self.pipeline.as_str();
+        match outcome {
+            Outcome::Warming { origin, .. } => {
+                self.metrics.records.with_label_values(&[p, "warming"]).inc();
+                self.finish(&origin);
+            }
+            Outcome::Scored(s) => {
+                self.metrics.records.with_label_values(&[p, "scored"]).inc();
+                self.metrics
+                    .reconstruction_error
+                    .with_label_values(&[p])
+                    .observe(s.score);
+                self.metrics
+                    .anomaly_score
+                    .with_label_values(&[p])
+                    .observe(s.verdict.anomaly_score);
+                if s.verdict.is_anomaly {
+                    self.metrics.anomalies.with_label_values(&[p]).inc();
+                }
+                let messages = self.messages_for(&s);
+                self.send_then_finish(s.origin.clone(), messages);
+            }
+        }
+    }
+
+    fn messages_for(&self, s: &Scored) -> Vec<OutMessage> {
+        let mut out = Vec::new();
+        let key = Some(s.key.as_bytes().to_vec());
+        if let Some(event) = &s.event {
+            self.metrics
+                .alerts
+                .with_label_values(&[&self.pipeline, event.event.as_str()])
+                .inc();
+            let json = serde_json::to_vec(event).expect("alert events serialise");
+            if self.stdout {
+                println!("{}", String::from_utf8_lossy(&json));
+            }
+            if !self.alerts_topic.is_empty() {
+                out.push(OutMessage {
+                    sink: "alerts",
+                    topic: self.alerts_topic.clone(),
+                    key: key.clone(),
+                    payload: json,
+                    headers: vec![("anomalyd.event", event.event.as_str().to_string())],
+                });
+            }
+        }
+        if !self.scores_topic.is_empty() {
+            out.push(OutMessage {
+                sink: "scores",
+                topic: self.scores_topic.clone(),
+                key: key.clone(),
+                payload: serde_json::to_vec(&ScoreRow::of(s)).expect("scores serialise"),
+                headers: Vec::new(),
+            });
+        }
+        if let (false, Some(values)) = (self.denoised_topic.is_empty(), &s.reconstruction) {
+            out.push(OutMessage {
+                sink: "denoised",
+                topic: self.denoised_topic.clone(),
+                key,
+                payload: denoised_json(&s.key, s.timestamp.as_deref(), &self.features, values),
+                headers: Vec::new(),
+            });
+        }
+        out
+    }
+
+    /// Whether the pipeline wants reconstructions (only the denoised topic needs them).
+    pub fn wants_reconstructions(&self) -> bool {
+        !self.denoised_topic.is_empty()
+    }
+
+    /// Sends a record that cannot be scored to the dead-letter topic, with its reason in headers.
+    pub fn dead_letter(
+        self: &Arc<Self>,
+        origin: Origin,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        reason: &'static str,
+        detail: String,
+    ) {
+        self.metrics
+            .records
+            .with_label_values(&[&self.pipeline, "dead_letter"])
+            .inc();
+        self.metrics
+            .dead_letters
+            .with_label_values(&[&self.pipeline, reason])
+            .inc();
+        tracing::debug!(pipeline = %self.pipeline, topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason, "Dead letter: {detail}");
+        let messages = if self.dead_letter_topic.is_empty() {
+            Vec::new()
+        } else {
+            vec![OutMessage {
+                sink: "dead_letters",
+                topic: self.dead_letter_topic.clone(),
+                key,
+                payload,
+                headers: vec![
+                    ("anomalyd.reason", reason.to_string()),
+                    ("anomalyd.error", detail),
+                    ("anomalyd.pipeline", self.pipeline.clone()),
+                    ("anomalyd.source.topic", origin.topic.to_string()),
+                    ("anomalyd.source.partition", origin.partition.to_string()),
+                    ("anomalyd.source.offset", origin.offset.to_string()),
+                ],
+            }]
+        };
+        self.send_then_finish(origin, messages);
+    }
+
+    /// Dead-letters a record that failed to decode.
+    pub fn undecodable(
+        self: &Arc<Self>,
+        origin: Origin,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        error: &DecodeError,
+    ) {
+        self.dead_letter(origin, key, payload, error.reason(), error.to_string());
+    }
+
+    fn send_then_finish(self: &Arc<Self>, origin: Origin, messages: Vec<OutMessage>) {
+        if messages.is_empty() {
+            self.finish(&origin);
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for m in &messages {
+                if !this.deliver(m).await {
+                    // Given up at shutdown: the offset stays in flight, so it is not committed
+                    // and the record is read again after the restart.
+                    return;
+                }
+            }
+            this.finish(&origin);
+        });
+    }
+
+    /// Delivers one message, retrying with backoff; false if given up.
+    async fn deliver(&self, m: &OutMessage) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+            for (k, v) in &m.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let mut record = FutureRecord::to(&m.topic)
+                .payload(&m.payload)
+                .headers(headers);
+            if let Some(k) = &m.key {
+                record = record.key(k);
+            }
+            let sent = tokio::select! {
+                r = self.producer.send(record, Duration::from_secs(5)) => r,
+                _ = self.give_up.cancelled() => return false,
+            };
+            match sent {
+                Ok(_) => return true,
+                Err((e, _)) => {
+                    self.metrics
+                        .produce_errors
+                        .with_label_values(&[&self.pipeline, m.sink])
+                        .inc();
+                    tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, "Delivery failed, retrying in {backoff:?}: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.give_up.cancelled() => return false,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn finish(&self, origin: &Origin) {
+        self.tracker.lock().expect("tracker lock").finish(
+            &origin.topic,
+            origin.partition,
+            origin.offset,
+        );
+    }
+}
+
+/// The denoised record: the model's reconstruction of the record's values, by feature name.
+pub fn denoised_json(key: &str, timestamp: Option<&str>, features: &[String], values: &[f32]) -> Vec<u8> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("key".into(), key.into());
+    obj.insert("timestamp".into(), timestamp.into());
+    let per = values.len() / features.len().max(1);
+    for (i, name) in features.iter().enumerate() {
+        let v: serde_json::Value = if per == 1 {
+            (values[i] as f64).into()
+        } else {
+            values[i * per..(i + 1) * per]
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>()
+                .into()
+        };
+        obj.insert(name.clone(), v);
+    }
+    serde_json::to_vec(&obj).expect("denoised records serialise")
+}

@@ -1,0 +1,482 @@
+//! Adaptive thresholds, one per entity key.
+//!
+//! Each method is a [`Threshold`]: it judges a score against what it has learned of the key's
+//! normal scores, then learns from the score, without letting an anomaly raise the bar. Every
+//! method is warm-started from the model's calibration (the scores of held-back normal data), so
+//! a key's first record is judged against what normal looks like rather than against nothing.
+//! The warm state is computed once per pipeline ([`ThresholdConfig::build`]) and cloned for
+//! every new key, which keeps a flood of new keys cheap.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Calibration;
+
+/// The judgement of one score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// The threshold the score was compared with (before learning from it).
+    pub threshold: f64,
+    pub is_anomaly: bool,
+    /// Severity in [0, 1]: 0.5 at the threshold, approaching 1 far above it.
+    pub anomaly_score: f64,
+}
+
+impl Verdict {
+    fn new(score: f64, threshold: f64) -> Verdict {
+        let anomaly_score = if threshold > 0.0 {
+            (score / (score + threshold)).clamp(0.0, 1.0)
+        } else if score > threshold {
+            1.0
+        } else {
+            0.0
+        };
+        Verdict {
+            threshold,
+            is_anomaly: score > threshold,
+            anomaly_score,
+        }
+    }
+}
+
+/// A per-key threshold.
+pub trait Threshold: Send + Sync + std::fmt::Debug {
+    /// Judges `score`, then updates the state with it.
+    fn judge(&mut self, score: f64) -> Verdict;
+    /// The current threshold.
+    fn threshold(&self) -> f64;
+    /// A copy, used to stamp out warm-started thresholds for new keys.
+    fn clone_box(&self) -> Box<dyn Threshold>;
+}
+
+impl Clone for Box<dyn Threshold> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// Which threshold a pipeline uses, with its parameters (`[pipelines.NAME.threshold]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+pub enum ThresholdConfig {
+    /// Exponentially weighted mean + k standard deviations of the key's normal scores.
+    #[serde(deny_unknown_fields)]
+    Ewma {
+        /// Weight of each new score (1/alpha ≈ the memory, in points).
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// Standard deviations above the mean.
+        #[serde(default = "default_k")]
+        k: f64,
+    },
+    /// A streaming estimate (P²) of the q-quantile of the key's scores.
+    #[serde(deny_unknown_fields)]
+    Quantile {
+        /// The quantile level, e.g. 0.999: about 1 normal point in 1000 is over the threshold.
+        #[serde(default = "default_q")]
+        q: f64,
+        /// Roughly how many recent points the estimate reflects; older ones fade out.
+        #[serde(default = "default_memory")]
+        memory: u64,
+    },
+    /// A fixed threshold on the score.
+    #[serde(deny_unknown_fields)]
+    Static { value: f64 },
+}
+
+fn default_alpha() -> f64 {
+    0.01
+}
+fn default_k() -> f64 {
+    4.0
+}
+fn default_q() -> f64 {
+    0.999
+}
+fn default_memory() -> u64 {
+    10_000
+}
+
+impl Default for ThresholdConfig {
+    fn default() -> Self {
+        ThresholdConfig::Quantile {
+            q: default_q(),
+            memory: default_memory(),
+        }
+    }
+}
+
+impl ThresholdConfig {
+    /// Problems with the parameters, as sentences.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match *self {
+            ThresholdConfig::Ewma { alpha, k } => {
+                if !(alpha > 0.0 && alpha < 1.0) {
+                    out.push(format!("alpha must be in (0, 1), found {alpha}"));
+                }
+                if !(k.is_finite() && k > 0.0) {
+                    out.push(format!("k must be positive, found {k}"));
+                }
+            }
+            ThresholdConfig::Quantile { q, memory } => {
+                if !(q > 0.5 && q < 1.0) {
+                    out.push(format!("q must be in (0.5, 1), found {q}"));
+                }
+                if memory < 100 {
+                    out.push(format!("memory must be at least 100 points, found {memory}"));
+                }
+            }
+            ThresholdConfig::Static { value } => {
+                if !value.is_finite() {
+                    out.push(format!("value must be a finite number, found {value}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The warm-started threshold every new key starts from.
+    pub fn build(&self, calibration: &Calibration) -> Box<dyn Threshold> {
+        match *self {
+            ThresholdConfig::Ewma { alpha, k } => Box::new(Ewma::warm(alpha, k, calibration)),
+            ThresholdConfig::Quantile { q, memory } => {
+                Box::new(P2Quantile::warm(q, memory, calibration))
+            }
+            ThresholdConfig::Static { value } => Box::new(Static(value)),
+        }
+    }
+}
+
+/// A fixed threshold.
+#[derive(Debug, Clone)]
+pub struct Static(pub f64);
+
+impl Threshold for Static {
+    fn judge(&mut self, score: f64) -> Verdict {
+        Verdict::new(score, self.0)
+    }
+    fn threshold(&self) -> f64 {
+        self.0
+    }
+    fn clone_box(&self) -> Box<dyn Threshold> {
+        Box::new(self.clone())
+    }
+}
+
+/// Mean + k·σ, both exponentially weighted, learned from normal points only.
+#[derive(Debug, Clone)]
+pub struct Ewma {
+    alpha: f64,
+    k: f64,
+    mean: f64,
+    var: f64,
+}
+
+impl Ewma {
+    pub fn warm(alpha: f64, k: f64, calibration: &Calibration) -> Ewma {
+        let (mean, std) = if calibration.count > 0 {
+            (calibration.mean, calibration.std)
+        } else {
+            mean_std(&calibration.sample)
+        };
+        Ewma {
+            alpha,
+            k,
+            mean,
+            var: std * std,
+        }
+    }
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+impl Threshold for Ewma {
+    fn judge(&mut self, score: f64) -> Verdict {
+        let verdict = Verdict::new(score, self.threshold());
+        if !verdict.is_anomaly {
+            let delta = score - self.mean;
+            self.mean += self.alpha * delta;
+            self.var = (1.0 - self.alpha) * (self.var + self.alpha * delta * delta);
+        }
+        verdict
+    }
+    fn threshold(&self) -> f64 {
+        // A floor on σ keeps a perfectly flat history from alarming on rounding noise.
+        self.mean + self.k * self.var.sqrt().max(self.mean.abs() * 1e-3 + 1e-12)
+    }
+    fn clone_box(&self) -> Box<dyn Threshold> {
+        Box::new(self.clone())
+    }
+}
+
+/// The P² algorithm (Jain & Chlamtac, 1985): five markers track the minimum, the q/2, q and
+/// (1+q)/2 quantiles and the maximum in constant memory.
+///
+/// Anomalous scores are fed *censored* at the threshold: they still count as exceeding it (so
+/// the estimate of the q-quantile keeps its rank right and does not sink, which it would if
+/// they were dropped), but their size never raises it. Positions are halved whenever the count
+/// passes twice `memory`, so old points fade and the threshold follows slow drift.
+#[derive(Debug, Clone)]
+pub struct P2Quantile {
+    heights: [f64; 5],
+    positions: [f64; 5],
+    desired: [f64; 5],
+    increments: [f64; 5],
+    memory: f64,
+    /// False until five scores have placed the markers.
+    initialized: bool,
+    /// Scores seen before the markers exist (a cold start without calibration).
+    startup: Vec<f64>,
+}
+
+impl P2Quantile {
+    pub fn new(q: f64, memory: u64) -> P2Quantile {
+        P2Quantile {
+            heights: [0.0; 5],
+            positions: [1.0, 2.0, 3.0, 4.0, 5.0],
+            desired: [1.0, 1.0 + 2.0 * q, 1.0 + 4.0 * q, 3.0 + 2.0 * q, 5.0],
+            increments: [0.0, q / 2.0, q, (1.0 + q) / 2.0, 1.0],
+            memory: memory as f64,
+            initialized: false,
+            startup: Vec::new(),
+        }
+    }
+
+    /// Starts with the markers placed on the calibration sample, as if it had been streamed in.
+    pub fn warm(q: f64, memory: u64, calibration: &Calibration) -> P2Quantile {
+        let mut p2 = P2Quantile::new(q, memory);
+        let mut sample = calibration.sample.clone();
+        sample.sort_by(f64::total_cmp);
+        if sample.len() < 5 {
+            for s in sample {
+                p2.update(s);
+            }
+            return p2;
+        }
+        let n = sample.len() as f64;
+        for i in 0..5 {
+            let at = (n - 1.0) * p2.increments[i];
+            p2.heights[i] = interpolate(&sample, at);
+            p2.desired[i] = 1.0 + at;
+            p2.positions[i] = (1.0 + at).round();
+        }
+        p2.fix_positions();
+        p2.initialized = true;
+        p2
+    }
+
+    /// Keeps marker positions strictly increasing integers ending at the count.
+    fn fix_positions(&mut self) {
+        let p = &mut self.positions;
+        p[0] = 1.0;
+        for i in 1..5 {
+            p[i] = p[i].round().max(p[i - 1] + 1.0);
+        }
+        for i in (1..4).rev() {
+            p[i] = p[i].min(p[i + 1] - 1.0);
+        }
+        for i in 0..4 {
+            // Heights must not decrease either (duplicate scores can tie them).
+            self.heights[i + 1] = self.heights[i + 1].max(self.heights[i]);
+        }
+    }
+
+    fn update(&mut self, x: f64) {
+        if !self.initialized {
+            self.startup.push(x);
+            if self.startup.len() == 5 {
+                self.startup.sort_by(f64::total_cmp);
+                self.heights.copy_from_slice(&self.startup);
+                self.startup = Vec::new();
+                self.initialized = true;
+            }
+            return;
+        }
+        let h = &mut self.heights;
+        let k = if x < h[0] {
+            h[0] = x;
+            0
+        } else if x >= h[4] {
+            h[4] = x;
+            3
+        } else {
+            (0..4).find(|&i| x < h[i + 1]).unwrap_or(3)
+        };
+        for i in k + 1..5 {
+            self.positions[i] += 1.0;
+        }
+        for i in 0..5 {
+            self.desired[i] += self.increments[i];
+        }
+        for i in 1..4 {
+            let d = self.desired[i] - self.positions[i];
+            let (n, q) = (&mut self.positions, &mut self.heights);
+            if (d >= 1.0 && n[i + 1] - n[i] > 1.0) || (d <= -1.0 && n[i - 1] - n[i] < -1.0) {
+                let d = d.signum();
+                let parabolic = q[i]
+                    + d / (n[i + 1] - n[i - 1])
+                        * ((n[i] - n[i - 1] + d) * (q[i + 1] - q[i]) / (n[i + 1] - n[i])
+                            + (n[i + 1] - n[i] - d) * (q[i] - q[i - 1]) / (n[i] - n[i - 1]));
+                q[i] = if q[i - 1] < parabolic && parabolic < q[i + 1] {
+                    parabolic
+                } else {
+                    let j = if d > 0.0 { i + 1 } else { i - 1 };
+                    q[i] + d * (q[j] - q[i]) / (n[j] - n[i])
+                };
+                n[i] += d;
+            }
+        }
+        if self.positions[4] > 2.0 * self.memory {
+            for i in 0..5 {
+                self.positions[i] = (self.positions[i] / 2.0).round();
+                self.desired[i] /= 2.0;
+            }
+            self.fix_positions();
+        }
+    }
+}
+
+/// Linear interpolation in a sorted slice at fractional index `at`.
+fn interpolate(sorted: &[f64], at: f64) -> f64 {
+    let lo = at.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    let frac = at - lo as f64;
+    sorted[lo] + frac * (sorted[hi] - sorted[lo])
+}
+
+impl Threshold for P2Quantile {
+    fn judge(&mut self, score: f64) -> Verdict {
+        let threshold = self.threshold();
+        let verdict = Verdict::new(score, threshold);
+        self.update(if verdict.is_anomaly { threshold } else { score });
+        verdict
+    }
+    fn threshold(&self) -> f64 {
+        if self.initialized {
+            self.heights[2]
+        } else {
+            // Too few points to say anything: judge nothing anomalous yet.
+            f64::INFINITY
+        }
+    }
+    fn clone_box(&self) -> Box<dyn Threshold> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    fn exp_stream(seed: u64) -> impl Iterator<Item = f64> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        std::iter::repeat_with(move || -(1.0 - rng.random::<f64>()).ln())
+    }
+
+    fn calibration(sample: Vec<f64>) -> Calibration {
+        let mut sample = sample;
+        sample.sort_by(f64::total_cmp);
+        let (mean, std) = mean_std(&sample);
+        Calibration {
+            count: sample.len() as u64,
+            mean,
+            std,
+            sample,
+            ..Calibration::default()
+        }
+    }
+
+    #[test]
+    fn p2_tracks_a_high_quantile() {
+        let mut p2 = P2Quantile::new(0.99, 1_000_000);
+        for x in exp_stream(1).take(200_000) {
+            p2.update(x);
+        }
+        let truth = 100f64.ln();
+        let est = p2.threshold();
+        assert!((est - truth).abs() / truth < 0.05, "estimate {est} vs {truth}");
+    }
+
+    #[test]
+    fn p2_false_alarm_rate_stays_near_1_minus_q_despite_censoring() {
+        // Censoring anomalies must not make the threshold sink (which dropping them would).
+        let mut t = ThresholdConfig::Quantile { q: 0.99, memory: 10_000 }
+            .build(&calibration(exp_stream(2).take(2000).collect()));
+        let n = 200_000;
+        let flagged = exp_stream(3).take(n).filter(|&x| t.judge(x).is_anomaly).count();
+        let rate = flagged as f64 / n as f64;
+        assert!((0.005..0.02).contains(&rate), "false alarm rate {rate}");
+    }
+
+    #[test]
+    fn warm_start_judges_the_first_points_without_alarming() {
+        for cfg in [
+            ThresholdConfig::Quantile { q: 0.999, memory: 10_000 },
+            ThresholdConfig::Ewma { alpha: 0.01, k: 6.0 },
+        ] {
+            let template = cfg.build(&calibration(exp_stream(4).take(2000).collect()));
+            // Many fresh keys, each judging its first few normal points.
+            let mut alarms = 0;
+            let mut points = exp_stream(5);
+            for _ in 0..200 {
+                let mut t = template.clone();
+                alarms += (0..5).filter(|_| t.judge(points.next().unwrap()).is_anomaly).count();
+            }
+            assert!(alarms <= 5, "{cfg:?}: {alarms} alarms in 1000 normal first points");
+            assert!(template.threshold().is_finite());
+        }
+    }
+
+    #[test]
+    fn a_long_anomaly_does_not_raise_the_threshold() {
+        for cfg in [
+            ThresholdConfig::Quantile { q: 0.995, memory: 10_000 },
+            ThresholdConfig::Ewma { alpha: 0.01, k: 5.0 },
+        ] {
+            let mut t = cfg.build(&calibration(exp_stream(6).take(2000).collect()));
+            for x in exp_stream(7).take(1000) {
+                t.judge(x);
+            }
+            let before = t.threshold();
+            let flagged = (0..500).filter(|_| t.judge(50.0).is_anomaly).count();
+            assert_eq!(flagged, 500, "{cfg:?}: every point of the anomaly is flagged");
+            let after = t.threshold();
+            assert!(after <= before * 1.25, "{cfg:?}: threshold rose from {before} to {after}");
+        }
+    }
+
+    #[test]
+    fn cold_start_without_calibration_waits_for_five_points() {
+        let mut t = ThresholdConfig::default().build(&Calibration::default());
+        for x in [1.0, 2.0, 3.0, 4.0] {
+            assert!(!t.judge(x).is_anomaly);
+        }
+        t.judge(5.0);
+        assert!(t.threshold().is_finite());
+    }
+
+    #[test]
+    fn verdict_maps_the_threshold_to_one_half() {
+        let v = Verdict::new(2.0, 2.0);
+        assert_eq!((v.is_anomaly, v.anomaly_score), (false, 0.5));
+        assert!(Verdict::new(20.0, 2.0).anomaly_score > 0.9);
+        assert!(Verdict::new(0.2, 2.0).anomaly_score < 0.1);
+    }
+
+    #[test]
+    fn bad_parameters_are_reported() {
+        assert_eq!(ThresholdConfig::Ewma { alpha: 1.5, k: -1.0 }.problems().len(), 2);
+        assert_eq!(ThresholdConfig::Quantile { q: 1.0, memory: 10 }.problems().len(), 2);
+        assert!(ThresholdConfig::default().problems().is_empty());
+    }
+}
