@@ -96,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.2,
                    help="share held back for validation and calibration (default 0.2)")
     t.add_argument("--seed", type=int, default=0, help="random seed: same seed and data, same model (default 0)")
-    t.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: these small models train fastest on one, "
+                        "and results are bit-identical only for the same thread count)")
 
     a = f.add_argument_group("architecture")
     a.add_argument("--latent", type=int,

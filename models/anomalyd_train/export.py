@@ -64,7 +64,18 @@ def to_onnx(model: Exported, example: torch.Tensor) -> onnx.ModelProto:
             do_constant_folding=True,
             dynamo=False,
         )
-    return onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(buf.getvalue())
+    # The exporter leaves some fixed output dimensions symbolic; declare them (the checker's shape
+    # inference verifies them on save).
+    sample = list(example.shape[1:])
+    features = sample[0] if model.image else sample[-1]
+    for out in proto.graph.output:
+        tail = sample if out.name == RECONSTRUCTION else [features]
+        dims = out.type.tensor_type.shape.dim
+        for d, size in zip(list(dims)[1:], tail):
+            d.Clear()
+            d.dim_value = size
+    return proto
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, object]) -> None:

@@ -31,7 +31,7 @@ class FitOptions:
     lr: float = 1e-3
     val_fraction: float = 0.2
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     version: str = "1.0.0"
     name: str | None = None
     quiet: bool = False

@@ -130,12 +130,16 @@ class PCA(Flat):
 
 
 class Dense(Flat):
-    """Dense autoencoder: D -> hidden -> latent -> hidden -> D, tanh hidden layers."""
+    """Dense autoencoder: D -> hidden -> latent -> hidden -> D, tanh activations.
+
+    The code itself goes through tanh too: a bounded code keeps reconstructions within the range
+    the decoder saw in training, so a point far outside it (e.g. requests and network at 20% of
+    anything seen for that CPU level) is not explained away by extrapolating along a latent axis."""
 
     def __init__(self, spec: Spec):
         super().__init__(spec)
         d, h, k = spec.flat, spec.hidden, spec.code_size()
-        self.encoder = mlp([d, h, k])
+        self.encoder = mlp([d, h, k], last_activation=True)
         self.decoder = mlp([k, h, d])
 
     def encode(self, x):

@@ -174,3 +174,43 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     r[order] = ranks
     u = r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
+
+
+FLEET_FEATURES = ["cpu_pct", "requests_per_s", "latency_ms", "net_out_mbps"]
+FLEET_INCIDENTS = ("spike", "level_shift", "stuck_sensor", "broken_correlation")
+
+
+def fleet(hosts: int, ticks: int, seed: int, start: int = 0) -> np.ndarray:
+    """[hosts, ticks, 4]: the same model of a fleet as `anomalyd demo` (src/demo/stream.rs),
+    normal data only: load l = 0.55 + 0.35 sin(2 pi t / 288 + phase) + 0.03 N, cpu = 8 + 75 l,
+    requests = s (50 + 450 l), latency = 25 + 40 l^2, net = 0.1 requests (plus noise)."""
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 0.6, hosts)[:, None]
+    scale = rng.uniform(0.7, 1.3, hosts)[:, None]
+    noise = np.random.default_rng(seed + 1000 + start)
+    n = lambda: noise.standard_normal((hosts, ticks))  # noqa: E731
+    t = np.arange(start, start + ticks)[None, :]
+    load = 0.55 + 0.35 * np.sin(2 * np.pi * t / 288 + phase) + 0.03 * n()
+    requests = scale * (50 + 450 * load)
+    return np.stack(
+        [8 + 75 * load + 1.5 * n(), requests + 8 * n(), 25 + 40 * load**2 + 1.5 * n(), 0.1 * requests + 2 * n()],
+        axis=-1,
+    )
+
+
+def fleet_incident(rows: np.ndarray, kind: str) -> np.ndarray:
+    """Applies one of the demo's incidents to consecutive rows [n, 4] of one host (as the demo
+    does: latency x4, cpu +25, requests stuck at the first row's value, requests and net x0.2)."""
+    rows = rows.copy()
+    if kind == "spike":
+        rows[:, 2] *= 4.0
+    elif kind == "level_shift":
+        rows[:, 0] += 25.0
+    elif kind == "stuck_sensor":
+        rows[:, 1] = rows[0, 1]
+    elif kind == "broken_correlation":
+        rows[:, 1] *= 0.2
+        rows[:, 3] *= 0.2
+    else:
+        raise ValueError(f"unknown incident {kind!r}")
+    return rows

@@ -30,7 +30,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     pretrain_epochs: int | None = None  # stacked: per level; default max(1, epochs // 3)
-    threads: int = 2
+    threads: int = 1
     quiet: bool = False
 
 
