@@ -19,7 +19,7 @@ pub struct AlertState {
 }
 
 /// One firing-to-resolved stretch of one key.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Episode {
     /// The timestamp of the first anomalous point of the episode.
     pub started_at: Option<String>,
@@ -123,8 +123,8 @@ pub struct FeatureError {
     pub name: String,
     /// Squared reconstruction error of the feature, in normalised units.
     pub error: f64,
-    /// The feature's raw value.
-    pub value: f64,
+    /// The feature's raw value (`None` for image models).
+    pub value: Option<f64>,
     /// The model's reconstruction of it (what normal would have looked like).
     pub expected: Option<f64>,
 }
@@ -182,7 +182,14 @@ mod tests {
             .enumerate()
             .filter_map(|(i, ch)| {
                 let t = s.observe(c, ch == 'A', 1.0, 0.9, Some(&i.to_string()))?;
-                Some((i, if matches!(t, Transition::Fired(_)) { "fired" } else { "resolved" }))
+                Some((
+                    i,
+                    if matches!(t, Transition::Fired(_)) {
+                        "fired"
+                    } else {
+                        "resolved"
+                    },
+                ))
             })
             .collect()
     }
@@ -195,14 +202,27 @@ mod tests {
         assert_eq!(run(&c, "AAA.A.A..A"), vec![(2, "fired"), (8, "resolved")]);
         assert_eq!(
             run(&c, "AAA..AAAA.."),
-            vec![(2, "fired"), (4, "resolved"), (7, "fired"), (10, "resolved")]
+            vec![
+                (2, "fired"),
+                (4, "resolved"),
+                (7, "fired"),
+                (10, "resolved")
+            ]
         );
     }
 
     #[test]
     fn one_event_each_way_per_episode() {
         let c = cfg(1, 1);
-        assert_eq!(run(&c, "AAAAA.AAAA."), vec![(0, "fired"), (5, "resolved"), (6, "fired"), (10, "resolved")]);
+        assert_eq!(
+            run(&c, "AAAAA.AAAA."),
+            vec![
+                (0, "fired"),
+                (5, "resolved"),
+                (6, "fired"),
+                (10, "resolved")
+            ]
+        );
     }
 
     #[test]

@@ -232,7 +232,10 @@ fn run(path: &Path) -> ExitCode {
 /// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("Cannot install signal handlers; stop the daemon with SIGKILL.");
         return;
     };
@@ -247,7 +250,9 @@ async fn signals(shutdown: CancellationToken) {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::warn!("Second signal: exiting without draining; uncommitted records will be processed again.");
+    tracing::warn!(
+        "Second signal: exiting without draining; uncommitted records will be processed again."
+    );
     std::process::exit(130);
 }
 
@@ -338,7 +343,15 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         Some(path) if path != "-" => {
             let file = std::fs::File::create(path)
                 .with_context(|| format!("cannot create the output {path}"))?;
-            replay::replay(&args.pipeline, pipeline, model, reader, input_format, file, output_format)
+            replay::replay(
+                &args.pipeline,
+                pipeline,
+                model,
+                reader,
+                input_format,
+                file,
+                output_format,
+            )
         }
         _ => replay::replay(
             &args.pipeline,
@@ -395,7 +408,10 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         println!("model        {} ({})", c.name, model.path.display());
         println!("kind         {}", format!("{:?}", c.kind).to_lowercase());
         println!("version      {}", c.version);
-        println!("trained at   {}", c.trained_at.as_deref().unwrap_or("unknown"));
+        println!(
+            "trained at   {}",
+            c.trained_at.as_deref().unwrap_or("unknown")
+        );
         println!("features     {}", c.features.join(", "));
         println!("window       {}", c.window);
         println!("input        input {} float32", shape(&c.sample_shape));
@@ -463,8 +479,8 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
             other => bail!("expected numbers, found {other}"),
         }
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let samples: Samples = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a samples file", path.display()))?;
     let (mut input, mut error, mut recon) = (Vec::new(), Vec::new(), Vec::new());
@@ -496,12 +512,19 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
             .fold(0.0, f64::max))
     };
     let error = max_diff(&out.errors, &error, "error")?;
-    let reconstruction = max_diff(out.reconstructions.as_deref().unwrap_or_default(), &recon, "reconstruction")?;
+    let reconstruction = max_diff(
+        out.reconstructions.as_deref().unwrap_or_default(),
+        &recon,
+        "reconstruction",
+    )?;
     Ok(Verification {
         samples: n,
         error,
         reconstruction,
         tolerance,
-        ok: error <= tolerance && reconstruction <= tolerance && error.is_finite() && reconstruction.is_finite(),
+        ok: error <= tolerance
+            && reconstruction <= tolerance
+            && error.is_finite()
+            && reconstruction.is_finite(),
     })
 }

@@ -387,10 +387,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             problems.push("kafka.brokers: must name at least one broker".into());
         }
-        if !matches!(
-            self.kafka.auto_offset_reset.as_str(),
-            "earliest" | "latest"
-        ) {
+        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
             problems.push(format!(
                 "kafka.auto_offset_reset: {:?} is neither `earliest` nor `latest`",
                 self.kafka.auto_offset_reset
@@ -403,7 +400,8 @@ impl Config {
                 ));
             }
         }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
             problems.push(format!(
                 "http.listen: {:?} is not an address like 0.0.0.0:9898",
                 self.http.listen
@@ -425,7 +423,12 @@ impl Config {
             if p.topics.is_empty() {
                 problems.push(format!("{}: lists no topic", at("topics")));
             }
-            for out in [&p.alerts_topic, &p.scores_topic, &p.denoised_topic, &p.dead_letter_topic] {
+            for out in [
+                &p.alerts_topic,
+                &p.scores_topic,
+                &p.denoised_topic,
+                &p.dead_letter_topic,
+            ] {
                 if p.topics.contains(out) {
                     problems.push(format!(
                         "{}: topic {out:?} is both an input and an output of the pipeline",

@@ -35,9 +35,11 @@ pub fn load_models(config: &Config) -> Result<BTreeMap<String, Arc<Model>>, Vec<
     let mut models = BTreeMap::new();
     let mut problems = Vec::new();
     for (name, p) in &config.pipelines {
-        let loaded = by_path
-            .entry(p.model.clone())
-            .or_insert_with(|| Model::load(&p.model).map(Arc::new).map_err(|e| e.to_string()));
+        let loaded = by_path.entry(p.model.clone()).or_insert_with(|| {
+            Model::load(&p.model)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
         match loaded {
             Ok(model) => {
                 let unknown: Vec<&String> = p

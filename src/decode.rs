@@ -116,12 +116,17 @@ impl Decoder {
             Ok(f) => f,
             Err(e) => return Err(classify(e)),
         };
-        de.end().map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+        de.end()
+            .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
         fields.finish(self)
     }
 
     /// Decodes one CSV row, given the header's column index of each field.
-    pub fn decode_csv(&self, row: &csv::StringRecord, columns: &CsvColumns) -> Result<Record, DecodeError> {
+    pub fn decode_csv(
+        &self,
+        row: &csv::StringRecord,
+        columns: &CsvColumns,
+    ) -> Result<Record, DecodeError> {
         let key = row
             .get(columns.key)
             .filter(|k| !k.is_empty())
@@ -165,7 +170,9 @@ impl Decoder {
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            return Err(format!("the header has no column for feature(s) {missing:?}"));
+            return Err(format!(
+                "the header has no column for feature(s) {missing:?}"
+            ));
         }
         Ok(CsvColumns {
             key,
@@ -396,7 +403,8 @@ impl<'de> Visitor<'de> for Numbers<'_> {
                 return Err(tagged("not_a_number", self.field));
             };
             if n < expected {
-                self.out[n] = finite(v, self.field).map_err(|_| tagged("non_finite", self.field))?;
+                self.out[n] =
+                    finite(v, self.field).map_err(|_| tagged("non_finite", self.field))?;
             }
             n += 1;
         }
@@ -511,7 +519,12 @@ mod tests {
         ];
         for (input, reason) in cases {
             let e = d.decode_json(input).unwrap_err();
-            assert_eq!(e.reason(), *reason, "{} -> {e}", String::from_utf8_lossy(input));
+            assert_eq!(
+                e.reason(),
+                *reason,
+                "{} -> {e}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -519,10 +532,27 @@ mod tests {
     fn oversized_and_deeply_nested_records_are_refused() {
         let d = row_decoder();
         let big = format!(r#"{{"host":"h","a":1,"b":2,"pad":"{}"}}"#, "x".repeat(2000));
-        assert_eq!(d.decode_json(big.as_bytes()).unwrap_err().reason(), "too_large");
+        assert_eq!(
+            d.decode_json(big.as_bytes()).unwrap_err().reason(),
+            "too_large"
+        );
+        // Nesting is skipped without recursion, so no depth can exhaust the stack.
         let deep = Decoder::new("host", "ts", vec!["a".into()], 1, 1 << 20);
-        let nested = format!(r#"{{"host":"h","a":1,"n":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
-        assert_eq!(deep.decode_json(nested.as_bytes()).unwrap_err().reason(), "invalid_json");
+        let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
+        let ignored = format!(r#"{{"host":"h","a":1,"n":{open}{close}}}"#);
+        assert_eq!(deep.decode_json(ignored.as_bytes()).unwrap().values, [1.0]);
+        let in_feature = format!(r#"{{"host":"h","a":{open}1{close}}}"#);
+        assert_eq!(
+            deep.decode_json(in_feature.as_bytes())
+                .unwrap_err()
+                .reason(),
+            "not_a_number"
+        );
+        let unclosed = format!(r#"{{"host":"h","a":1,"n":{open}"#);
+        assert_eq!(
+            deep.decode_json(unclosed.as_bytes()).unwrap_err().reason(),
+            "invalid_json"
+        );
     }
 
     #[test]
@@ -540,7 +570,9 @@ mod tests {
             }
         );
         assert_eq!(
-            d.decode_json(br#"{"k":"img","c0":[1,2,"x",4]}"#).unwrap_err().reason(),
+            d.decode_json(br#"{"k":"img","c0":[1,2,"x",4]}"#)
+                .unwrap_err()
+                .reason(),
             "not_a_number"
         );
     }

@@ -81,7 +81,10 @@ impl Batch {
 #[derive(Debug)]
 pub enum Outcome {
     /// Its key's window is not full yet, so it was not scored.
-    Warming { origin: Origin, key: String },
+    Warming {
+        origin: Origin,
+        key: String,
+    },
     Scored(Box<Scored>),
 }
 
@@ -218,7 +221,9 @@ impl Detector {
 
     /// Step 3: scores, judges and alerts, in record order.
     pub fn judge(&mut self, batch: Batch, inference: &Inference) -> Vec<Outcome> {
-        let c = &self.model.contract;
+        let model = self.model.clone();
+        let c = &model.contract;
+        let alert_cfg = self.alert;
         let f = c.features.len();
         let per_sample = c.sample_len();
         let row_len = per_sample / c.window.max(1);
@@ -252,7 +257,7 @@ impl Detector {
             let state = self.state(&entry.record.key, &entry.origin);
             let verdict = state.threshold.judge(score);
             let transition = state.alert.observe(
-                &self.alert,
+                &alert_cfg,
                 verdict.is_anomaly,
                 score,
                 verdict.anomaly_score,
@@ -271,7 +276,7 @@ impl Detector {
                     score,
                     threshold: verdict.threshold,
                     anomaly_score: verdict.anomaly_score,
-                    severity: if episode.max_anomaly_score >= self.alert.critical_above {
+                    severity: if episode.max_anomaly_score >= alert_cfg.critical_above {
                         "critical"
                     } else {
                         "warning"
@@ -321,7 +326,10 @@ impl Detector {
 
     /// Number of keys currently firing.
     pub fn firing(&self) -> usize {
-        self.keys.iter().filter(|(_, s)| s.alert.is_firing()).count()
+        self.keys
+            .iter()
+            .filter(|(_, s)| s.alert.is_firing())
+            .count()
     }
 }
 
@@ -342,7 +350,7 @@ fn top_features(
             name: names[i].clone(),
             error: errors[i] as f64,
             // Images have no single value per channel to show.
-            value: if image { f64::NAN } else { values[i] as f64 },
+            value: (!image).then(|| values[i] as f64),
             expected: if image {
                 None
             } else {

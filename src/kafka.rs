@@ -75,14 +75,21 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
 /// Maps librdkafka's log lines onto tracing.
 pub fn log_kafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
-        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
             tracing::error!(target: "librdkafka", facility = fac, "{message}")
         }
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{message}"),
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+        }
         RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
             tracing::info!(target: "librdkafka", facility = fac, "{message}")
         }
-        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+        }
     }
 }
 
@@ -195,7 +202,9 @@ impl ConsumerContext for PipelineContext {
                         .offsets_committed
                         .with_label_values(&[&self.pipeline])
                         .inc_by(tpl.count() as u64),
-                    Err(e) => tracing::warn!(pipeline = %self.pipeline, "Committing offsets of revoked partitions failed: {e}; their records since the last commit will be processed again."),
+                    Err(e) => {
+                        tracing::warn!(pipeline = %self.pipeline, "Committing offsets of revoked partitions failed: {e}; their records since the last commit will be processed again.")
+                    }
                 }
             }
         }

@@ -52,8 +52,11 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["pipeline"])
-        .expect("valid metric");
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["pipeline"],
+    )
+    .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
@@ -163,7 +166,12 @@ impl Health {
     }
 
     pub fn set_assigned(&self, pipeline: &str, assigned: bool) {
-        if let Some(a) = self.pipelines.lock().expect("health lock").get_mut(pipeline) {
+        if let Some(a) = self
+            .pipelines
+            .lock()
+            .expect("health lock")
+            .get_mut(pipeline)
+        {
             *a = assigned;
         }
         self.refresh();
@@ -218,12 +226,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move {
-                    (
-                        [("content-type", "text/plain; version=0.0.4")],
-                        m.render(),
-                    )
-                }
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
@@ -234,7 +237,10 @@ pub async fn serve(
                 async move {
                     match h.readiness() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
                     }
                 }
             }),

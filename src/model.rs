@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike;
 
 /// What went wrong loading or running a model. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +215,9 @@ impl Model {
                 join(&expected)
             )));
         }
-        if !contract.calibration.feature_mean.is_empty() && contract.calibration.feature_mean.len() != f {
+        if !contract.calibration.feature_mean.is_empty()
+            && contract.calibration.feature_mean.len() != f
+        {
             return Err(ModelError::Metadata {
                 path: path.to_path_buf(),
                 key: "calibration",
@@ -322,8 +325,7 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
     let kind: Kind = required("kind")?
         .parse()
         .map_err(|e: String| bad("kind", e))?;
-    let features: Vec<String> =
-        json(required("features")?).map_err(|e| bad("features", e))?;
+    let features: Vec<String> = json(required("features")?).map_err(|e| bad("features", e))?;
     if features.is_empty() {
         return Err(bad("features", "lists no feature".into()));
     }
@@ -342,7 +344,10 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
         if s.len() != 3 || s[0] != features.len() {
             return Err(bad(
                 "shape",
-                format!("must be [C, H, W] with C = {} features, found {s:?}", features.len()),
+                format!(
+                    "must be [C, H, W] with C = {} features, found {s:?}",
+                    features.len()
+                ),
             ));
         }
     }
@@ -352,7 +357,10 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
         .transpose()?
         .unwrap_or_default();
     if calibration.sample.iter().any(|v| !v.is_finite()) {
-        return Err(bad("calibration", "has a non-finite score in `sample`".into()));
+        return Err(bad(
+            "calibration",
+            "has a non-finite score in `sample`".into(),
+        ));
     }
     let name = meta
         .get("name")

@@ -92,7 +92,9 @@ pub async fn run(
         .subscribe(&topics)
         .map_err(|e| client_err("consumer", e))?;
     let producer = producer_config(&shared.kafka)
-        .create_with_context::<_, rdkafka::producer::FutureProducer<ProducerContext>>(ProducerContext)
+        .create_with_context::<_, rdkafka::producer::FutureProducer<ProducerContext>>(
+            ProducerContext,
+        )
         .map_err(|e| client_err("producer", e))?;
     let give_up = CancellationToken::new();
     let outputs = Arc::new(Outputs::new(
@@ -104,7 +106,8 @@ pub async fn run(
         tracker.clone(),
         give_up.clone(),
     ));
-    shared.metrics
+    shared
+        .metrics
         .model_info
         .with_label_values(&[
             name.as_str(),
@@ -283,7 +286,15 @@ async fn batch_loop(
         };
         if flush {
             deadline = None;
-            dispatch(&mut pending, &judge, &detector, &shared, want_reconstructions, &name).await;
+            dispatch(
+                &mut pending,
+                &judge,
+                &detector,
+                &shared,
+                want_reconstructions,
+                &name,
+            )
+            .await;
         }
     }
 }
@@ -353,8 +364,14 @@ async fn judge_loop(
                     let o = d.judge(batch, &inference);
                     (o, d.keys(), d.evictions(), d.firing())
                 };
-                metrics.keys_tracked.with_label_values(&[&name]).set(keys as i64);
-                metrics.keys_firing.with_label_values(&[&name]).set(firing as i64);
+                metrics
+                    .keys_tracked
+                    .with_label_values(&[&name])
+                    .set(keys as i64);
+                metrics
+                    .keys_firing
+                    .with_label_values(&[&name])
+                    .set(firing as i64);
                 metrics
                     .key_evictions
                     .with_label_values(&[&name])

@@ -39,7 +39,10 @@ impl Format {
         let lower = path.to_ascii_lowercase();
         if lower.ends_with(".csv") {
             Some(Format::Csv)
-        } else if [".ndjson", ".jsonl", ".json"].iter().any(|e| lower.ends_with(e)) {
+        } else if [".ndjson", ".jsonl", ".json"]
+            .iter()
+            .any(|e| lower.ends_with(e))
+        {
             Some(Format::Ndjson)
         } else {
             None

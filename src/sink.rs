@@ -31,7 +31,7 @@ pub struct OutMessage {
     pub headers: Vec<(&'static str, String)>,
 }
 
-/// A score row: the record's score, threshold and verdict (also the row `anomalyd score` writes).
+/// A record of the scores topic: the record's score, threshold and verdict, and where it came from.
 #[derive(Debug, Serialize)]
 pub struct ScoreRow<'a> {
     pub key: &'a str,
@@ -41,6 +41,8 @@ pub struct ScoreRow<'a> {
     pub anomaly_score: f64,
     pub is_anomaly: bool,
     pub top_features: Vec<&'a str>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 impl<'a> ScoreRow<'a> {
@@ -52,7 +54,13 @@ impl<'a> ScoreRow<'a> {
             threshold: s.verdict.threshold,
             anomaly_score: s.verdict.anomaly_score,
             is_anomaly: s.verdict.is_anomaly,
-            top_features: s.top_features.iter().map(|f: &FeatureError| f.name.as_str()).collect(),
+            top_features: s
+                .top_features
+                .iter()
+                .map(|f: &FeatureError| f.name.as_str())
+                .collect(),
+            partition: s.origin.partition,
+            offset: s.origin.offset,
         }
     }
 }
@@ -108,7 +116,10 @@ impl Outputs {
         let p = self.pipeline.as_str();
         match outcome {
             Outcome::Warming { origin, .. } => {
-                self.metrics.records.with_label_values(&[p, "warming"]).inc();
+                self.metrics
+                    .records
+                    .with_label_values(&[p, "warming"])
+                    .inc();
                 self.finish(&origin);
             }
             Outcome::Scored(s) => {
@@ -295,7 +306,12 @@ impl Outputs {
 }
 
 /// The denoised record: the model's reconstruction of the record's values, by feature name.
-pub fn denoised_json(key: &str, timestamp: Option<&str>, features: &[String], values: &[f32]) -> Vec<u8> {
+pub fn denoised_json(
+    key: &str,
+    timestamp: Option<&str>,
+    features: &[String],
+    values: &[f32],
+) -> Vec<u8> {
     let mut obj = serde_json::Map::new();
     obj.insert("key".into(), key.into());
     obj.insert("timestamp".into(), timestamp.into());

@@ -59,28 +59,40 @@ impl Clone for Box<dyn Threshold> {
 #[serde(tag = "method", rename_all = "lowercase")]
 pub enum ThresholdConfig {
     /// Exponentially weighted mean + k standard deviations of the key's normal scores.
-    #[serde(deny_unknown_fields)]
-    Ewma {
-        /// Weight of each new score (1/alpha ≈ the memory, in points).
-        #[serde(default = "default_alpha")]
-        alpha: f64,
-        /// Standard deviations above the mean.
-        #[serde(default = "default_k")]
-        k: f64,
-    },
+    Ewma(EwmaConfig),
     /// A streaming estimate (P²) of the q-quantile of the key's scores.
-    #[serde(deny_unknown_fields)]
-    Quantile {
-        /// The quantile level, e.g. 0.999: about 1 normal point in 1000 is over the threshold.
-        #[serde(default = "default_q")]
-        q: f64,
-        /// Roughly how many recent points the estimate reflects; older ones fade out.
-        #[serde(default = "default_memory")]
-        memory: u64,
-    },
+    Quantile(QuantileConfig),
     /// A fixed threshold on the score.
-    #[serde(deny_unknown_fields)]
-    Static { value: f64 },
+    Static(StaticConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EwmaConfig {
+    /// Weight of each new score (1/alpha ≈ the memory, in points).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Standard deviations above the mean.
+    #[serde(default = "default_k")]
+    pub k: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantileConfig {
+    /// The quantile level, e.g. 0.999: about 1 normal point in 1000 is over the threshold.
+    #[serde(default = "default_q")]
+    pub q: f64,
+    /// Roughly how many recent points the estimate reflects; older ones fade out.
+    #[serde(default = "default_memory")]
+    pub memory: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    /// The threshold on the score.
+    pub value: f64,
 }
 
 fn default_alpha() -> f64 {
@@ -98,10 +110,10 @@ fn default_memory() -> u64 {
 
 impl Default for ThresholdConfig {
     fn default() -> Self {
-        ThresholdConfig::Quantile {
+        ThresholdConfig::Quantile(QuantileConfig {
             q: default_q(),
             memory: default_memory(),
-        }
+        })
     }
 }
 
@@ -110,7 +122,7 @@ impl ThresholdConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         match *self {
-            ThresholdConfig::Ewma { alpha, k } => {
+            ThresholdConfig::Ewma(EwmaConfig { alpha, k }) => {
                 if !(alpha > 0.0 && alpha < 1.0) {
                     out.push(format!("alpha must be in (0, 1), found {alpha}"));
                 }
@@ -118,15 +130,17 @@ impl ThresholdConfig {
                     out.push(format!("k must be positive, found {k}"));
                 }
             }
-            ThresholdConfig::Quantile { q, memory } => {
+            ThresholdConfig::Quantile(QuantileConfig { q, memory }) => {
                 if !(q > 0.5 && q < 1.0) {
                     out.push(format!("q must be in (0.5, 1), found {q}"));
                 }
                 if memory < 100 {
-                    out.push(format!("memory must be at least 100 points, found {memory}"));
+                    out.push(format!(
+                        "memory must be at least 100 points, found {memory}"
+                    ));
                 }
             }
-            ThresholdConfig::Static { value } => {
+            ThresholdConfig::Static(StaticConfig { value }) => {
                 if !value.is_finite() {
                     out.push(format!("value must be a finite number, found {value}"));
                 }
@@ -138,11 +152,13 @@ impl ThresholdConfig {
     /// The warm-started threshold every new key starts from.
     pub fn build(&self, calibration: &Calibration) -> Box<dyn Threshold> {
         match *self {
-            ThresholdConfig::Ewma { alpha, k } => Box::new(Ewma::warm(alpha, k, calibration)),
-            ThresholdConfig::Quantile { q, memory } => {
+            ThresholdConfig::Ewma(EwmaConfig { alpha, k }) => {
+                Box::new(Ewma::warm(alpha, k, calibration))
+            }
+            ThresholdConfig::Quantile(QuantileConfig { q, memory }) => {
                 Box::new(P2Quantile::warm(q, memory, calibration))
             }
-            ThresholdConfig::Static { value } => Box::new(Static(value)),
+            ThresholdConfig::Static(StaticConfig { value }) => Box::new(Static(value)),
         }
     }
 }
@@ -404,16 +420,25 @@ mod tests {
         }
         let truth = 100f64.ln();
         let est = p2.threshold();
-        assert!((est - truth).abs() / truth < 0.05, "estimate {est} vs {truth}");
+        assert!(
+            (est - truth).abs() / truth < 0.05,
+            "estimate {est} vs {truth}"
+        );
     }
 
     #[test]
     fn p2_false_alarm_rate_stays_near_1_minus_q_despite_censoring() {
         // Censoring anomalies must not make the threshold sink (which dropping them would).
-        let mut t = ThresholdConfig::Quantile { q: 0.99, memory: 10_000 }
-            .build(&calibration(exp_stream(2).take(2000).collect()));
+        let mut t = ThresholdConfig::Quantile(QuantileConfig {
+            q: 0.99,
+            memory: 10_000,
+        })
+        .build(&calibration(exp_stream(2).take(2000).collect()));
         let n = 200_000;
-        let flagged = exp_stream(3).take(n).filter(|&x| t.judge(x).is_anomaly).count();
+        let flagged = exp_stream(3)
+            .take(n)
+            .filter(|&x| t.judge(x).is_anomaly)
+            .count();
         let rate = flagged as f64 / n as f64;
         assert!((0.005..0.02).contains(&rate), "false alarm rate {rate}");
     }
@@ -421,8 +446,14 @@ mod tests {
     #[test]
     fn warm_start_judges_the_first_points_without_alarming() {
         for cfg in [
-            ThresholdConfig::Quantile { q: 0.999, memory: 10_000 },
-            ThresholdConfig::Ewma { alpha: 0.01, k: 6.0 },
+            ThresholdConfig::Quantile(QuantileConfig {
+                q: 0.999,
+                memory: 10_000,
+            }),
+            ThresholdConfig::Ewma(EwmaConfig {
+                alpha: 0.01,
+                k: 6.0,
+            }),
         ] {
             let template = cfg.build(&calibration(exp_stream(4).take(2000).collect()));
             // Many fresh keys, each judging its first few normal points.
@@ -430,9 +461,14 @@ mod tests {
             let mut points = exp_stream(5);
             for _ in 0..200 {
                 let mut t = template.clone();
-                alarms += (0..5).filter(|_| t.judge(points.next().unwrap()).is_anomaly).count();
+                alarms += (0..5)
+                    .filter(|_| t.judge(points.next().unwrap()).is_anomaly)
+                    .count();
             }
-            assert!(alarms <= 5, "{cfg:?}: {alarms} alarms in 1000 normal first points");
+            assert!(
+                alarms <= 5,
+                "{cfg:?}: {alarms} alarms in 1000 normal first points"
+            );
             assert!(template.threshold().is_finite());
         }
     }
@@ -440,8 +476,14 @@ mod tests {
     #[test]
     fn a_long_anomaly_does_not_raise_the_threshold() {
         for cfg in [
-            ThresholdConfig::Quantile { q: 0.995, memory: 10_000 },
-            ThresholdConfig::Ewma { alpha: 0.01, k: 5.0 },
+            ThresholdConfig::Quantile(QuantileConfig {
+                q: 0.995,
+                memory: 10_000,
+            }),
+            ThresholdConfig::Ewma(EwmaConfig {
+                alpha: 0.01,
+                k: 5.0,
+            }),
         ] {
             let mut t = cfg.build(&calibration(exp_stream(6).take(2000).collect()));
             for x in exp_stream(7).take(1000) {
@@ -449,9 +491,15 @@ mod tests {
             }
             let before = t.threshold();
             let flagged = (0..500).filter(|_| t.judge(50.0).is_anomaly).count();
-            assert_eq!(flagged, 500, "{cfg:?}: every point of the anomaly is flagged");
+            assert_eq!(
+                flagged, 500,
+                "{cfg:?}: every point of the anomaly is flagged"
+            );
             let after = t.threshold();
-            assert!(after <= before * 1.25, "{cfg:?}: threshold rose from {before} to {after}");
+            assert!(
+                after <= before * 1.25,
+                "{cfg:?}: threshold rose from {before} to {after}"
+            );
         }
     }
 
@@ -475,8 +523,21 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_reported() {
-        assert_eq!(ThresholdConfig::Ewma { alpha: 1.5, k: -1.0 }.problems().len(), 2);
-        assert_eq!(ThresholdConfig::Quantile { q: 1.0, memory: 10 }.problems().len(), 2);
+        assert_eq!(
+            ThresholdConfig::Ewma(EwmaConfig {
+                alpha: 1.5,
+                k: -1.0
+            })
+            .problems()
+            .len(),
+            2
+        );
+        assert_eq!(
+            ThresholdConfig::Quantile(QuantileConfig { q: 1.0, memory: 10 })
+                .problems()
+                .len(),
+            2
+        );
         assert!(ThresholdConfig::default().problems().is_empty());
     }
 }

@@ -118,15 +118,18 @@ pub fn write_training_data(
     Ok(())
 }
 
-/// The in-process Kafka cluster, on its own thread (the mock cluster is not `Send`).
-struct Cluster {
-    bootstrap: String,
+/// An in-process Kafka cluster (librdkafka's mock broker: the real wire protocol on a loopback
+/// port), on its own thread because the mock cluster is not `Send`. Used by the demo and the
+/// tests.
+pub struct MockKafka {
+    pub bootstrap: String,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Cluster {
-    fn start(topics: &[(&str, i32)]) -> anyhow::Result<Cluster> {
+impl MockKafka {
+    /// Starts a one-broker cluster with the given topics and partition counts.
+    pub fn start(topics: &[(&str, i32)]) -> anyhow::Result<MockKafka> {
         let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -154,7 +157,7 @@ impl Cluster {
             .recv()
             .map_err(|_| anyhow!("the mock Kafka cluster thread died"))?
             .map_err(|e| anyhow!("cannot start the in-process Kafka cluster: {e}"))?;
-        Ok(Cluster {
+        Ok(MockKafka {
             bootstrap,
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -162,7 +165,7 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl Drop for MockKafka {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {
@@ -210,7 +213,7 @@ resolve_after = 6
 /// Runs the demo and prints its live alerts and summary.
 pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let cluster = Cluster::start(&[(INPUT_TOPIC, 4), (ALERTS_TOPIC, 1), (DEAD_LETTER_TOPIC, 1)])?;
+    let cluster = MockKafka::start(&[(INPUT_TOPIC, 4), (ALERTS_TOPIC, 1), (DEAD_LETTER_TOPIC, 1)])?;
     let scratch = tempfile_dir()?;
     let model_path = match &args.model {
         Some(p) => p.clone(),
@@ -266,9 +269,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
         for row in rows {
             let key = row.key();
             let payload = row.to_json();
-            deliveries.push(producer.send_result(
-                FutureRecord::to(INPUT_TOPIC).key(&key).payload(&payload),
-            ).map_err(|(e, _)| anyhow!("producing to the demo topic: {e}"))?);
+            deliveries.push(
+                producer
+                    .send_result(FutureRecord::to(INPUT_TOPIC).key(&key).payload(&payload))
+                    .map_err(|(e, _)| anyhow!("producing to the demo topic: {e}"))?,
+            );
             produced += 1;
         }
         // A few records that cannot be scored, to show the dead-letter topic at work.
@@ -381,7 +386,10 @@ struct Seen {
 fn describe(e: &serde_json::Value) -> String {
     let s = |k: &str| e[k].as_str().unwrap_or("?").to_string();
     let f = |k: &str| e[k].as_f64().unwrap_or(f64::NAN);
-    let when = s("timestamp").replace('T', " ").trim_end_matches('Z').to_string();
+    let when = s("timestamp")
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string();
     let top: Vec<String> = e["top_features"]
         .as_array()
         .map(|a| {

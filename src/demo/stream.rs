@@ -220,7 +220,10 @@ mod tests {
         let mut fleet = Fleet::new(4, 1000, 4, 1);
         let incidents = fleet.incidents().to_vec();
         assert_eq!(incidents.len(), 4);
-        let spike = incidents.iter().find(|i| i.kind == IncidentKind::Spike).unwrap();
+        let spike = incidents
+            .iter()
+            .find(|i| i.kind == IncidentKind::Spike)
+            .unwrap();
         let mut during = None;
         for _ in 0..=spike.start {
             during = Some(fleet.next_tick());

@@ -1,0 +1,253 @@
+//! The `anomalyd` binary end to end: help, check, inspect, score and the demo.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn anomalyd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        .args(args)
+        .output()
+        .expect("run anomalyd")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_every_command_and_each_explains_itself() {
+    let (out, _) = text(&anomalyd(&["--help"]));
+    for cmd in ["run", "demo", "score", "check", "inspect"] {
+        assert!(
+            out.contains(&format!("  {cmd} ")),
+            "--help lacks {cmd}:\n{out}"
+        );
+        let o = anomalyd(&[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd} --help failed");
+        assert!(text(&o).0.len() > 300, "{cmd} --help says too little");
+    }
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let o = anomalyd(&[
+        "check",
+        "-c",
+        repo()
+            .join("deploy/anomalyd.example.toml")
+            .to_str()
+            .unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("pipeline fleet"), "{out}");
+}
+
+#[test]
+fn check_reports_every_problem_at_once_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[kafka]
+brokerz = "typo"
+[pipelines.good]
+topics = ["a"]
+model = "{model}"
+key_field = "host"
+[pipelines.good.field_map]
+no_such_feature = "x"
+[pipelines.broken]
+topics = ["b"]
+model = "missing.onnx"
+[pipelines.broken.threshold]
+method = "quantile"
+q = 2.0
+"#,
+            model = demo_model().display()
+        ),
+    )
+    .unwrap();
+    let o = anomalyd(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    let (_, err) = text(&o);
+    assert!(err.contains("kafka.brokerz: unknown key"), "{err}");
+
+    // Without the typo, the semantic problems are all listed together.
+    let fixed = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("brokerz", "brokers");
+    std::fs::write(&path, fixed).unwrap();
+    let o = anomalyd(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("pipelines.broken.model: no model file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pipelines.broken.threshold: q must be"),
+        "{err}"
+    );
+
+    // A bad model is named by its file, and a field map naming no feature by its field.
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"not a model").unwrap();
+    let text2 = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("missing.onnx", garbage.to_str().unwrap())
+        .replace("q = 2.0", "q = 0.99");
+    std::fs::write(&path, text2).unwrap();
+    let o = anomalyd(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    let (_, err) = text(&o);
+    assert!(
+        err.contains(&format!("model {}", garbage.display())),
+        "{err}"
+    );
+    assert!(err.contains("pipelines.good.field_map"), "{err}");
+}
+
+#[test]
+fn inspect_prints_the_shipped_models_contract() {
+    let o = anomalyd(&["inspect", demo_model().to_str().unwrap(), "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "dense");
+    assert_eq!(v["window"], 1);
+    assert_eq!(
+        v["features"],
+        serde_json::json!(["cpu_pct", "requests_per_s", "latency_ms", "net_out_mbps"])
+    );
+    assert!(v["calibration"]["sample"].as_array().unwrap().len() >= 100);
+    let human = text(&anomalyd(&["inspect", demo_model().to_str().unwrap()])).0;
+    assert!(human.contains("kind         dense"), "{human}");
+}
+
+#[test]
+fn score_replays_a_file_one_row_per_input_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fleet.csv");
+    let o = anomalyd(&[
+        "demo",
+        "--write-training-data",
+        data.to_str().unwrap(),
+        "--hosts",
+        "3",
+        "--ticks",
+        "200",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // One broken row in the middle.
+    let mut csv = std::fs::read_to_string(&data).unwrap();
+    csv.push_str("host-01,2026-02-01T00:00:00Z,NaN,1,1,1\n");
+    std::fs::write(&data, &csv).unwrap();
+    let input_rows = csv.lines().count() - 1;
+
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pipelines.fleet]\ntopics = [\"metrics\"]\nmodel = \"{}\"\nkey_field = \"host\"\n",
+            demo_model().display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("scores.csv");
+    let o = anomalyd(&[
+        "score",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--pipeline",
+        "fleet",
+        "--input",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("of {input_rows} rows")), "{err}");
+    let mut reader = csv::Reader::from_path(&out).unwrap();
+    let header = reader.headers().unwrap().clone();
+    assert_eq!(
+        header.iter().collect::<Vec<_>>(),
+        [
+            "key",
+            "timestamp",
+            "score",
+            "threshold",
+            "anomaly_score",
+            "is_anomaly",
+            "top_features",
+            "event",
+            "error"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), input_rows);
+    let last = rows.last().unwrap();
+    assert!(last[8].starts_with("non_finite"), "{last:?}");
+    let anomalous = rows.iter().filter(|r| &r[5] == "true").count();
+    // Normal data, warm-started thresholds at q = 0.999: very few points over the threshold.
+    assert!(
+        anomalous * 100 < rows.len(),
+        "{anomalous} of {} normal rows flagged",
+        rows.len()
+    );
+
+    // The same through stdin and NDJSON out.
+    let o = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        .args([
+            "score",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--pipeline",
+            "fleet",
+            "--input",
+            "-",
+            "--output-format",
+            "ndjson",
+        ])
+        .stdin(std::fs::File::open(&data).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), input_rows);
+    assert_eq!(lines[0]["key"], rows[0][0].to_string());
+    let first_csv: f64 = rows[0][2].parse().unwrap();
+    assert!((lines[0]["score"].as_f64().unwrap() - first_csv).abs() < 1e-9);
+}
+
+#[test]
+fn the_demo_catches_its_injected_incidents() {
+    let o = anomalyd(&["demo", "--rate", "0", "--listen", "127.0.0.1:0"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "demo failed:\n{out}\n{err}");
+    let last = out.lines().last().unwrap_or_default();
+    // "incidents caught X/Y, false alarms Z"
+    let nums: Vec<usize> = last
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(last.starts_with("incidents caught"), "{out}");
+    let (caught, total, false_alarms) = (nums[0], nums[1], nums[2]);
+    assert!(total >= 8, "{last}");
+    assert!(caught * 4 >= total * 3, "caught too few: {last}\n{out}");
+    assert!(false_alarms <= 3, "too many false alarms: {last}\n{out}");
+    assert!(out.contains("FIRING") && out.contains("resolved"), "{out}");
+}

@@ -1,0 +1,267 @@
+//! Helpers shared by the integration tests: real Kafka clients against a real broker (the
+//! in-process mock cluster or the tansu process), the shipped model, the demo's fleet.
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anomalyd::demo::stream::{Fleet, Incident};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped dense model of the demo (trained by the real toolkit on the demo's data).
+pub fn demo_model() -> PathBuf {
+    repo().join("models/demo-dense.onnx")
+}
+
+/// A generated stream: every record with its key, payload and tick, and the incidents in it.
+pub struct Stream {
+    pub records: Vec<(String, String)>,
+    pub tick_of: HashMap<String, u64>,
+    pub incidents: Vec<Incident>,
+}
+
+pub fn fleet_stream(hosts: usize, ticks: u64, incidents: usize, seed: u64) -> Stream {
+    let mut fleet = Fleet::new(hosts, ticks, incidents, seed);
+    let incidents = fleet.incidents().to_vec();
+    let mut records = Vec::new();
+    let mut tick_of = HashMap::new();
+    for tick in 0..ticks {
+        for row in fleet.next_tick() {
+            tick_of.insert(row.timestamp(), tick);
+            records.push((row.key(), row.to_json()));
+        }
+    }
+    Stream {
+        records,
+        tick_of,
+        incidents,
+    }
+}
+
+/// Produces records and returns each one's (partition, offset).
+pub async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    records: &[(String, String)],
+) -> Vec<(i32, i64)> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let mut out = Vec::with_capacity(records.len());
+    for chunk in records.chunks(5000) {
+        let futures: Vec<_> = chunk
+            .iter()
+            .map(|(k, v)| {
+                producer
+                    .send_result(FutureRecord::to(topic).key(k).payload(v))
+                    .map_err(|(e, _)| e)
+                    .expect("enqueue")
+            })
+            .collect();
+        for f in futures {
+            let delivery = f.await.expect("delivery future").expect("delivered");
+            out.push((delivery.partition, delivery.offset));
+        }
+    }
+    out
+}
+
+/// A consumed message, owned.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("JSON payload")
+    }
+}
+
+/// Reads a topic from the start until `done` says enough or `timeout` passes.
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[Got]) -> bool,
+) -> Vec<Got> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-reader-{topic}-{}", rand_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && !done(&got) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|hd| {
+                            (
+                                hd.key.to_string(),
+                                String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            got.push(Got {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+                partition: m.partition(),
+                offset: m.offset(),
+            });
+        }
+    }
+    got
+}
+
+/// Reads a topic until no message has arrived for `idle`.
+pub fn drain_topic(bootstrap: &str, topic: &str, idle: Duration, timeout: Duration) -> Vec<Got> {
+    let mut last_len = 0;
+    let mut last_change = Instant::now();
+    read_topic(bootstrap, topic, timeout, |got| {
+        if got.len() != last_len {
+            last_len = got.len();
+            last_change = Instant::now();
+        }
+        last_change.elapsed() > idle
+    })
+}
+
+pub fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ (N.fetch_add(1, Ordering::Relaxed) << 48) ^ u64::from(std::process::id())
+}
+
+/// The (partition, offset) pairs of score records, and how many were seen more than once.
+pub fn scored_offsets(scores: &[Got]) -> (BTreeSet<(i32, i64)>, usize) {
+    let mut seen = BTreeSet::new();
+    let mut duplicates = 0;
+    for s in scores {
+        let v = s.json();
+        let key = (
+            v["partition"].as_i64().expect("partition") as i32,
+            v["offset"].as_i64().expect("offset"),
+        );
+        if !seen.insert(key) {
+            duplicates += 1;
+        }
+    }
+    (seen, duplicates)
+}
+
+/// Incidents with no firing alert for their host during the incident (plus a grace of 12 ticks).
+pub fn missed_incidents<'a>(stream: &'a Stream, alerts: &[Got]) -> Vec<&'a Incident> {
+    let firing: Vec<(String, u64)> = alerts
+        .iter()
+        .map(Got::json)
+        .filter(|a| a["event"] == "firing")
+        .filter_map(|a| {
+            let tick = stream.tick_of.get(a["timestamp"].as_str()?)?;
+            Some((a["key"].as_str()?.to_string(), *tick))
+        })
+        .collect();
+    stream
+        .incidents
+        .iter()
+        .filter(|i| {
+            let host = anomalyd::demo::stream::host_name(i.host);
+            !firing
+                .iter()
+                .any(|(k, t)| *k == host && *t >= i.start && *t <= i.end + 12)
+        })
+        .collect()
+}
+
+/// A pipeline configuration for the demo model against `bootstrap`.
+pub fn config_toml(bootstrap: &str, group: &str, extra_pipeline: &str) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "{group}"
+commit_interval = "200ms"
+[kafka.properties]
+"message.timeout.ms" = "10000"
+[http]
+listen = ""
+[runtime]
+shutdown_grace = "15s"
+inference_threads = 2
+[pipelines.fleet]
+topics = ["metrics"]
+model = "{model}"
+key_field = "host"
+timestamp_field = "ts"
+alerts_topic = "alerts"
+dead_letter_topic = "dead-letters"
+scores_topic = "scores"
+{extra_pipeline}
+[pipelines.fleet.batch]
+max_size = 64
+max_wait = "5ms"
+"#,
+        model = demo_model().display()
+    )
+}
+
+pub fn config(bootstrap: &str, group: &str, extra_pipeline: &str) -> anomalyd::config::Config {
+    let c = anomalyd::config::Config::from_toml(
+        &config_toml(bootstrap, group, extra_pipeline),
+        Some(HashMap::new()),
+    )
+    .expect("test config parses");
+    c.validate().expect("test config is valid");
+    c
+}
+
+/// Records taken in by a pipeline so far (scored, warming or dead-lettered).
+pub fn consumed(metrics: &anomalyd::metrics::Metrics, pipeline: &str) -> u64 {
+    ["scored", "warming", "dead_letter"]
+        .iter()
+        .map(|o| metrics.records.with_label_values(&[pipeline, o]).get())
+        .sum()
+}
+
+/// Waits until `f` is true or the timeout passes; returns whether it became true.
+pub async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+pub fn header(got: &Got, name: &str) -> String {
+    got.headers.get(name).cloned().unwrap_or_default()
+}

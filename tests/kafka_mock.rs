@@ -1,0 +1,271 @@
+//! The daemon against librdkafka's in-process mock cluster: real Kafka clients, real wire
+//! protocol, consumer groups and commits; no broker process to start.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anomalyd::daemon::Daemon;
+use anomalyd::demo::MockKafka;
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+const TOPICS: &[(&str, i32)] = &[
+    ("metrics", 4),
+    ("alerts", 1),
+    ("dead-letters", 1),
+    ("scores", 2),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn injected_incidents_become_alerts() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(8, 720, 4, 11);
+    produce(&kafka.bootstrap, "metrics", &stream.records).await;
+
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(
+        config(&kafka.bootstrap, "alerts-test", ""),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let total = stream.records.len() as u64;
+    let metrics = daemon.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || consumed(&metrics, "fleet")
+            >= total)
+        .await,
+        "consumed only {} of {total}",
+        consumed(&metrics, "fleet")
+    );
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    let missed = missed_incidents(&stream, &alerts);
+    assert!(missed.is_empty(), "missed incidents: {missed:?}");
+    // Per key, events alternate firing, resolved, firing…, keyed by the entity.
+    let mut state: std::collections::HashMap<String, bool> = Default::default();
+    for a in &alerts {
+        let v = a.json();
+        let key = v["key"].as_str().unwrap().to_string();
+        assert_eq!(
+            a.key.as_deref(),
+            Some(key.as_str()),
+            "alerts are keyed by entity"
+        );
+        let firing = v["event"] == "firing";
+        let was = state.insert(key.clone(), firing).unwrap_or(false);
+        assert_ne!(was, firing, "{key}: two {} events in a row", v["event"]);
+        assert_eq!(v["top_features"].as_array().unwrap().len(), 3);
+        assert_eq!(v["model"]["name"], "demo-dense");
+        assert!(v["source"]["offset"].as_i64().unwrap() >= 0);
+    }
+    let fired = alerts
+        .iter()
+        .filter(|a| a.json()["event"] == "firing")
+        .count();
+    assert!(
+        fired <= stream.incidents.len() + 3,
+        "{fired} firing events for {} incidents: too many false alarms",
+        stream.incidents.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_records_become_dead_letters_and_good_ones_are_still_scored() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(4, 60, 0, 12);
+    let bad: Vec<(&str, &str)> = vec![
+        ("invalid_json", "{\"host\": \"host-01\", \"cpu_pct\": "),
+        ("not_an_object", "[1, 2, 3]"),
+        (
+            "missing_key",
+            r#"{"ts":"t","cpu_pct":1,"requests_per_s":1,"latency_ms":1,"net_out_mbps":1}"#,
+        ),
+        (
+            "missing_field",
+            r#"{"host":"host-01","cpu_pct":1,"requests_per_s":1,"latency_ms":1}"#,
+        ),
+        (
+            "not_a_number",
+            r#"{"host":"host-01","cpu_pct":"high","requests_per_s":1,"latency_ms":1,"net_out_mbps":1}"#,
+        ),
+        (
+            "non_finite",
+            r#"{"host":"host-01","cpu_pct":1e300,"requests_per_s":1,"latency_ms":1,"net_out_mbps":1}"#,
+        ),
+        (
+            "wrong_dimensions",
+            r#"{"host":"host-01","cpu_pct":[1,2],"requests_per_s":1,"latency_ms":1,"net_out_mbps":1}"#,
+        ),
+        ("too_large", ""),
+    ];
+    let too_large = format!(
+        r#"{{"host":"host-01","cpu_pct":1,"requests_per_s":1,"latency_ms":1,"net_out_mbps":1,"pad":"{}"}}"#,
+        "x".repeat(5000)
+    );
+    let mut records = Vec::new();
+    for (i, good) in stream.records.iter().enumerate() {
+        records.push(good.clone());
+        if i % 25 == 7 {
+            let (reason, payload) = bad[(i / 25) % bad.len()];
+            let payload = if reason == "too_large" {
+                too_large.clone()
+            } else {
+                payload.to_string()
+            };
+            records.push((format!("bad-{reason}"), payload));
+        }
+    }
+    let bad_sent: Vec<&(String, String)> = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("bad-"))
+        .collect();
+    produce(&kafka.bootstrap, "metrics", &records).await;
+
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(
+        config(&kafka.bootstrap, "dlq-test", "max_record_bytes = 4096"),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let metrics = daemon.metrics.clone();
+    let total = records.len() as u64;
+    assert!(
+        wait_for(Duration::from_secs(60), || consumed(&metrics, "fleet")
+            >= total)
+        .await
+    );
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+
+    let scored = metrics
+        .records
+        .with_label_values(&["fleet", "scored"])
+        .get();
+    assert_eq!(
+        scored,
+        stream.records.len() as u64,
+        "every good record is scored"
+    );
+    let dead = drain_topic(
+        &kafka.bootstrap,
+        "dead-letters",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    assert_eq!(dead.len(), bad_sent.len());
+    for (got, (key, payload)) in dead.iter().zip(&bad_sent) {
+        let reason = key.trim_start_matches("bad-");
+        assert_eq!(header(got, "anomalyd.reason"), reason, "{key}");
+        assert_eq!(
+            got.payload,
+            payload.as_bytes(),
+            "the original payload is kept"
+        );
+        assert_eq!(got.key.as_deref(), Some(key.as_str()));
+        assert_eq!(header(got, "anomalyd.source.topic"), "metrics");
+        assert!(!header(got, "anomalyd.error").is_empty());
+        assert_eq!(
+            metrics
+                .dead_letters
+                .with_label_values(&["fleet", reason])
+                .get() as usize,
+            bad_sent.iter().filter(|(k, _)| k == key).count()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_alert() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(10, 720, 4, 13);
+    let total = stream.records.len() as u64;
+
+    // The stream keeps arriving while the pipeline is stopped and restarted.
+    let bootstrap = kafka.bootstrap.clone();
+    let records = stream.records.clone();
+    let producer = tokio::spawn(async move {
+        let mut offsets = BTreeSet::new();
+        for chunk in records.chunks(200) {
+            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        offsets
+    });
+
+    // First run: stopped mid-stream, with records in flight.
+    let shutdown = CancellationToken::new();
+    let first = Daemon::start(
+        config(&kafka.bootstrap, "restart-test", ""),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let m1 = first.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || consumed(&m1, "fleet")
+            >= total / 4)
+        .await
+    );
+    shutdown.cancel();
+    first.wait().await.unwrap();
+    let first_run = consumed(&m1, "fleet");
+    assert!(first_run < total, "the first run must stop mid-stream");
+
+    // Second run, same group: picks up at the committed offsets.
+    let shutdown = CancellationToken::new();
+    let second = Daemon::start(
+        config(&kafka.bootstrap, "restart-test", ""),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let offsets = producer.await.unwrap();
+    let m2 = second.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || first_run
+            + consumed(&m2, "fleet")
+            >= total)
+        .await,
+        "second run consumed {} after {first_run}",
+        consumed(&m2, "fleet")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    second.wait().await.unwrap();
+
+    let scores = drain_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let (scored, duplicates) = scored_offsets(&scores);
+    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
+    assert!(missing.is_empty(), "records never scored, e.g. {missing:?}");
+    eprintln!(
+        "restart: {total} records, first run {first_run}, second run {}, {duplicates} scored twice",
+        consumed(&m2, "fleet")
+    );
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    let missed = missed_incidents(&stream, &alerts);
+    assert!(
+        missed.is_empty(),
+        "incidents without an alert after the restart: {missed:?}"
+    );
+}

@@ -1,0 +1,216 @@
+//! End to end against a separate broker process (tansu) with the `anomalyd run` binary as a
+//! child process: produce, read alerts and scores back, SIGTERM, restart, nothing lost.
+//!
+//! The test command (scripts/test.sh) installs tansu and sets ANOMALYD_REQUIRE_TANSU=1, so in
+//! CI a missing broker fails the test; a developer running `cargo test` without tansu gets a
+//! message instead.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn tansu_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let home = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+    home.is_file().then_some(home)
+}
+
+/// A tansu broker process on a free loopback port, with in-memory storage.
+pub struct Tansu {
+    child: Child,
+    bin: PathBuf,
+    pub bootstrap: String,
+}
+
+impl Tansu {
+    pub fn start() -> Option<Tansu> {
+        let Some(bin) = tansu_binary() else {
+            assert!(
+                std::env::var("ANOMALYD_REQUIRE_TANSU").is_err(),
+                "tansu is required (ANOMALYD_REQUIRE_TANSU is set) but was not found: set TANSU_BIN or install it with scripts/test.sh"
+            );
+            eprintln!(
+                "tansu not found (set TANSU_BIN, or run scripts/test.sh): not running this test"
+            );
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(Tansu {
+            child,
+            bin,
+            bootstrap: format!("127.0.0.1:{port}"),
+        })
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(&self.bin)
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+                "--broker",
+                &format!("tcp://{}", self.bootstrap),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu topic create");
+        assert!(status.success(), "creating topic {name}");
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+            .args(["run", "-c", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start anomalyd");
+        Daemon { child }
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "anomalyd did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss() {
+    let Some(tansu) = Tansu::start() else { return };
+    for (t, p) in [
+        ("metrics", 3),
+        ("alerts", 1),
+        ("dead-letters", 1),
+        ("scores", 1),
+    ] {
+        tansu.create_topic(t, p);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("anomalyd.toml");
+    std::fs::write(&config, config_toml(&tansu.bootstrap, "e2e", "")).unwrap();
+    let log = dir.path().join("anomalyd.log");
+
+    let stream = fleet_stream(8, 720, 4, 21);
+    let half = stream.records.len() / 2;
+    let mut offsets: BTreeSet<(i32, i64)> = BTreeSet::new();
+
+    let first = Daemon::start(&config, &log);
+    offsets.extend(produce(&tansu.bootstrap, "metrics", &stream.records[..half]).await);
+    let scores = read_topic(&tansu.bootstrap, "scores", Duration::from_secs(90), |got| {
+        got.len() >= half
+    });
+    assert!(
+        scores.len() >= half,
+        "only {} of {half} scored before SIGTERM; log:\n{}",
+        scores.len(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let status = first.terminate();
+    assert!(status.success(), "exit status {status:?} after SIGTERM");
+
+    // The rest arrives while the daemon is down.
+    offsets.extend(produce(&tansu.bootstrap, "metrics", &stream.records[half..]).await);
+    let second = Daemon::start(&config, &log);
+    let total = offsets.len();
+    let scores = read_topic(&tansu.bootstrap, "scores", Duration::from_secs(90), |got| {
+        scored_offsets(got).0.len() >= total
+    });
+    let status = second.terminate();
+    assert!(
+        status.success(),
+        "exit status {status:?} after the second SIGTERM"
+    );
+
+    let (scored, duplicates) = scored_offsets(&scores);
+    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
+    assert!(missing.is_empty(), "records never scored, e.g. {missing:?}");
+    eprintln!("tansu e2e: {total} records scored, {duplicates} scored twice across the restart");
+    let alerts = drain_topic(
+        &tansu.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let missed = missed_incidents(&stream, &alerts);
+    assert!(missed.is_empty(), "incidents without an alert: {missed:?}");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        log_text.matches("Pipeline drained and committed").count(),
+        2,
+        "{log_text}"
+    );
+}
