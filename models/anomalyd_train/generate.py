@@ -26,8 +26,11 @@ def decoder(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str, int]:
     if meta.get("anomalyd.kind") != "vae" or "anomalyd.vae" not in meta:
         raise DataError(f"generate needs a model of kind vae, this one is {meta.get('anomalyd.kind')!r}")
     vae = json.loads(meta["anomalyd.vae"])
-    sub = Extractor(proto).extract_model([vae["latent_tensor"]], ["reconstruction"])
-    return sub, vae["latent_tensor"], int(vae["latent"])
+    name, k = vae["latent_tensor"], int(vae["latent"])
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", k]))
+    sub = Extractor(proto).extract_model([name], ["reconstruction"])
+    return sub, name, k
 
 
 def generate(path: str, n: int, seed: int = 0, noise: bool = True) -> tuple[list[str], np.ndarray]:

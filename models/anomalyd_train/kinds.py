@@ -41,8 +41,8 @@ class Spec:
     mask_prob: float = 0.1  # probability of replacing an input value by the feature mean
     # vae
     beta: float = 1.0
-    # lstm / gru: "position" (latent repeated over time + a t/T channel: exact in tract) or
-    # "repeat" (the classic RepeatVector: tract computes it wrongly, kept only as a test canary)
+    # lstm / gru: "position" (the exact design, see Recurrent); "concat" and "repeat" are designs
+    # that tract gets wrong, kept only as test canaries
     decoder: str = "position"
     # pca: keep the fewest components explaining this share of the variance (unless latent is set)
     variance: float = 0.95
@@ -238,10 +238,17 @@ class Stacked(Flat):
 
 
 class VAE(Flat):
-    """Variational autoencoder with a Gaussian latent. Training maximises the ELBO (squared error
-    plus beta * KL to N(0, I)); the exported graph and the score use the mean path z = mu, so the
-    score is the squared error of the reconstruction of mu: deterministic and comparable to the
-    other kinds. `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal data."""
+    """Variational autoencoder with a Gaussian latent.
+
+    Training maximises the ELBO with a Gaussian likelihood whose per-dimension variance is set to
+    its maximum-likelihood value, the batch's mean squared error (the "optimal sigma" VAE): the
+    loss is 1/2 sum_d log(MSE_d) + beta * KL(q(z|x) || N(0, I)), per input dimension. This balances
+    reconstruction against the prior without tuning a noise level, so both the reconstructions
+    (for detection) and the samples decoded from the prior (for generation) stay sharp.
+
+    The exported graph and the score use the mean path z = mu: the score is the squared error of
+    the reconstruction decoded from mu, deterministic and comparable to the other kinds.
+    `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal data."""
 
     def __init__(self, spec: Spec):
         super().__init__(spec)
@@ -263,9 +270,9 @@ class VAE(Flat):
         hid = self.body(flat)
         mu, logvar = self.mu(hid), self.logvar(hid).clamp(-10, 10)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        sq = ((self.decode(z) - flat) ** 2).sum(dim=1)
-        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1)
-        return (sq + self.beta * kl).mean() / flat.shape[1]
+        mse = ((self.decode(z) - flat) ** 2).mean(dim=0) + 1e-6  # ML estimate of sigma_d^2
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
+        return (0.5 * torch.log(mse).sum() + self.beta * kl) / flat.shape[1]
 
 
 class Conv1D(Core):
@@ -321,38 +328,52 @@ class Conv2D(Core):
 
 
 class Recurrent(Core):
-    """Sequence-to-sequence recurrent autoencoder over a window [B, T, F].
+    """Sequence-to-sequence recurrent autoencoder (LSTM or GRU) over a window [B, T, F].
 
-    Encoder: an LSTM/GRU reads the window; its last output goes through a linear layer to the
-    latent code. Decoder: at every step t it reads the code concatenated with the position
-    channel t/T, and a linear layer maps its outputs to the F features.
+    Every recurrent step also reads its position p_t = t / T (t = 1..T):
+    - encoder: reads [x_t, p_t]; its last output goes through a linear layer to the code z;
+    - decoder: reads [z * p_t, p_t] at every step; a linear layer maps its outputs to F features.
+    Scaling the code by p_t (> 0, so z is recoverable at every step) means the decoder's input
+    is not a copy of the code broadcast over time.
 
-    The position channel matters beyond modelling: with the classic RepeatVector decoder (the code
-    alone repeated over time, `decoder="repeat"`) tract 0.23 computes a result 3e-2 away from
-    PyTorch and onnxruntime, while this design is exact (see tests/test_parity.py).
+    That choice is forced by tract 0.23 as the daemon loads models (`into_optimized`), measured:
+    - `decoder="repeat"`, the classic RepeatVector (z alone repeated over time): an LSTM fails
+      to load ("EinSum: Trying to substitute a T,batch,4H by 1,batch,4H"); NOTES.md saw it run
+      2.7e-2 off in another set-up;
+    - `decoder="concat"`, [z, p_t] (z repeated, plus the position channel): the same load failure
+      for LSTM, although NOTES.md measured it exact in another set-up;
+    - a GRU reading a single feature (F = 1) fails at run time ("GruSeq: xw not contiguous"),
+      which the encoder's position channel avoids.
+    The default "position" design is exact (~1e-7) for LSTM and GRU, F = 1..6, T = 4..32; the
+    other two are kept only as canaries for the parity tests (tests/test_parity.py).
     """
 
     def __init__(self, spec: Spec):
         super().__init__()
         cell = {"lstm": nn.LSTM, "gru": nn.GRU}[spec.kind]
         f, t, h, k = spec.features, spec.window, spec.hidden, spec.code_size()
-        if spec.decoder not in ("position", "repeat"):
-            raise ValueError(f"decoder must be position or repeat, got {spec.decoder!r}")
-        self.position = spec.decoder == "position"
+        if spec.decoder not in ("position", "concat", "repeat"):
+            raise ValueError(f"decoder must be position, concat or repeat, got {spec.decoder!r}")
+        self.design = spec.decoder
         self.t = t
-        self.encoder = cell(f, h, batch_first=True)
+        self.encoder = cell(f + (1 if self.design == "position" else 0), h, batch_first=True)
         self.to_code = nn.Linear(h, k)
-        self.decoder = cell(k + (1 if self.position else 0), h, batch_first=True)
+        self.decoder = cell(k + (0 if self.design == "repeat" else 1), h, batch_first=True)
         self.out = nn.Linear(h, f)
         self.register_buffer("steps", (torch.arange(1, t + 1, dtype=torch.float32) / t).view(1, t, 1))
 
     def forward(self, x):
-        seq, _ = self.encoder(x)
+        pos = self.steps.expand(x.shape[0], -1, -1)  # [B, T, 1]
+        seq, _ = self.encoder(torch.cat([x, pos], dim=2) if self.design == "position" else x)
         z = self.to_code(seq[:, -1, :])  # [B, k]
         rep = z.unsqueeze(1).expand(-1, self.t, -1)  # [B, T, k]
-        if self.position:
-            rep = torch.cat([rep, self.steps.expand(x.shape[0], -1, -1)], dim=2)
-        dec, _ = self.decoder(rep)
+        if self.design == "position":
+            dec_in = torch.cat([rep * self.steps, pos], dim=2)
+        elif self.design == "concat":
+            dec_in = torch.cat([rep, pos], dim=2)
+        else:
+            dec_in = rep
+        dec, _ = self.decoder(dec_in)
         return self.out(dec)
 
 

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def loss_png_path(model_path: str) -> str:
@@ -21,9 +22,15 @@ def loss_curve(history: list[dict], title: str, path: str, calibration_p99: floa
         xs = [h["epoch"] for h in history]
         ax.plot(xs, [h["train"] for h in history], "o-", label="training MSE")
         ax.plot(xs, [h["val"] for h in history], "s-", label="validation MSE")
-        ax.set_xlabel("principal components kept")
+        ax.set_xlabel("principal components")
         ax.set_xticks(xs)
+        kept = [h["epoch"] for h in history if h.get("kept")]
+        if kept:
+            ax.axvline(kept[0], color="grey", lw=0.8, ls=":", label=f"kept: {kept[0]}")
     else:
+        # A loss that can be negative (the VAE's log-likelihood terms) goes on its own linear axis.
+        signed = any(h["train"] <= 0 for h in history)
+        tax = ax.twinx() if signed else ax
         x0 = 0
         phases = []
         for h in history:
@@ -33,19 +40,27 @@ def loss_curve(history: list[dict], title: str, path: str, calibration_p99: floa
         for i, (phase, rows) in enumerate(phases):
             xs = [x0 + r["epoch"] for r in rows]
             suffix = f" ({phase})" if len(phases) > 1 else ""
-            ax.plot(xs, [r["train"] for r in rows], "-", color=f"C{2 * i}", label="training loss" + suffix)
+            tax.plot(xs, [r["train"] for r in rows], "-", color=f"C{2 * i}",
+                     label="training loss" + suffix + (" (right axis)" if signed else ""))
             ax.plot(xs, [r["val"] for r in rows], "--", color=f"C{2 * i + 1}", label="validation MSE" + suffix)
             if i > 0:
                 ax.axvline(x0 + 0.5, color="grey", lw=0.8, ls=":")
             x0 = xs[-1]
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if calibration_p99 is not None:
         ax.axhline(calibration_p99, color="red", lw=0.8, ls=":", label="validation score p99")
-    ax.set_yscale("log")
+    if not (history and history[0]["phase"] == "components"):  # PCA's last point is exactly 0
+        ax.set_yscale("log")
     ax.set_ylabel("mean squared error (normalised units)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if history and history[0]["phase"] != "components" and signed:
+        tax.set_ylabel("training loss")
+        h2, l2 = tax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

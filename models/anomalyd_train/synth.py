@@ -144,11 +144,11 @@ def write_images_ndjson(path: str, images: np.ndarray, channels: list[str]) -> N
             f.write(json.dumps({name: np.round(img[k], 5).tolist() for k, name in enumerate(channels)}) + "\n")
 
 
-def noisy_series(rows: int, seed: int, noise_std: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, noisy), each [rows]: two sines (periods 40 and 13 rows) with a slowly drifting
-    amplitude, plus white Gaussian noise of `noise_std`."""
+def noisy_series(rows: int, seed: int, noise_std: float = 0.3, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy), each [rows] from time `start`: two sines (periods 40 and 13 rows) with a
+    slowly drifting amplitude, plus white Gaussian noise of `noise_std`."""
     rng = np.random.default_rng(seed)
-    t = np.arange(rows)
+    t = np.arange(start, start + rows)
     amp = 1.0 + 0.3 * np.sin(2 * np.pi * t / 997)
     clean = amp * np.sin(2 * np.pi * t / 40) + 0.5 * np.sin(2 * np.pi * t / 13 + 1.0)
     return clean, clean + noise_std * rng.standard_normal(rows)

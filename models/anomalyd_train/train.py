@@ -153,6 +153,7 @@ def fit_pca(spec: Spec, train: torch.Tensor, val: torch.Tensor) -> tuple[PCA, li
             "val": fn.mse_loss(rec_v, flat_val).item(),
             "explained": explained[j - 1].item(),
         })
+    history[k - 1]["kept"] = True
     core = PCA(spec, k)
     core.center.copy_(center.float())
     core.components.copy_(vt[:k].T.float())

@@ -71,6 +71,8 @@ VARIANTS = {
     "denoising-window": ("denoising", {"window": 4}),
     "lstm": ("lstm", {"window": 8}),
     "gru": ("gru", {"window": 8}),
+    "lstm-1feature": ("lstm", {"window": 8, "features": ["flow"]}),
+    "gru-1feature": ("gru", {"window": 8, "features": ["flow"]}),
 }
 
 
@@ -86,10 +88,11 @@ def quick_models(tmp_path_factory, sensors_csv, images_ndjson):
             kind, extra = VARIANTS[name] if name in VARIANTS else (name, {})
             extra = {**extra, **overrides}
             image = "shape" in extra
+            features = extra.pop("features", IMAGE_CHANNELS if image else FEATURES)
             opts = FitOptions(
                 kind=kind,
                 data=str(images_ndjson if image else sensors_csv),
-                features=IMAGE_CHANNELS if image else FEATURES,
+                features=features,
                 key=None if image else "entity",
                 out=str(out / f"{name}{'-' + str(abs(hash(key))) if overrides else ''}.onnx"),
                 epochs=2, quiet=True, plot=False, seed=3, **extra,
