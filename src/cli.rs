@@ -496,7 +496,7 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
         );
     }
     let n = input.len() / per;
-    let out = model.infer(&input, n, true)?;
+    let out = model.infer(&input, n)?;
     let max_diff = |got: &[f32], want: &[f32], name: &str| -> anyhow::Result<f64> {
         if got.len() != want.len() {
             bail!(
@@ -512,11 +512,7 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
             .fold(0.0, f64::max))
     };
     let error = max_diff(&out.errors, &error, "error")?;
-    let reconstruction = max_diff(
-        out.reconstructions.as_deref().unwrap_or_default(),
-        &recon,
-        "reconstruction",
-    )?;
+    let reconstruction = max_diff(&out.reconstructions, &recon, "reconstruction")?;
     Ok(Verification {
         samples: n,
         error,

@@ -100,8 +100,9 @@ pub struct Scored {
     pub top_features: Vec<FeatureError>,
     /// The firing or resolved event, when this record changed the key's alert state.
     pub event: Option<AlertEvent>,
-    /// The reconstruction of the record's last row (the denoised values), when asked for.
-    pub reconstruction: Option<Vec<f32>>,
+    /// The model's reconstruction of the record (for sequence models, of the window's last
+    /// row): the denoised values.
+    pub reconstruction: Vec<f32>,
 }
 
 /// Per-pipeline detection state.
@@ -243,15 +244,13 @@ impl Detector {
             let errors = &inference.errors[i * f..(i + 1) * f];
             let score = errors.iter().map(|&e| e as f64).sum::<f64>() / f as f64;
             // The reconstruction of the sample's last row: the record's own values.
-            let reconstruction = inference.reconstructions.as_ref().map(|r| {
-                let sample = &r[i * per_sample..(i + 1) * per_sample];
-                sample[per_sample - row_len..].to_vec()
-            });
+            let sample = &inference.reconstructions[i * per_sample..(i + 1) * per_sample];
+            let reconstruction = sample[per_sample - row_len..].to_vec();
             let top_features = top_features(
                 &c.features,
                 errors,
                 &entry.record.values,
-                reconstruction.as_deref(),
+                &reconstruction,
                 c.shape.is_some(),
             );
             let state = self.state(&entry.record.key, &entry.origin);
@@ -338,7 +337,7 @@ fn top_features(
     names: &[String],
     errors: &[f32],
     values: &[f32],
-    reconstruction: Option<&[f32]>,
+    reconstruction: &[f32],
     image: bool,
 ) -> Vec<FeatureError> {
     let mut order: Vec<usize> = (0..errors.len()).collect();
@@ -351,11 +350,7 @@ fn top_features(
             error: errors[i] as f64,
             // Images have no single value per channel to show.
             value: (!image).then(|| values[i] as f64),
-            expected: if image {
-                None
-            } else {
-                reconstruction.map(|r| r[i] as f64)
-            },
+            expected: (!image).then(|| reconstruction[i] as f64),
         })
         .collect()
 }

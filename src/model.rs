@@ -109,11 +109,11 @@ impl Contract {
     }
 }
 
-/// The outputs of one batch: `errors[i * F + f]` and, if asked for, the reconstructions.
+/// The outputs of one batch: `errors[i * F + f]` and `reconstructions[i * sample_len + j]`.
 #[derive(Debug, Default)]
 pub struct Inference {
     pub errors: Vec<f32>,
-    pub reconstructions: Option<Vec<f32>>,
+    pub reconstructions: Vec<f32>,
 }
 
 /// A loaded, optimised model.
@@ -237,17 +237,12 @@ impl Model {
         // Run one sample through the plan now, so a model that loads but cannot run (or whose
         // outputs have the wrong shape) is refused at start-up rather than on the first record.
         let probe = vec![0.0f32; model.contract.sample_len()];
-        model.infer(&probe, 1, true)?;
+        model.infer(&probe, 1)?;
         Ok(model)
     }
 
     /// Runs `n` samples (`input.len() == n * sample_len`) through the model.
-    pub fn infer(
-        &self,
-        input: &[f32],
-        n: usize,
-        want_reconstructions: bool,
-    ) -> Result<Inference, ModelError> {
+    pub fn infer(&self, input: &[f32], n: usize) -> Result<Inference, ModelError> {
         let fail = |reason: String| ModelError::Inference {
             path: self.path.clone(),
             reason,
@@ -272,11 +267,7 @@ impl Model {
             .map_err(|e| fail(format!("{e:#}")))?;
         let f = self.contract.features.len();
         let errors = read_output(&outputs[0], n * f, "error").map_err(fail)?;
-        let reconstructions = if want_reconstructions {
-            Some(read_output(&outputs[1], n * per, "reconstruction").map_err(fail)?)
-        } else {
-            None
-        };
+        let reconstructions = read_output(&outputs[1], n * per, "reconstruction").map_err(fail)?;
         Ok(Inference {
             errors,
             reconstructions,

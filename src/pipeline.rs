@@ -126,7 +126,6 @@ pub async fn run(
         detector.clone(),
         cfg.clone(),
         shared.clone(),
-        outputs.wants_reconstructions(),
         name.clone(),
     ));
     let judge = tokio::spawn(judge_loop(
@@ -260,7 +259,6 @@ async fn batch_loop(
     detector: Arc<Mutex<Detector>>,
     cfg: PipelineConfig,
     shared: Shared,
-    want_reconstructions: bool,
     name: String,
 ) {
     let mut pending: Vec<(Origin, Record)> = Vec::with_capacity(cfg.batch.max_size);
@@ -277,7 +275,7 @@ async fn batch_loop(
                 }
                 None => {
                     if !pending.is_empty() {
-                        dispatch(&mut pending, &judge, &detector, &shared, want_reconstructions, &name).await;
+                        dispatch(&mut pending, &judge, &detector, &shared, &name).await;
                     }
                     return;
                 }
@@ -286,15 +284,7 @@ async fn batch_loop(
         };
         if flush {
             deadline = None;
-            dispatch(
-                &mut pending,
-                &judge,
-                &detector,
-                &shared,
-                want_reconstructions,
-                &name,
-            )
-            .await;
+            dispatch(&mut pending, &judge, &detector, &shared, &name).await;
         }
     }
 }
@@ -304,7 +294,6 @@ async fn dispatch(
     judge: &mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
     detector: &Arc<Mutex<Detector>>,
     shared: &Shared,
-    want_reconstructions: bool,
     name: &str,
 ) {
     let (mut batch, model) = {
@@ -327,7 +316,7 @@ async fn dispatch(
     let handle = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let t = Instant::now();
-        let result = model.infer(&samples, n, want_reconstructions);
+        let result = model.infer(&samples, n);
         (result, t.elapsed())
     });
     let _ = judge.send((batch, handle)).await;

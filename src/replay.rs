@@ -91,7 +91,7 @@ const CSV_HEADER: [&str; 9] = [
 
 /// Where rows go, in the output's format.
 enum RowSink<W: Write> {
-    Csv(csv::Writer<W>),
+    Csv(Box<csv::Writer<W>>),
     Ndjson(std::io::BufWriter<W>),
 }
 
@@ -101,7 +101,7 @@ impl<W: Write> RowSink<W> {
             Format::Csv => {
                 let mut w = csv::Writer::from_writer(out);
                 w.write_record(CSV_HEADER)?;
-                RowSink::Csv(w)
+                RowSink::Csv(Box::new(w))
             }
             Format::Ndjson => RowSink::Ndjson(std::io::BufWriter::with_capacity(1 << 16, out)),
         })
@@ -178,7 +178,7 @@ impl<W: Write> Replayer<W> {
     fn flush(&mut self) -> Result<(), ReplayError> {
         let mut batch = self.detector.prepare(self.records.drain(..));
         let samples = std::mem::take(&mut batch.samples);
-        let inference = self.model.infer(&samples, batch.sample_count(), false)?;
+        let inference = self.model.infer(&samples, batch.sample_count())?;
         let mut outcomes = self.detector.judge(batch, &inference).into_iter();
         let summary = &mut self.summary;
         for slot in self.slots.drain(..) {

@@ -8,8 +8,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -172,21 +173,21 @@ impl Outputs {
                 headers: Vec::new(),
             });
         }
-        if let (false, Some(values)) = (self.denoised_topic.is_empty(), &s.reconstruction) {
+        if !self.denoised_topic.is_empty() {
             out.push(OutMessage {
                 sink: "denoised",
                 topic: self.denoised_topic.clone(),
                 key,
-                payload: denoised_json(&s.key, s.timestamp.as_deref(), &self.features, values),
+                payload: denoised_json(
+                    &s.key,
+                    s.timestamp.as_deref(),
+                    &self.features,
+                    &s.reconstruction,
+                ),
                 headers: Vec::new(),
             });
         }
         out
-    }
-
-    /// Whether the pipeline wants reconstructions (only the denoised topic needs them).
-    pub fn wants_reconstructions(&self) -> bool {
-        !self.denoised_topic.is_empty()
     }
 
     /// Sends a record that cannot be scored to the dead-letter topic, with its reason in headers.
@@ -244,10 +245,26 @@ impl Outputs {
             self.finish(&origin);
             return;
         }
+        // Enqueue now, in record order, so that a key's events reach the topic in the order they
+        // happened; only the wait for acknowledgements (and any retry) runs in the background.
+        let pending: Vec<(OutMessage, Option<DeliveryFuture>)> = messages
+            .into_iter()
+            .map(|m| {
+                let queued = self
+                    .enqueue(&m)
+                    .map_err(|e| self.failed(&m, &e.to_string()))
+                    .ok();
+                (m, queued)
+            })
+            .collect();
         let this = self.clone();
         tokio::spawn(async move {
-            for m in &messages {
-                if !this.deliver(m).await {
+            for (m, queued) in pending {
+                let acked = match queued {
+                    Some(f) => this.acked(f, &m).await,
+                    None => false,
+                };
+                if !acked && !this.deliver(&m).await {
                     // Given up at shutdown: the offset stays in flight, so it is not committed
                     // and the record is read again after the restart.
                     return;
@@ -257,41 +274,63 @@ impl Outputs {
         });
     }
 
-    /// Delivers one message, retrying with backoff; false if given up.
+    /// Hands one message to the producer's queue.
+    fn enqueue(&self, m: &OutMessage) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+        for (k, v) in &m.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&m.topic)
+            .payload(&m.payload)
+            .headers(headers);
+        if let Some(k) = &m.key {
+            record = record.key(k);
+        }
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// Counts and logs a failed delivery (it will be retried).
+    fn failed(&self, m: &OutMessage, error: &str) {
+        self.metrics
+            .produce_errors
+            .with_label_values(&[self.pipeline.as_str(), m.sink])
+            .inc();
+        tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, "Delivery failed, retrying: {error}");
+    }
+
+    /// Waits for one queued message's acknowledgement.
+    async fn acked(&self, queued: DeliveryFuture, m: &OutMessage) -> bool {
+        match queued.await {
+            Ok(Ok(_)) => true,
+            Ok(Err((e, _))) => {
+                self.failed(m, &e.to_string());
+                false
+            }
+            Err(_) => {
+                self.failed(m, "the producer was closed");
+                false
+            }
+        }
+    }
+
+    /// Delivers one message, retrying with backoff until acknowledged; false if given up.
     async fn deliver(&self, m: &OutMessage) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
-            for (k, v) in &m.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let mut record = FutureRecord::to(&m.topic)
-                .payload(&m.payload)
-                .headers(headers);
-            if let Some(k) = &m.key {
-                record = record.key(k);
-            }
-            let sent = tokio::select! {
-                r = self.producer.send(record, Duration::from_secs(5)) => r,
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
                 _ = self.give_up.cancelled() => return false,
-            };
-            match sent {
-                Ok(_) => return true,
-                Err((e, _)) => {
-                    self.metrics
-                        .produce_errors
-                        .with_label_values(&[&self.pipeline, m.sink])
-                        .inc();
-                    tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, "Delivery failed, retrying in {backoff:?}: {e}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.give_up.cancelled() => return false,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match self.enqueue(m) {
+                Ok(queued) => tokio::select! {
+                    acked = self.acked(queued, m) => if acked { return true },
+                    _ = self.give_up.cancelled() => return false,
+                },
+                Err(e) => self.failed(m, &e.to_string()),
             }
         }
     }

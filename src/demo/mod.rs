@@ -180,8 +180,6 @@ fn demo_config(bootstrap: &str, model: &std::path::Path, listen: &str) -> anyhow
 [kafka]
 brokers = "{bootstrap}"
 group_id = "anomalyd-demo"
-[kafka.properties]
-"message.timeout.ms" = "10000"
 [http]
 listen = "{listen}"
 [runtime]
@@ -311,6 +309,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     let metrics = daemon.metrics.clone();
+    drop(producer);
     shutdown.cancel();
     daemon.wait().await.map_err(|e| anyhow!("{e}"))?;
     viewer_stop.cancel();
