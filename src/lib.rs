@@ -13,6 +13,7 @@
 //! | [`model`] | loading ONNX models under the model contract; batched inference |
 //! | [`decode`] | JSON / CSV records → typed records, or a dead-letter reason |
 //! | [`window`] | per-key ring buffers for sequence models |
+//! | [`batch`] | micro-batching by size and age |
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
 //! | [`threshold`] | adaptive per-key thresholds |
 //! | [`alert`] | hysteresis and alert events |
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod daemon;

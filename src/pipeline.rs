@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::MicroBatcher;
 use crate::config::{KafkaConfig, PipelineConfig};
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
@@ -261,36 +262,14 @@ async fn batch_loop(
     shared: Shared,
     name: String,
 ) {
-    let mut pending: Vec<(Origin, Record)> = Vec::with_capacity(cfg.batch.max_size);
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        let flush = tokio::select! {
-            r = records.recv() => match r {
-                Some(item) => {
-                    if pending.is_empty() {
-                        deadline = Some(tokio::time::Instant::now() + cfg.batch.max_wait);
-                    }
-                    pending.push(item);
-                    pending.len() >= cfg.batch.max_size
-                }
-                None => {
-                    if !pending.is_empty() {
-                        dispatch(&mut pending, &judge, &detector, &shared, &name).await;
-                    }
-                    return;
-                }
-            },
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
-        };
-        if flush {
-            deadline = None;
-            dispatch(&mut pending, &judge, &detector, &shared, &name).await;
-        }
+    let mut batcher = MicroBatcher::new(cfg.batch.max_size, cfg.batch.max_wait);
+    while let Some(batch) = batcher.next(&mut records).await {
+        dispatch(batch, &judge, &detector, &shared, &name).await;
     }
 }
 
 async fn dispatch(
-    pending: &mut Vec<(Origin, Record)>,
+    records: Vec<(Origin, Record)>,
     judge: &mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
     detector: &Arc<Mutex<Detector>>,
     shared: &Shared,
@@ -298,7 +277,7 @@ async fn dispatch(
 ) {
     let (mut batch, model) = {
         let mut d = detector.lock().expect("detector lock");
-        (d.prepare(pending.drain(..)), d.model().clone())
+        (d.prepare(records), d.model().clone())
     };
     let n = batch.sample_count();
     shared

@@ -279,3 +279,63 @@ async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_ale
     );
     assert_no_alert_lost(&stream, &alerts);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(8, 100, 0, 14);
+    produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    let mut cfg = config(&kafka.bootstrap, "metrics-test", "");
+    cfg.http.listen = "127.0.0.1:0".into();
+    cfg.kafka
+        .properties
+        .insert("statistics.interval.ms".into(), "300".into());
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let addr = daemon.http_addr.expect("http enabled");
+    assert_eq!(http_get(addr, "/healthz").0, 200);
+    let metrics = daemon.metrics.clone();
+    let total = stream.records.len() as u64;
+    assert!(
+        wait_for(Duration::from_secs(60), || consumed(&metrics, "fleet")
+            >= total)
+        .await
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || http_get(addr, "/readyz").0
+            == 200)
+        .await,
+        "{:?}",
+        http_get(addr, "/readyz")
+    );
+    // Lag comes from librdkafka's statistics, every 300 ms here.
+    assert!(
+        wait_for(Duration::from_secs(10), || http_get(addr, "/metrics")
+            .1
+            .contains("anomalyd_consumer_lag{"))
+        .await
+    );
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        &format!(r#"anomalyd_records_total{{outcome="scored",pipeline="fleet"}} {total}"#),
+        r#"anomalyd_keys_tracked{pipeline="fleet"} 8"#,
+        r#"anomalyd_model_info{kind="dense",model="demo-dense",pipeline="fleet",version="1.0.0"} 1"#,
+        r#"anomalyd_partitions_assigned{pipeline="fleet"} 4"#,
+        "anomalyd_build_info{version=",
+        "anomalyd_inference_seconds_bucket{",
+        "anomalyd_batch_size_bucket{",
+        "anomalyd_reconstruction_error_bucket{",
+        "anomalyd_anomaly_score_bucket{",
+        "anomalyd_ready 1",
+        r#"anomalyd_consumer_lag{partition="0",pipeline="fleet",topic="metrics"} 0"#,
+    ] {
+        assert!(body.contains(needle), "/metrics lacks {needle}:\n{body}");
+    }
+    assert!(
+        !body.contains("host-0"),
+        "an entity key appears as a label:\n{body}"
+    );
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+}
