@@ -1,0 +1,148 @@
+"""The command line and the data path: help, clear errors, reproducibility, formats, windows and
+the validation split, calibration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anomalyd_train import KINDS, calibrate, cli, contract, data, export, synth
+
+from conftest import FEATURES
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "anomalyd_train.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_explains_every_command_and_kind():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("fit", "generate", "check", "synth"):
+        assert command in top.stdout
+    fit_help = run_cli("fit", "--help").stdout
+    for kind in KINDS:
+        assert kind in fit_help
+    for option in ("--features", "--key", "--window", "--shape", "--epochs", "--seed", "--out"):
+        assert option in fit_help
+    assert run_cli("generate", "--help").returncode == 0
+
+
+def test_unknown_feature_names_the_column_and_the_file(sensors_csv, tmp_path, capsys):
+    code = cli.main(["fit", "--kind", "dense", "--data", str(sensors_csv), "--features", "temp,presure",
+                     "--out", str(tmp_path / "m.onnx"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'presure'" in err and str(sensors_csv) in err and "pressure" in err  # lists the real columns
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_other_data_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n3,oops\n")
+    assert cli.main(["fit", "--kind", "dense", "--data", str(bad), "--features", "a,b", "--out",
+                     str(tmp_path / "m.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3" in err and "'b'" in err and "oops" in err
+    assert cli.main(["fit", "--kind", "dense", "--data", str(tmp_path / "missing.csv"), "--features", "a",
+                     "--out", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["fit", "--kind", "lstm", "--data", str(bad), "--features", "a", "--key", "host",
+                     "--out", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "key 'host' is not a column" in capsys.readouterr().err
+
+
+def test_fit_is_reproducible_from_the_seed(sensors_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1795824000")
+    digests = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        out = tmp_path / f"{name}.onnx"
+        assert cli.main(["fit", "--kind", "dense", "--data", str(sensors_csv), "--features", ",".join(FEATURES),
+                         "--key", "entity", "--epochs", "3", "--seed", str(seed), "--name", "m", "--out", str(out),
+                         "-q"]) == 0
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        assert (tmp_path / f"{name}.loss.png").stat().st_size > 1000
+    assert digests[0] == digests[1], "same seed, same data: the same bytes"
+    assert digests[0] != digests[2], "another seed: another model"
+    meta = export.metadata(str(tmp_path / "a.onnx"))
+    assert meta["anomalyd.trained_at"] == "2026-11-28T00:00:00Z"
+    assert json.loads(meta["anomalyd.training_data"]) == {
+        "sha256": data.file_sha256(str(sensors_csv)), "rows": 1600, "file": "sensors.csv",
+    }
+
+
+def test_ndjson_and_csv_give_the_same_model(tmp_path):
+    series = synth.sensors(150, entities=3, seed=2)
+    csv_path, nd_path = tmp_path / "d.csv", tmp_path / "d.ndjson"
+    synth.write_series_csv(str(csv_path), series, FEATURES)
+    with nd_path.open("w") as f:
+        for t in range(series.shape[1]):
+            for e in range(series.shape[0]):
+                rec = {"entity": f"e{e:02d}", **{k: float(v) for k, v in zip(FEATURES, series[e, t])}}
+                f.write(json.dumps(rec) + "\n")
+    a = data.load(str(csv_path), FEATURES, key="entity")
+    b = data.load(str(nd_path), FEATURES, key="entity")
+    assert np.array_equal(a.values, b.values) and a.keys == b.keys
+
+
+def test_windows_never_cross_entities_and_splits_share_no_rows():
+    # Entity e's rows are e*1000 + t: a window crossing entities or a row in both sets shows.
+    parts = [np.stack([np.arange(300) + 1000 * e] * 2, axis=1).astype(float) for e in range(4)]
+    train, val = data.split_windows(parts, window=8, val_fraction=0.25, seed=0)
+    for w in (train, val):
+        first = w[:, :, 0]
+        assert np.all(np.diff(first, axis=1) == 1), "a window is 8 consecutive rows of one entity"
+    train_rows = set(train[:, :, 0].ravel().tolist())
+    val_rows = set(val[:, :, 0].ravel().tolist())
+    assert not train_rows & val_rows, "validation windows share no row with training windows"
+    assert 0.1 < len(val) / (len(train) + len(val)) < 0.4
+
+
+def test_calibration_summary():
+    rng = np.random.default_rng(0)
+    err = rng.gamma(2.0, 0.01, size=(5000, 3))
+    cal = calibrate.summarise(err)
+    s = err.mean(axis=1)
+    assert cal["count"] == 5000 and len(cal["sample"]) == 2000
+    assert cal["sample"] == sorted(cal["sample"])
+    assert cal["sample"][0] == pytest.approx(s.min(), rel=1e-5) and cal["sample"][-1] == pytest.approx(s.max(), rel=1e-5)
+    assert cal["quantiles"]["0.99"] == pytest.approx(np.quantile(s, 0.99), rel=1e-5)
+    assert np.quantile(cal["sample"], 0.9) == pytest.approx(np.quantile(s, 0.9), rel=0.01)
+    assert cal["feature_mean"] == pytest.approx(err.mean(axis=0).tolist(), rel=1e-5)
+    small = calibrate.summarise(err[:10])
+    assert small["count"] == 10 and len(small["sample"]) == 10
+
+
+def test_check_rejects_a_broken_contract(quick_models, tmp_path):
+    import onnx
+
+    res = quick_models("dense")
+    proto = onnx.load(res.path)
+    meta = export.metadata(proto)
+    meta["anomalyd.features"] = json.dumps(["only", "three", "names"])
+    del meta["anomalyd.version"]
+    export.set_metadata(proto, meta)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    problems = contract.check(str(bad))
+    assert any("anomalyd.version" in p for p in problems)
+    assert cli.main(["check", str(bad)]) == 1
+    meta["anomalyd.version"] = "1"
+    export.set_metadata(proto, meta)
+    bad.write_bytes(proto.SerializeToString())
+    assert any("input shape" in p for p in contract.check(str(bad)))
+
+
+def test_image_models_need_ndjson_arrays(images_ndjson, tmp_path, capsys):
+    assert cli.main(["fit", "--kind", "conv", "--shape", "2,12,12", "--data", str(images_ndjson), "--features",
+                     "near", "--out", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "2 channel(s)" in capsys.readouterr().err
+    assert cli.main(["fit", "--kind", "conv", "--shape", "2,10,10", "--data", str(images_ndjson), "--features",
+                     "near,far", "--out", str(tmp_path / "m.onnx"), "-q"]) == 2
+    assert "expected 10x10" in capsys.readouterr().err
