@@ -118,7 +118,6 @@ def fit(opts: FitOptions) -> FitResult:
         epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
         pretrain_epochs=opts.pretrain_epochs, threads=opts.threads, quiet=opts.quiet,
     )
-    torch.manual_seed(opts.seed)
     if opts.kind == "pca":
         core, history = fit_pca(spec, train_n, val_n)
     else:
@@ -182,7 +181,7 @@ def fit(opts: FitOptions) -> FitResult:
     if opts.plot:
         png = plots.loss_png_path(opts.out)
         title = f"{name}: {opts.kind}, window {window}, {len(train)} training windows"
-        plots.loss_curve(history, title, png, calibration_p99=None)
+        plots.loss_curve(history, title, png)
     return FitResult(
         path=opts.out, png=png, core=core, model=model, proto=proto, history=history,
         calibration=calibration, train=train, val=val, seconds=seconds, meta=meta,

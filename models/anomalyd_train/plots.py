@@ -16,7 +16,7 @@ def loss_png_path(model_path: str) -> str:
     return root + ".loss.png"
 
 
-def loss_curve(history: list[dict], title: str, path: str, calibration_p99: float | None = None) -> None:
+def loss_curve(history: list[dict], title: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if history and history[0]["phase"] == "components":  # PCA: error against components kept
         xs = [h["epoch"] for h in history]
@@ -48,8 +48,6 @@ def loss_curve(history: list[dict], title: str, path: str, calibration_p99: floa
             x0 = xs[-1]
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if calibration_p99 is not None:
-        ax.axhline(calibration_p99, color="red", lw=0.8, ls=":", label="validation score p99")
     if not (history and history[0]["phase"] == "components"):  # PCA's last point is exactly 0
         ax.set_yscale("log")
     ax.set_ylabel("mean squared error (normalised units)")

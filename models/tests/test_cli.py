@@ -146,3 +146,21 @@ def test_image_models_need_ndjson_arrays(images_ndjson, tmp_path, capsys):
     assert cli.main(["fit", "--kind", "conv", "--shape", "2,10,10", "--data", str(images_ndjson), "--features",
                      "near,far", "--out", str(tmp_path / "m.onnx"), "-q"]) == 2
     assert "expected 10x10" in capsys.readouterr().err
+
+
+def test_fit_shows_a_progress_bar_and_a_summary(sensors_csv, tmp_path):
+    out = run_cli("fit", "--kind", "dense", "--data", str(sensors_csv), "--features", ",".join(FEATURES),
+                  "--epochs", "2", "--out", str(tmp_path / "m.onnx"))
+    assert out.returncode == 0, out.stderr
+    assert "2/2" in out.stderr and "epoch" in out.stderr  # tqdm, on stderr
+    assert "wrote" in out.stdout and "p99" in out.stdout and "m.loss.png" in out.stdout
+    assert cli.main(["check", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_synth_writes_labelled_anomalies(tmp_path):
+    out = tmp_path / "s.csv"
+    assert cli.main(["synth", "--rows", "2000", "--entities", "4", "--anomalies", "0.05", "--out", str(out)]) == 0
+    table = data.load(str(out), FEATURES + ["anomaly"], key="entity")
+    labels = table.values[:, -1]
+    assert table.rows == 2000 and set(np.unique(labels)) == {0.0, 1.0}
+    assert 0.02 < labels.mean() < 0.08
