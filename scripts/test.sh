@@ -24,6 +24,8 @@ fi
 
 log "Python environment"
 venv="$(scripts/python-env.sh | tail -1)"
+scripts/deploy-tools.sh # Prometheus, Alertmanager, kubectl, kubernetes-validate, hadolint: tests/deploy.rs
+export ANOMALYD_REQUIRE_TOOLS=1
 
 if [[ -n "$tansu_pid" ]]; then
     log "waiting for the tansu build"
