@@ -6,6 +6,7 @@
 #   models/regenerate.sh           train from models/demo/fleet-normal.csv (written first if missing)
 #   models/regenerate.sh --data    also rewrite the data with `anomalyd demo --write-training-data`
 #                                  (needs the Rust binary: cargo build, or ANOMALYD_BIN)
+#   MODELS_OUT=DIR models/regenerate.sh   write the models to DIR instead (the tests compare)
 #
 # Writes models/demo-dense.onnx, models/demo-lstm.onnx and their loss curves (*.loss.png), then
 # checks every shipped model against the contract.
@@ -17,6 +18,8 @@ train="$venv/bin/anomalyd-train"
 data="$models/demo/fleet-normal.csv"
 features="cpu_pct,requests_per_s,latency_ms,net_out_mbps"
 export SOURCE_DATE_EPOCH=1795824000 # 2026-11-28T00:00:00Z: the shipped models' trained_at
+out="${MODELS_OUT:-$models}"
+mkdir -p "$out"
 
 if [[ "${1:-}" == "--data" || ! -f "$data" ]]; then
     bin="${ANOMALYD_BIN:-$root/target/debug/anomalyd}"
@@ -34,11 +37,11 @@ common=(--data "$data" --features "$features" --key host --seed 0 --threads 1 --
 # Point model: one row per host and tick. A wider hidden layer (64) reconstructs normal rows at the
 # noise floor while the bounded 2-D code keeps the demo's incidents well above calibration p99.
 "$train" fit --kind dense "${common[@]}" --window 1 --hidden 64 --epochs 40 \
-    --name demo-dense --out "$models/demo-dense.onnx"
+    --name demo-dense --out "$out/demo-dense.onnx"
 
 # Sequence model: the last 16 ticks of a host.
 "$train" fit --kind lstm "${common[@]}" --window 16 --epochs 20 \
-    --name demo-lstm --out "$models/demo-lstm.onnx"
+    --name demo-lstm --out "$out/demo-lstm.onnx"
 
-"$train" check "$models"/*.onnx
-sha256sum "$models"/*.onnx
+"$train" check "$out"/*.onnx
+sha256sum "$out"/*.onnx

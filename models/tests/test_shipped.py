@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -137,6 +138,29 @@ def test_demo_incidents_score_well_above_calibration(name):
         # 16-tick window of a slow cycle drifts little, so the sequence model catches it later.
         min_ratio, min_above = (1.0, 0.45) if (window > 1 and kind == "stuck_sensor") else (1.5, 0.5)
         assert ratio >= min_ratio and above >= min_above, kind
+
+
+def test_regenerate_reproduces_the_shipped_models(tmp_path):
+    """models/regenerate.sh, run again from the committed data, gives the shipped models: the
+    same bytes on this kind of machine; at least the same outputs and calibration elsewhere."""
+    p = subprocess.run(["bash", str(MODELS / "regenerate.sh")], env={**os.environ, "MODELS_OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    series = fleet_series()
+    for name in ("demo-dense.onnx", "demo-lstm.onnx"):
+        shipped, again = MODELS / name, tmp_path / name
+        same = shipped.read_bytes() == again.read_bytes()
+        print(f"{name}: regenerated {'byte-identical' if same else 'with different bytes'}")
+        if same:
+            continue
+        window = int(meta(shipped)["anomalyd.window"])
+        x = np.stack([series[h, 200 : 200 + window] for h in range(20)]).astype(np.float32)
+        _, e1 = export.run(export.session(str(shipped)), x)
+        _, e2 = export.run(export.session(str(again)), x)
+        assert np.allclose(e1, e2, rtol=1e-3, atol=1e-5), f"{name}: regenerated model scores differently"
+        q1 = json.loads(meta(shipped)["anomalyd.calibration"])["quantiles"]
+        q2 = json.loads(meta(again)["anomalyd.calibration"])["quantiles"]
+        assert q1 == pytest.approx(q2, rel=1e-3)
 
 
 def test_regenerate_script_names_every_shipped_model():
