@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alertmanager::AlertmanagerConfig;
 use crate::threshold::ThresholdConfig;
 
 /// Every problem found in a configuration.
@@ -205,6 +206,9 @@ pub struct PipelineConfig {
     /// Alert hysteresis.
     #[serde(default)]
     pub alert: AlertConfig,
+    /// Push episodes to Alertmanager as well (absent: no push).
+    #[serde(default)]
+    pub alertmanager: Option<AlertmanagerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -463,6 +467,13 @@ impl Config {
             }
             if !(0.0..=1.0).contains(&p.alert.critical_above) {
                 problems.push(format!("{}: must be in [0, 1]", at("alert.critical_above")));
+            }
+            if let Some(am) = &p.alertmanager {
+                problems.extend(
+                    am.problems()
+                        .into_iter()
+                        .map(|e| format!("{}: {e}", at("alertmanager"))),
+                );
             }
             problems.extend(
                 p.threshold

@@ -18,6 +18,7 @@
 //! | [`threshold`] | adaptive per-key thresholds |
 //! | [`alert`] | hysteresis and alert events |
 //! | [`sink`] | output topics, dead letters and stdout |
+//! | [`alertmanager`] | pushing episodes to Alertmanager |
 //! | [`offsets`] | at-least-once offset tracking |
 //! | [`kafka`] | client configuration and rebalance handling |
 //! | [`pipeline`] | the tasks of one running pipeline |
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod alertmanager;
 pub mod batch;
 pub mod cli;
 pub mod config;

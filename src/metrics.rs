@@ -36,6 +36,7 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     pub model_load_failures: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub alertmanager_pushes: IntCounterVec,
     pub ready: IntGauge,
 }
 
@@ -91,6 +92,7 @@ impl Metrics {
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (value 1).", &["pipeline", "model", "version", "kind"]),
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
+            alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
             build_info: gauge(&r, "anomalyd_build_info", "anomalyd's version (value 1).", &["version"]),
             ready: IntGauge::new("anomalyd_ready", "1 when models are loaded and every pipeline has partitions assigned.").expect("valid metric"),
             registry: r,

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::alertmanager::AlertmanagerSink;
 use crate::batch::MicroBatcher;
 use crate::config::{KafkaConfig, PipelineConfig};
 use crate::decode::Record;
@@ -98,6 +99,12 @@ pub async fn run(
         )
         .map_err(|e| client_err("producer", e))?;
     let give_up = CancellationToken::new();
+    let alertmanager = cfg.alertmanager.clone().map(|am| {
+        let (tx, rx) = mpsc::channel(1024);
+        let sink = AlertmanagerSink::new(am, &name, shared.metrics.clone());
+        (tx, tokio::spawn(sink.run(rx, give_up.clone())))
+    });
+    let (alertmanager_tx, alertmanager_task) = alertmanager.unzip();
     let outputs = Arc::new(Outputs::new(
         &name,
         &cfg,
@@ -106,6 +113,7 @@ pub async fn run(
         shared.metrics.clone(),
         tracker.clone(),
         give_up.clone(),
+        alertmanager_tx,
     ));
     shared
         .metrics
@@ -223,6 +231,9 @@ pub async fn run(
     }
     give_up.cancel();
     stop_committer.cancel();
+    if let Some(task) = alertmanager_task {
+        let _ = task.await;
+    }
     let _ = committer.await;
     let left = tracker.lock().expect("tracker lock").in_flight(None);
     if left > 0 {

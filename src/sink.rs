@@ -12,9 +12,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::FeatureError;
+use crate::alert::{AlertEvent, FeatureError};
 use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
@@ -80,6 +81,8 @@ pub struct Outputs {
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Cancelled when the daemon stops retrying failed deliveries (end of the grace period).
     give_up: CancellationToken,
+    /// Alert events for the Alertmanager sink, if the pipeline has one.
+    alertmanager: Option<mpsc::Sender<AlertEvent>>,
 }
 
 impl Outputs {
@@ -92,6 +95,7 @@ impl Outputs {
         metrics: Metrics,
         tracker: Arc<Mutex<OffsetTracker>>,
         give_up: CancellationToken,
+        alertmanager: Option<mpsc::Sender<AlertEvent>>,
     ) -> Outputs {
         Outputs {
             pipeline: pipeline.to_string(),
@@ -105,6 +109,7 @@ impl Outputs {
             metrics,
             tracker,
             give_up,
+            alertmanager,
         }
     }
 
@@ -153,6 +158,11 @@ impl Outputs {
             let json = serde_json::to_vec(event).expect("alert events serialise");
             if self.stdout {
                 println!("{}", String::from_utf8_lossy(&json));
+            }
+            if let Some(am) = &self.alertmanager {
+                if am.try_send(event.clone()).is_err() {
+                    tracing::warn!(pipeline = %self.pipeline, key = %event.key, "The Alertmanager sink is not keeping up; this event reaches the alerts topic only.");
+                }
             }
             if !self.alerts_topic.is_empty() {
                 out.push(OutMessage {
