@@ -9,9 +9,11 @@
 //! 3. [`Detector::judge`], in record order: score each sample, judge it against its key's
 //!    threshold, and run the alert hysteresis.
 //!
-//! Per-key state (window, threshold, alert state) lives in one LRU map bounded by `max_keys`: a
-//! key-cardinality explosion evicts the least recently seen keys (counted) instead of exhausting
-//! memory. An evicted key that comes back starts again from the warm-started threshold.
+//! Per-key state lives in LRU maps bounded by `max_keys`, one per step so that each step owns
+//! its state: the windows (sequence models only) for step 1, the threshold and alert state for
+//! step 3. A key-cardinality explosion evicts the least recently seen keys (counted) instead of
+//! exhausting memory; an evicted key that comes back starts again from the warm-started
+//! threshold and an empty window.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -38,14 +40,33 @@ pub struct Origin {
 /// How many of the highest-error features an alert or score row lists.
 pub const TOP_FEATURES: usize = 3;
 
-#[derive(Debug)]
-struct KeyState {
-    window: Option<Ring>,
-    threshold: Box<dyn Threshold>,
-    alert: AlertState,
-    /// The partition the key's records arrive on, so a revoked partition's keys can be dropped.
+/// The partition a key's records arrive on, so a revoked partition's keys can be dropped.
+#[derive(Debug, Clone)]
+struct Source {
     topic: Arc<str>,
     partition: i32,
+}
+
+impl Source {
+    fn of(origin: &Origin) -> Source {
+        Source {
+            topic: origin.topic.clone(),
+            partition: origin.partition,
+        }
+    }
+
+    fn is_in(&self, partitions: &[(String, i32)]) -> bool {
+        partitions
+            .iter()
+            .any(|(t, p)| *p == self.partition && **t == *self.topic)
+    }
+}
+
+#[derive(Debug)]
+struct KeyState {
+    threshold: Box<dyn Threshold>,
+    alert: AlertState,
+    source: Source,
 }
 
 /// A prepared batch: the samples to run through the model, and every record of the batch in
@@ -114,6 +135,9 @@ pub struct Detector {
     alert: AlertConfig,
     /// The warm-started threshold every new key is cloned from.
     template: Box<dyn Threshold>,
+    /// Windows of sequence models (step 1).
+    windows: LruCache<String, (Ring, Source)>,
+    /// Thresholds and alert states (step 3).
     keys: LruCache<String, KeyState>,
     evictions: u64,
 }
@@ -137,12 +161,14 @@ impl Detector {
             per_field,
             cfg.max_record_bytes,
         );
+        let cap = NonZeroUsize::new(cfg.max_keys.max(1)).expect("max_keys >= 1");
         Detector {
             pipeline: name.to_string(),
             template: cfg.threshold.build(&c.calibration),
             decoder,
             alert: cfg.alert,
-            keys: LruCache::new(NonZeroUsize::new(cfg.max_keys.max(1)).expect("max_keys >= 1")),
+            windows: LruCache::new(cap),
+            keys: LruCache::new(cap),
             evictions: 0,
             model,
         }
@@ -178,15 +204,20 @@ impl Detector {
         let mut batch = Batch::default();
         let mut n = 0;
         for (origin, record) in records {
-            let state = self.state(&record.key, &origin);
-            let ready = match (&mut state.window, window) {
-                (_, None) => {
+            let ready = match window {
+                None => {
                     batch.samples.extend_from_slice(&record.values);
                     true
                 }
-                (slot, Some(t)) => slot
-                    .get_or_insert_with(|| Ring::new(t, features))
-                    .push(&record.values, &mut batch.samples),
+                Some(t) => {
+                    if !self.windows.contains(&record.key) {
+                        let fresh = (Ring::new(t, features), Source::of(&origin));
+                        // Evictions are counted once, on the threshold map, which every key has.
+                        let _ = self.windows.push(record.key.clone(), fresh);
+                    }
+                    let (ring, _) = self.windows.get_mut(&record.key).expect("just inserted");
+                    ring.push(&record.values, &mut batch.samples)
+                }
             };
             let sample = ready.then(|| {
                 n += 1;
@@ -201,15 +232,14 @@ impl Detector {
         batch
     }
 
-    /// Returns the key's state, creating it (and evicting the least recent key if full).
+    /// Returns the key's threshold and alert state, creating it (and evicting the least recent
+    /// key if full).
     fn state(&mut self, key: &str, origin: &Origin) -> &mut KeyState {
         if !self.keys.contains(key) {
             let fresh = KeyState {
-                window: None,
                 threshold: self.template.clone(),
                 alert: AlertState::default(),
-                topic: origin.topic.clone(),
-                partition: origin.partition,
+                source: Source::of(origin),
             };
             if let Some((evicted, _)) = self.keys.push(key.to_string(), fresh) {
                 if evicted != key {
@@ -310,15 +340,20 @@ impl Detector {
         let doomed: Vec<String> = self
             .keys
             .iter()
-            .filter(|(_, s)| {
-                partitions
-                    .iter()
-                    .any(|(t, p)| *p == s.partition && **t == *s.topic)
-            })
+            .filter(|(_, s)| s.source.is_in(partitions))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &doomed {
             self.keys.pop(k);
+        }
+        let windows: Vec<String> = self
+            .windows
+            .iter()
+            .filter(|(_, (_, source))| source.is_in(partitions))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &windows {
+            self.windows.pop(k);
         }
         doomed.len()
     }
@@ -353,4 +388,120 @@ fn top_features(
             expected: (!image).then(|| reconstruction[i] as f64),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn detector(model: &str, max_keys: usize) -> Detector {
+        let toml = format!(
+            "[pipelines.p]\ntopics = [\"in\"]\nmodel = \"{}/models/{model}\"\nkey_field = \"host\"\nmax_keys = {max_keys}\n",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let cfg = Config::from_toml(&toml, Some(Default::default())).unwrap();
+        let p = &cfg.pipelines["p"];
+        Detector::new("p", p, Arc::new(Model::load(&p.model).unwrap()))
+    }
+
+    fn record(key: &str, values: Vec<f32>) -> (Origin, Record) {
+        (
+            Origin {
+                topic: Arc::from("in"),
+                partition: 0,
+                offset: 0,
+            },
+            Record {
+                key: key.into(),
+                timestamp: None,
+                values,
+            },
+        )
+    }
+
+    fn run(d: &mut Detector, records: Vec<(Origin, Record)>) -> Vec<Outcome> {
+        let mut batch = d.prepare(records);
+        let samples = std::mem::take(&mut batch.samples);
+        let inference = d.model().infer(&samples, batch.sample_count()).unwrap();
+        d.judge(batch, &inference)
+    }
+
+    const NORMAL: [f32; 4] = [50.0, 300.0, 35.0, 30.0];
+
+    #[test]
+    fn revoking_a_partition_drops_exactly_its_keys() {
+        let mut d = detector("demo-lstm.onnx", 100);
+        let mut recs = Vec::new();
+        for (key, partition) in [("a", 0), ("b", 1), ("c", 1)] {
+            let (mut origin, record) = record(key, NORMAL.to_vec());
+            origin.partition = partition;
+            recs.push((origin, record));
+        }
+        run(&mut d, recs);
+        assert_eq!(d.forget_partitions(&[("in".into(), 1)]), 2);
+        assert_eq!(d.keys(), 1);
+        assert_eq!((d.windows.len(), d.windows.contains("a")), (1, true));
+    }
+
+    #[test]
+    fn keys_beyond_the_cap_evict_the_least_recent() {
+        let mut d = detector("demo-dense.onnx", 3);
+        let recs = ["a", "b", "c", "a", "d", "e"]
+            .iter()
+            .map(|k| record(k, NORMAL.to_vec()))
+            .collect();
+        run(&mut d, recs);
+        // "b" and "c" were the least recently seen when "d" and "e" arrived.
+        assert_eq!((d.keys(), d.evictions()), (3, 2));
+    }
+
+    #[test]
+    fn a_sequence_model_warms_up_per_key_then_scores_every_row() {
+        let mut d = detector("demo-lstm.onnx", 100);
+        let window = d.model().contract.window;
+        assert!(window > 1);
+        let recs = (0..window + 2)
+            .flat_map(|_| [record("a", NORMAL.to_vec()), record("b", NORMAL.to_vec())])
+            .collect();
+        let outcomes = run(&mut d, recs);
+        let scored: Vec<bool> = outcomes
+            .iter()
+            .map(|o| matches!(o, Outcome::Scored(_)))
+            .collect();
+        // Each key's first window-1 rows only fill its window.
+        let warming = scored.iter().filter(|s| !**s).count();
+        assert_eq!(warming, 2 * (window - 1));
+        assert!(scored[2 * (window - 1)..].iter().all(|s| *s));
+    }
+
+    #[test]
+    fn scores_are_the_mean_error_and_the_top_feature_is_the_broken_one() {
+        let mut d = detector("demo-dense.onnx", 10);
+        let mut spiked = NORMAL.to_vec();
+        spiked[2] *= 6.0; // latency
+        let out = run(
+            &mut d,
+            vec![record("a", NORMAL.to_vec()), record("a", spiked)],
+        );
+        let Outcome::Scored(normal) = &out[0] else {
+            panic!()
+        };
+        let Outcome::Scored(spike) = &out[1] else {
+            panic!()
+        };
+        assert!(
+            spike.score > 10.0 * normal.score,
+            "{} vs {}",
+            spike.score,
+            normal.score
+        );
+        assert_eq!(spike.top_features[0].name, "latency_ms");
+        assert!(spike.verdict.is_anomaly && !normal.verdict.is_anomaly);
+        let mean = spike.top_features.iter().map(|f| f.error).sum::<f64>();
+        assert!(
+            mean / 4.0 <= spike.score + 1e-9,
+            "the top 3 of 4 errors cannot exceed the mean x4"
+        );
+    }
 }
