@@ -72,6 +72,27 @@ def best_val_mse(history: list[dict], spec: Spec) -> float:
     return min(h["val"] for h in history if h["phase"] in ("train", "fine-tune"))
 
 
+def validate(opts: FitOptions) -> None:
+    """Rejects option values that would otherwise fail deep inside torch."""
+    checks = [
+        (opts.latent is None or opts.latent >= 1, f"--latent must be at least 1, got {opts.latent}"),
+        (opts.hidden >= 1, f"--hidden must be at least 1, got {opts.hidden}"),
+        (opts.batch_size >= 1, f"--batch-size must be at least 1, got {opts.batch_size}"),
+        (opts.lr > 0, f"--lr must be positive, got {opts.lr}"),
+        (opts.threads >= 1, f"--threads must be at least 1, got {opts.threads}"),
+        (opts.noise_std >= 0, f"--noise-std must not be negative, got {opts.noise_std}"),
+        (0 <= opts.mask_prob < 1, f"--mask-prob must be in [0, 1), got {opts.mask_prob}"),
+        (0 < opts.rho < 1, f"--rho must be in (0, 1), got {opts.rho}"),
+        (0 < opts.variance <= 1, f"--variance must be in (0, 1], got {opts.variance}"),
+        (opts.beta >= 0, f"--beta must not be negative, got {opts.beta}"),
+        (opts.pretrain_epochs is None or opts.pretrain_epochs >= 1,
+         f"--pretrain-epochs must be at least 1, got {opts.pretrain_epochs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise data.DataError(message)
+
+
 def resolve_window(opts: FitOptions) -> int:
     if opts.shape is not None:
         if opts.kind != "conv":
@@ -95,6 +116,7 @@ def fit(opts: FitOptions) -> FitResult:
         raise data.DataError(f"--epochs must be at least 1, got {opts.epochs}")
     if not opts.out.endswith(".onnx"):
         raise data.DataError(f"--out must name a .onnx file, got {opts.out}")
+    validate(opts)
     window = resolve_window(opts)
     seed_everything(opts.seed, opts.threads)
     started = time.perf_counter()

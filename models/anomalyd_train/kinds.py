@@ -13,7 +13,7 @@ accept T > 1 (e.g. a denoising model over a window of a single series).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +46,6 @@ class Spec:
     decoder: str = "position"
     # pca: keep the fewest components explaining this share of the variance (unless latent is set)
     variance: float = 0.95
-    extra: dict = field(default_factory=dict)
 
     @property
     def flat(self) -> int:
@@ -73,7 +72,6 @@ class Spec:
             d.update(decoder=self.decoder)
         if self.kind == "pca":
             d.update(variance=self.variance)
-        d.update(self.extra)
         return d
 
     def penalty_weight(self) -> float:
