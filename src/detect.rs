@@ -186,9 +186,10 @@ impl Detector {
         &self.decoder
     }
 
-    /// Keys currently tracked.
+    /// Keys currently tracked (every key seen has a window, for sequence models, or a
+    /// threshold, or both).
     pub fn keys(&self) -> usize {
-        self.keys.len()
+        self.keys.len().max(self.windows.len())
     }
 
     /// Keys evicted so far to stay under `max_keys`.
@@ -337,22 +338,20 @@ impl Detector {
     /// Drops the state of every key seen on the given partitions (they were revoked: their next
     /// owner rebuilds it).
     pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) -> usize {
-        let doomed: Vec<String> = self
+        let mut doomed: std::collections::BTreeSet<String> = self
             .keys
             .iter()
             .filter(|(_, s)| s.source.is_in(partitions))
             .map(|(k, _)| k.clone())
             .collect();
+        doomed.extend(
+            self.windows
+                .iter()
+                .filter(|(_, (_, source))| source.is_in(partitions))
+                .map(|(k, _)| k.clone()),
+        );
         for k in &doomed {
             self.keys.pop(k);
-        }
-        let windows: Vec<String> = self
-            .windows
-            .iter()
-            .filter(|(_, (_, source))| source.is_in(partitions))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &windows {
             self.windows.pop(k);
         }
         doomed.len()
