@@ -81,3 +81,10 @@ def test_known_bad_lstm_decoders_are_caught(quick_models, tmp_path, design):
     code, out = tract_verify(res.path, x, orec, oerr, tmp_path, tolerance=TOL)
     print(f"lstm decoder {design!r} in tract: exit {code}: {out.strip()[:300]}")
     assert code != 0, f"tract now runs the {design!r} LSTM decoder within {TOL}:\n{out}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_kind_follows_the_contract(quick_models, name):
+    from anomalyd_train import contract
+
+    assert contract.check(quick_models(name).path) == []
