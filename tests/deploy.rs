@@ -1,0 +1,1436 @@
+//! The deployment files in deploy/, checked with the real tools and, end to end, with a real
+//! Prometheus and Alertmanager:
+//!
+//! - Prometheus rules: `promtool check rules` and `promtool test rules` (the unit tests beside them);
+//! - Alertmanager example: `amtool check-config` and `amtool config routes test`;
+//! - systemd unit: `systemd-analyze verify` and `systemd-analyze security --offline`, and the
+//!   daemon speaking the sd_notify protocol the unit relies on (READY, WATCHDOG, STOPPING);
+//! - Kubernetes: `kubectl kustomize` renders, `kubernetes-validate --strict` validates offline,
+//!   and the rendered objects fit together (probes, security context, grace period, selectors,
+//!   the ConfigMap's configuration passes `anomalyd check`, the PrometheusRule is rules.yml);
+//! - Dockerfile: hadolint, and what it copies exists;
+//! - Grafana dashboard: every metric its queries use is one a running daemon exposes;
+//! - end to end: Prometheus scrapes `anomalyd demo`, evaluates the shipped rules, and the
+//!   dead-letter and daemon-down alerts reach Alertmanager, routed by the shipped example config.
+//!
+//! The tools come from scripts/deploy-tools.sh. A test whose tool is missing prints a note and
+//! passes, unless ANOMALYD_REQUIRE_TOOLS=1 (scripts/test.sh sets it), when it fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn deploy(rel: &str) -> PathBuf {
+    repo().join("deploy").join(rel)
+}
+
+fn anomalyd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_anomalyd"))
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    repo().join("target/venv/bin").join(name)
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Finds each tool (on PATH, or a path to an executable): `Some` with their paths, or `None`
+/// after a note when one is missing. With ANOMALYD_REQUIRE_TOOLS=1 a missing tool fails the test.
+fn tools(test: &str, names: &[&str]) -> Option<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for name in names {
+        // Alternatives separated by '|': Debian names Alertmanager prometheus-alertmanager.
+        let hit = name.split('|').find_map(|n| {
+            let p = Path::new(n);
+            if p.is_absolute() {
+                p.is_file().then(|| p.to_path_buf())
+            } else {
+                on_path(n)
+            }
+        });
+        match hit {
+            Some(p) => found.push(p),
+            None => missing.push(*name),
+        }
+    }
+    if missing.is_empty() {
+        return Some(found);
+    }
+    let msg = format!(
+        "{test}: missing {} (scripts/deploy-tools.sh installs them)",
+        missing.join(", ")
+    );
+    if std::env::var("ANOMALYD_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{msg}; ANOMALYD_REQUIRE_TOOLS=1, so this is a failure");
+    }
+    eprintln!("note: skipping {msg}");
+    None
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{shown} failed ({}):\n{}",
+        o.status,
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// A duration as written in configs and units: `30s`, `2m`, `500ms`, `45` (seconds).
+fn seconds(s: &str) -> f64 {
+    let s = s.trim().trim_matches('"');
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a duration: {s:?}"));
+    n * match unit {
+        "" | "s" | "sec" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => panic!("unknown duration unit {other:?} in {s:?}"),
+    }
+}
+
+/// YAML (several documents) or TOML to JSON, with the venv's Python (PyYAML comes with
+/// kubernetes-validate; tomllib is in the standard library).
+fn to_json(python: &Path, path: &Path) -> Value {
+    let script = r#"
+import json, sys
+p = sys.argv[1]
+if p.endswith(".toml"):
+    import tomllib
+    out = tomllib.load(open(p, "rb"))
+else:
+    import yaml
+    out = [d for d in yaml.safe_load_all(open(p)) if d is not None]
+json.dump(out, sys.stdout)
+"#;
+    let out = ok(Command::new(python).arg("-c").arg(script).arg(path));
+    serde_json::from_str(&out).expect("the converter prints JSON")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+/// A child process killed (and reaped) when dropped, with its output in a log file.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create a log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone the log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The end of its log, for failure messages.
+    fn tail(&self) -> String {
+        tail(&self.name, &self.log)
+    }
+}
+
+fn tail(name: &str, log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(40);
+    format!("--- last lines of {name} ---\n{}", lines[from..].join("\n"))
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 200 ms until it returns `Some`, or panics with `what` and `context()`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+fn http_get(port: u16, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+fn get_json(port: u16, path_and_query: &str) -> Option<Value> {
+    match http_get(port, path_and_query) {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        _ => None,
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Metric names in a Prometheus text exposition.
+fn exposed_names(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The metric names a PromQL expression selects: identifiers outside label matchers, ranges and
+/// strings that are not functions, aggregations, keywords or the label lists of by/without/on/
+/// ignoring/group_left/group_right. Grafana variables ($job, $__rate_interval) are skipped.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    const KEYWORDS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "bool",
+        "atan2",
+        "inf",
+        "nan",
+    ];
+    const LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let next_non_space = |mut j: usize| {
+        while j < chars.len() && chars[j].is_whitespace() {
+            j += 1;
+        }
+        j
+    };
+    let skip_group = |j: usize, open: char, close: char| {
+        // From an opening bracket to just after its closing one (strings inside skipped).
+        let mut depth = 0;
+        let mut k = j;
+        let mut quote: Option<char> = None;
+        while k < chars.len() {
+            let c = chars[k];
+            match quote {
+                Some(_) if c == '\\' => k += 1,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None if c == '"' || c == '\'' || c == '`' => quote = Some(c),
+                None if c == open => depth += 1,
+                None if c == close => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return k + 1;
+                    }
+                }
+                None => {}
+            }
+            k += 1;
+        }
+        chars.len()
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' {
+            i = skip_group(i, '{', '}');
+        } else if c == '[' {
+            i = skip_group(i, '[', ']');
+        } else if c == '"' || c == '\'' || c == '`' {
+            let mut k = i + 1;
+            while k < chars.len() && chars[k] != c {
+                if chars[k] == '\\' {
+                    k += 1;
+                }
+                k += 1;
+            }
+            i = k + 1;
+        } else if c == '$' || c.is_ascii_digit() || c == '.' {
+            // A Grafana variable, a number or a duration.
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_.".contains(chars[i])) {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_:".contains(chars[i])) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let after = next_non_space(i);
+            let is_call = after < chars.len() && chars[after] == '(';
+            if LABEL_LISTS.contains(&word.as_str()) && is_call {
+                i = skip_group(after, '(', ')');
+            } else if !is_call && !KEYWORDS.contains(&word.as_str()) {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_metric_names_finds_the_selectors_only() {
+    let got = promql_metric_names(
+        r#"sum by (pipeline, le) (rate(anomalyd_inference_seconds_bucket{job=~"$job", pipeline=~"a|b"}[$__rate_interval])) / on (pipeline) group_left(model) max without (instance) (anomalyd_model_info offset 5m) > bool 0.5 unless absent(up{job="x"})"#,
+    );
+    let want: BTreeSet<String> = [
+        "anomalyd_inference_seconds_bucket",
+        "anomalyd_model_info",
+        "up",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(got, want);
+}
+
+// ---- Prometheus rules and Alertmanager routing ---------------------------------------------------
+
+#[test]
+fn prometheus_rules_pass_promtool_check_and_unit_tests() {
+    let Some(t) = tools("prometheus rules", &["promtool"]) else {
+        return;
+    };
+    let dir = deploy("prometheus");
+    let out = ok(Command::new(&t[0])
+        .current_dir(&dir)
+        .args(["check", "rules", "rules.yml"]));
+    assert!(out.contains("SUCCESS"), "{out}");
+    let out = ok(Command::new(&t[0])
+        .current_dir(&dir)
+        .args(["test", "rules", "rules.test.yml"]));
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Every alert of rules.yml has unit tests.
+    let rules = read(&dir.join("rules.yml"));
+    let tests = read(&dir.join("rules.test.yml"));
+    for line in rules.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert:") {
+            let name = name.trim();
+            assert!(
+                tests.contains(&format!("alertname: {name}\n")),
+                "rules.test.yml does not test the alert {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn alertmanager_example_is_valid_and_routes_each_kind_of_alert() {
+    let Some(t) = tools("alertmanager example", &["amtool"]) else {
+        return;
+    };
+    let config = deploy("alertmanager/alertmanager.yml");
+    let out = ok(Command::new(&t[0]).arg("check-config").arg(&config));
+    assert!(out.contains("SUCCESS"), "{out}");
+    for (labels, receiver) in [
+        (
+            "alertname=AnomalyDetected severity=critical pipeline=fleet key=host-03 model=demo-dense",
+            "data-owners-page",
+        ),
+        (
+            "alertname=AnomalyDetected severity=warning pipeline=fleet key=host-03 model=demo-dense",
+            "data-owners",
+        ),
+        (
+            "alertname=AnomalydDown service=anomalyd severity=critical job=anomalyd",
+            "anomalyd-operators-page",
+        ),
+        (
+            "alertname=AnomalydDeadLetters service=anomalyd severity=warning pipeline=fleet",
+            "anomalyd-operators",
+        ),
+        ("alertname=SomethingElse severity=critical", "default"),
+    ] {
+        let o = run(Command::new(&t[0])
+            .args(["config", "routes", "test"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--verify.receivers={receiver}"))
+            .args(labels.split(' ')));
+        assert!(
+            o.status.success(),
+            "{labels} should route to {receiver}:\n{}",
+            text(&o)
+        );
+    }
+}
+
+// ---- systemd -----------------------------------------------------------------------------------
+
+/// `key=value` settings of a unit file (the last one wins, as in systemd).
+fn unit_settings(unit: &str) -> BTreeMap<String, String> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// `runtime.shutdown_grace` of a TOML configuration, read line by line (default 30s).
+fn shutdown_grace(toml: &str) -> f64 {
+    toml.lines()
+        .filter_map(|l| l.trim().strip_prefix("shutdown_grace"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(seconds)
+        .next_back()
+        .unwrap_or(30.0)
+}
+
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let Some(t) = tools("systemd unit", &["systemd-analyze"]) else {
+        return;
+    };
+    let unit = read(&deploy("systemd/anomalyd.service"));
+    let s = unit_settings(&unit);
+    let get = |k: &str| s.get(k).map(String::as_str).unwrap_or("");
+    assert_eq!(get("Type"), "notify");
+    assert!(seconds(get("WatchdogSec")) > 0.0, "no WatchdogSec");
+    assert_eq!(get("NoNewPrivileges"), "yes");
+    assert_eq!(get("ProtectSystem"), "strict");
+    assert!(
+        get("DynamicUser") == "yes" || !get("User").is_empty(),
+        "neither DynamicUser nor a dedicated User"
+    );
+    assert_eq!(get("StateDirectory"), "anomalyd");
+    assert!(
+        get("ExecStart").contains("run --config /etc/anomalyd/anomalyd.toml"),
+        "ExecStart: {}",
+        get("ExecStart")
+    );
+    // systemd must wait longer than the daemon's drain before it kills it.
+    let grace = shutdown_grace(&read(&deploy("anomalyd.example.toml")));
+    assert!(
+        seconds(get("TimeoutStopSec")) > grace,
+        "TimeoutStopSec {} is not longer than shutdown_grace {grace}s",
+        get("TimeoutStopSec")
+    );
+
+    // `verify` checks that the executables exist: point them at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("anomalyd.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/anomalyd", anomalyd_bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let o = run(Command::new(&t[0]).arg("verify").arg(&copy));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {}\n{}",
+        o.status,
+        text(&o)
+    );
+    // Exposure 0 (sandboxed) .. 10 (nothing restricted); 2.0 or less is systemd's "OK".
+    let o = run(Command::new(&t[0])
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg(&copy));
+    assert!(
+        o.status.success(),
+        "systemd-analyze security: exposure above 2.0:\n{}",
+        text(&o)
+    );
+}
+
+/// The daemon, as `Type=notify` runs it: READY=1 once started, WATCHDOG=1 at half of
+/// WatchdogSec, STOPPING=1 on SIGTERM, then a clean exit. Needs no systemd: the test is the
+/// service manager's end of the socket.
+#[test]
+fn daemon_speaks_the_sd_notify_protocol_the_unit_relies_on() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let config = dir.path().join("anomalyd.toml");
+    // Kafka is a closed loopback port: the daemon starts (and keeps retrying) without a broker.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "127.0.0.1:{}"
+[http]
+listen = "127.0.0.1:0"
+[log]
+level = "warn,librdkafka=off,anomalyd::pipeline=off"
+[runtime]
+shutdown_grace = "5s"
+[pipelines.fleet]
+topics = ["metrics"]
+model = "{}"
+key_field = "host"
+"#,
+            free_port(),
+            repo().join("models/demo-dense.onnx").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Proc::spawn(
+        "anomalyd-run",
+        Command::new(anomalyd_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "400000"),
+        dir.path(),
+    );
+    let mut got: Vec<(Duration, String)> = Vec::new();
+    let started = Instant::now();
+    let recv = |got: &mut Vec<(Duration, String)>| {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = socket.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+            got.push((started.elapsed(), msg));
+        }
+    };
+    let watchdogs = |got: &Vec<(Duration, String)>| {
+        got.iter()
+            .filter(|(_, m)| m.split('\n').any(|l| l == "WATCHDOG=1"))
+            .count()
+    };
+    while started.elapsed() < Duration::from_secs(30) && watchdogs(&got) < 3 && daemon.running() {
+        recv(&mut got);
+    }
+    let ready = got
+        .iter()
+        .position(|(_, m)| m.split('\n').any(|l| l == "READY=1"));
+    assert!(
+        ready.is_some(),
+        "no READY=1 (got {got:?})\n{}",
+        daemon.tail()
+    );
+    assert!(
+        watchdogs(&got) >= 3,
+        "fewer than 3 WATCHDOG=1 pings with WatchdogSec=400ms (got {got:?})\n{}",
+        daemon.tail()
+    );
+    // Pings at half of the watchdog period: 3 of them within about 0.6 s of READY, not 1.2 s.
+    let first_ping = got
+        .iter()
+        .find(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .unwrap();
+    let third_ping = got
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .nth(2)
+        .map(|(t, _)| *t)
+        .unwrap();
+    assert!(
+        third_ping - first_ping < Duration::from_millis(750),
+        "watchdog pings too far apart for a 400 ms watchdog: {got:?}"
+    );
+
+    ok(Command::new("sh")
+        .args(["-c", "kill -TERM \"$1\"", "sh"])
+        .arg(daemon.child.id().to_string()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        recv(&mut got);
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "anomalyd did not exit within 20 s of SIGTERM\n{}",
+            daemon.tail()
+        );
+    };
+    // Messages sent just before the exit are still queued on the socket.
+    socket.set_nonblocking(true).unwrap();
+    recv(&mut got);
+    recv(&mut got);
+    assert!(
+        got.iter()
+            .any(|(_, m)| m.split('\n').any(|l| l == "STOPPING=1")),
+        "no STOPPING=1 after SIGTERM (got {got:?})\n{}",
+        daemon.tail()
+    );
+    assert!(
+        status.success(),
+        "anomalyd exited with {status} after SIGTERM\n{}",
+        daemon.tail()
+    );
+}
+
+// ---- Kubernetes ----------------------------------------------------------------------------------
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+/// `selector` (a label map) matches `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[test]
+fn kubernetes_manifests_render_validate_and_fit_together() {
+    let Some(t) = tools(
+        "kubernetes manifests",
+        &[
+            "kubectl",
+            venv_bin("kubernetes-validate").to_str().unwrap(),
+            venv_bin("python").to_str().unwrap(),
+        ],
+    ) else {
+        return;
+    };
+    let (kubectl, validate, python) = (&t[0], &t[1], &t[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = dir.path().join("rendered.yaml");
+    let yaml = ok(Command::new(kubectl).arg("kustomize").arg(deploy("k8s")));
+    std::fs::write(&rendered, &yaml).unwrap();
+    let objects: Vec<Value> = to_json(python, &rendered).as_array().unwrap().clone();
+
+    // Offline schema validation, strict (unknown fields are errors), against the oldest and the
+    // newest Kubernetes the package knows here. The Prometheus Operator's kinds have no schema in
+    // it: they are checked below.
+    const CRDS: &[&str] = &["ServiceMonitor", "PrometheusRule"];
+    let core = objects
+        .iter()
+        .filter(|o| !CRDS.contains(&o["kind"].as_str().unwrap_or("")))
+        .count();
+    for version in ["1.28.0", "1.37.0"] {
+        let o = run(Command::new(validate)
+            .args(["--strict", "--kubernetes-version", version])
+            .arg(&rendered));
+        let out = text(&o);
+        assert!(o.status.success(), "kubernetes-validate {version}:\n{out}");
+        let passed = out.lines().filter(|l| l.starts_with("INFO")).count();
+        assert_eq!(passed, core, "not every resource validated:\n{out}");
+        for l in out.lines().filter(|l| !l.starts_with("INFO")) {
+            assert!(
+                l.starts_with("WARN") && CRDS.iter().any(|k| l.contains(&format!("kind {k} "))),
+                "unexpected kubernetes-validate output: {l}\n{out}"
+            );
+        }
+    }
+
+    let deployment = of_kind(&objects, "Deployment");
+    let service = of_kind(&objects, "Service");
+    let configmap = of_kind(&objects, "ConfigMap");
+    let pod = &deployment["spec"]["template"];
+    let pod_labels = &pod["metadata"]["labels"];
+    let spec = &pod["spec"];
+    let containers = spec["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        pod_labels
+    ));
+
+    // Probes on the container's named port.
+    let port_names: Vec<&str> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+        let port = c[probe]["httpGet"]["port"].as_str().unwrap_or("");
+        assert!(port_names.contains(&port), "{probe} port {port:?}");
+    }
+    // Resources, non-root and read-only.
+    for k in ["cpu", "memory"] {
+        assert!(c["resources"]["requests"][k].is_string(), "requests.{k}");
+    }
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert!(spec["securityContext"]["runAsUser"].as_u64().unwrap_or(0) > 0);
+
+    // The ConfigMap is the one mounted, and its configuration is valid: `anomalyd check` with
+    // the model directory of the image pointed at the repository's models/.
+    let cm_name = configmap["metadata"]["name"].as_str().unwrap();
+    let config_volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm_name)
+        .unwrap_or_else(|| panic!("no volume mounts the ConfigMap {cm_name}"));
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == config_volume["name"])
+        .expect("the config volume is mounted");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let config_path = format!("{}/anomalyd.toml", mount["mountPath"].as_str().unwrap());
+    assert!(
+        args.windows(2)
+            .any(|w| (w[0] == "--config" || w[0] == "-c") && w[1] == config_path),
+        "the container does not run with --config {config_path}: {args:?}"
+    );
+    let toml = configmap["data"]["anomalyd.toml"].as_str().unwrap();
+    const IMAGE_MODELS: &str = "/usr/local/share/anomalyd/models/";
+    assert!(
+        toml.contains(IMAGE_MODELS),
+        "the configuration does not use the image's models"
+    );
+    let local = dir.path().join("anomalyd.toml");
+    std::fs::write(
+        &local,
+        toml.replace(
+            IMAGE_MODELS,
+            &format!("{}/", repo().join("models").display()),
+        ),
+    )
+    .unwrap();
+    let checked = ok(Command::new(anomalyd_bin())
+        .args(["check", "--config"])
+        .arg(&local));
+    assert!(checked.contains("valid"), "{checked}");
+
+    // Kubernetes waits longer than the drain before it kills the pod.
+    let grace = to_json(python, &local)["runtime"]["shutdown_grace"]
+        .as_str()
+        .map(seconds)
+        .unwrap_or(30.0);
+    let termination = spec["terminationGracePeriodSeconds"]
+        .as_f64()
+        .unwrap_or(30.0);
+    assert!(
+        termination > grace,
+        "terminationGracePeriodSeconds {termination} is not longer than shutdown_grace {grace}s"
+    );
+
+    // Service → pods, ServiceMonitor → Service port, PDB → pods, HPA → Deployment.
+    assert!(selects(&service["spec"]["selector"], pod_labels));
+    let service_ports: Vec<&str> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let monitor = of_kind(&objects, "ServiceMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    for e in monitor["spec"]["endpoints"].as_array().unwrap() {
+        assert!(service_ports.contains(&e["port"].as_str().unwrap_or("")));
+        assert_eq!(e["path"], "/metrics");
+    }
+    // The rules expect job="anomalyd": the ServiceMonitor's job is the Service's name.
+    assert_eq!(service["metadata"]["name"], "anomalyd");
+    let pdb = of_kind(&objects, "PodDisruptionBudget");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels));
+    let hpa = of_kind(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert!(
+        hpa["spec"]["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["type"] == "External"
+                && m["external"]["metric"]["name"] == "anomalyd_consumer_lag"),
+        "the HPA does not scale on consumer lag"
+    );
+
+    // The PrometheusRule is deploy/prometheus/rules.yml.
+    let rule = of_kind(&objects, "PrometheusRule");
+    let rules = to_json(python, &deploy("prometheus/rules.yml"));
+    assert_eq!(
+        rule["spec"]["groups"], rules[0]["groups"],
+        "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/rules.yml"
+    );
+
+    // Everything lands in one namespace.
+    for o in &objects {
+        if o["kind"] != "Namespace" {
+            assert_eq!(o["metadata"]["namespace"], "anomalyd", "{}", o["kind"]);
+        }
+    }
+}
+
+// ---- Dockerfile ----------------------------------------------------------------------------------
+
+#[test]
+fn dockerfile_passes_hadolint_and_copies_what_exists() {
+    let dockerfile = deploy("Dockerfile");
+    let text_ = read(&dockerfile);
+    // Multi-stage, non-root final stage with the binary and the models.
+    let stages: Vec<&str> = text_.split("\nFROM ").skip(1).collect();
+    assert!(stages.len() >= 2, "not a multi-stage build");
+    let last = stages.last().unwrap();
+    let user = last
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .expect("the runtime stage sets USER");
+    assert!(
+        !["root", "0", "0:0"].contains(&user.trim()) && !user.starts_with("0:"),
+        "runtime USER is root"
+    );
+    assert!(last.contains("COPY --from=build"));
+    for needed in [
+        "/out/usr/local/bin/anomalyd",
+        "/out/usr/local/share/anomalyd/models",
+    ] {
+        assert!(text_.contains(needed), "the image lacks {needed}");
+    }
+    // Every source the build stage COPYs from the context exists (globs: matches something),
+    // and deploy/Dockerfile.dockerignore lets it through.
+    let ignore = read(&deploy("Dockerfile.dockerignore"));
+    for line in text_.lines().filter(|l| l.starts_with("COPY ")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        if words.iter().any(|w| w.starts_with("--from")) {
+            continue;
+        }
+        for src in &words[..words.len() - 1] {
+            if let Some((dir, pattern)) = src.split_once("/*") {
+                let n = std::fs::read_dir(repo().join(dir))
+                    .unwrap()
+                    .filter(|e| {
+                        e.as_ref()
+                            .unwrap()
+                            .file_name()
+                            .to_string_lossy()
+                            .ends_with(pattern)
+                    })
+                    .count();
+                assert!(n > 0, "COPY {src}: matches nothing");
+            } else {
+                assert!(repo().join(src).exists(), "COPY {src}: no such path");
+            }
+            let allowed = ignore.lines().any(|l| {
+                l.strip_prefix('!')
+                    .is_some_and(|a| a.trim_end_matches('/') == src.trim_end_matches('/'))
+            });
+            assert!(allowed, "Dockerfile.dockerignore excludes {src}");
+        }
+    }
+    // The model the Kubernetes configuration names is one the image ships.
+    let k8s_config = read(&deploy("k8s/anomalyd.toml"));
+    for line in k8s_config
+        .lines()
+        .filter(|l| l.trim_start().starts_with("model"))
+    {
+        let path = line.split('"').nth(1).unwrap();
+        let name = path
+            .strip_prefix("/usr/local/share/anomalyd/models/")
+            .unwrap_or_else(|| panic!("{path} is not in the image's model directory"));
+        assert!(
+            repo().join("models").join(name).is_file(),
+            "models/{name} is not in the repository"
+        );
+    }
+
+    let Some(t) = tools("Dockerfile lint", &[venv_bin("hadolint").to_str().unwrap()]) else {
+        return;
+    };
+    let o = run(Command::new(&t[0]).arg("--no-color").arg(&dockerfile));
+    assert!(o.status.success(), "hadolint:\n{}", text(&o));
+}
+
+// ---- Grafana -------------------------------------------------------------------------------------
+
+/// Every `expr` of the dashboard's panels (rows included), with the panel's title.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let dash: Value = serde_json::from_str(&read(&deploy("grafana/anomalyd.json")))
+        .expect("anomalyd.json is JSON");
+    let mut out = Vec::new();
+    fn walk(panels: &Value, out: &mut Vec<(String, String)>) {
+        for p in panels.as_array().into_iter().flatten() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(e) = t["expr"].as_str() {
+                    out.push((p["title"].as_str().unwrap_or("?").to_string(), e.into()));
+                }
+            }
+            walk(&p["panels"], out);
+        }
+    }
+    walk(&dash["panels"], &mut out);
+    assert!(
+        out.len() >= 10,
+        "the dashboard has only {} queries",
+        out.len()
+    );
+    out
+}
+
+/// Runs `anomalyd demo` serving /metrics on `port`, scraping it until it exits: the union of the
+/// metric names seen.
+fn demo_metric_names(dir: &Path) -> BTreeSet<String> {
+    let port = free_port();
+    let mut demo = Proc::spawn(
+        "demo",
+        Command::new(anomalyd_bin()).args([
+            "demo",
+            "--rate",
+            "100",
+            "--ticks",
+            "800",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]),
+        dir,
+    );
+    let mut names = BTreeSet::new();
+    let mut scrapes = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while demo.running() {
+        assert!(Instant::now() < deadline, "the demo ran for over 90 s");
+        if let Ok((200, body)) = http_get(port, "/metrics") {
+            names.extend(exposed_names(&body));
+            scrapes += 1;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let status = demo.child.wait().unwrap();
+    assert!(status.success(), "the demo failed\n{}", demo.tail());
+    assert!(
+        scrapes >= 5,
+        "only {scrapes} scrapes of the demo\n{}",
+        demo.tail()
+    );
+    names
+}
+
+#[test]
+fn grafana_dashboard_queries_only_metrics_the_daemon_exposes() {
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = demo_metric_names(dir.path());
+    // Prometheus adds `up` for every target.
+    let known = |n: &str| n == "up" || exposed.contains(n);
+    let mut unknown = Vec::new();
+    for (title, expr) in dashboard_queries() {
+        let names = promql_metric_names(&expr);
+        assert!(!names.is_empty(), "panel {title:?}: no metric in {expr}");
+        for n in names.into_iter().filter(|n| !known(n)) {
+            unknown.push(format!("panel {title:?}: {n}"));
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics anomalyd does not expose:\n  {}\nexposed: {exposed:?}",
+        unknown.join("\n  ")
+    );
+}
+
+// ---- end to end: Prometheus → rules → Alertmanager ------------------------------------------------
+
+/// Records the webhook notifications Alertmanager sends: (path, body).
+struct Webhook {
+    port: u16,
+    got: Arc<Mutex<Vec<(String, String)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        if let Some(req) = Webhook::serve(conn) {
+                            g.lock().unwrap().push(req);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Webhook {
+            port,
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn serve(mut conn: TcpStream) -> Option<(String, String)> {
+        conn.set_nonblocking(false).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut reader = BufReader::new(conn.try_clone().ok()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).ok()?;
+        let path = request_line.split_whitespace().nth(1)?.to_string();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        Some((path, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Rewrites lines `<indent>key: …` (the key at the start of the line, after `- ` if any) with
+/// `f(indent + "- "?, old value)`; returns the text and how many lines changed.
+fn rewrite_yaml_key(text: &str, key: &str, f: impl Fn(&str) -> String) -> (String, usize) {
+    let mut n = 0;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let body = l.trim_start();
+            let (dash, rest) = match body.strip_prefix("- ") {
+                Some(r) => ("- ", r),
+                None => ("", body),
+            };
+            match rest.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
+                Some(value) => {
+                    n += 1;
+                    let indent = &l[..l.len() - body.len()];
+                    format!("{indent}{dash}{key}: {}", f(value.trim()))
+                }
+                None => l.to_string(),
+            }
+        })
+        .collect();
+    (out.join("\n") + "\n", n)
+}
+
+/// Alerts named `name` in Alertmanager's v2 API.
+fn am_alerts(port: u16, name: &str) -> Vec<Value> {
+    let filter = urlencode(&format!("alertname=\"{name}\""));
+    get_json(port, &format!("/api/v2/alerts?filter={filter}"))
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Metrics anomalyd registers but exports only after a failure (a counter vector has no series
+/// until its first increment), so a healthy demo run never shows them. Each must still be
+/// registered under this name in src/metrics.rs.
+const FAILURE_ONLY_METRICS: &[&str] = &[
+    "anomalyd_model_load_failures_total",
+    "anomalyd_produce_errors_total",
+];
+
+#[test]
+fn prometheus_evaluates_the_shipped_rules_and_alerts_reach_alertmanager() {
+    let Some(t) = tools(
+        "end to end with Prometheus and Alertmanager",
+        &["prometheus", "alertmanager|prometheus-alertmanager"],
+    ) else {
+        return;
+    };
+    let (prometheus, alertmanager) = (&t[0], &t[1]);
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // The daemon: the demo, with dead letters at tick 800 (8 s), alive for about 16 s.
+    let demo_port = free_port();
+    let mut demo = Proc::spawn(
+        "demo",
+        Command::new(anomalyd_bin()).args([
+            "demo",
+            "--rate",
+            "100",
+            "--ticks",
+            "1600",
+            "--listen",
+            &format!("127.0.0.1:{demo_port}"),
+        ]),
+        d,
+    );
+
+    // Alertmanager with the shipped routing, its receivers pointed at a local webhook, and a
+    // short group_wait.
+    let webhook = Webhook::start();
+    let shipped = read(&deploy("alertmanager/alertmanager.yml"));
+    let (am_config, urls) = rewrite_yaml_key(&shipped, "url", |old| {
+        let url = old.trim_matches('"');
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("/");
+        format!("\"http://127.0.0.1:{}{path}\"", webhook.port)
+    });
+    assert!(urls >= 2, "no receiver url to rewrite in alertmanager.yml");
+    let (am_config, waits) = rewrite_yaml_key(&am_config, "group_wait", |_| "1s".into());
+    assert!(waits >= 1, "no group_wait in alertmanager.yml");
+    std::fs::write(d.join("alertmanager.yml"), am_config).unwrap();
+    let am_port = free_port();
+    std::fs::create_dir(d.join("am-data")).unwrap();
+    let am = Proc::spawn(
+        "alertmanager",
+        Command::new(alertmanager)
+            .arg(format!(
+                "--config.file={}",
+                d.join("alertmanager.yml").display()
+            ))
+            .arg(format!("--storage.path={}", d.join("am-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
+            .arg("--cluster.listen-address=")
+            .arg("--log.level=warn"),
+        d,
+    );
+
+    // Prometheus with the shipped rules, `for:` shortened to 2 s, scraping and evaluating every
+    // second.
+    let (rules, fors) = rewrite_yaml_key(&read(&deploy("prometheus/rules.yml")), "for", |_| {
+        "2s".into()
+    });
+    assert!(fors >= 3, "rules.yml has only {fors} `for:`");
+    std::fs::write(d.join("rules.yml"), rules).unwrap();
+    std::fs::write(
+        d.join("prometheus.yml"),
+        format!(
+            r#"
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files: [rules.yml]
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ["127.0.0.1:{am_port}"]
+scrape_configs:
+  - job_name: anomalyd
+    static_configs:
+      - targets: ["127.0.0.1:{demo_port}"]
+"#
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    std::fs::create_dir(d.join("tsdb")).unwrap();
+    let prom = Proc::spawn(
+        "prometheus",
+        Command::new(prometheus)
+            .current_dir(d)
+            .arg(format!(
+                "--config.file={}",
+                d.join("prometheus.yml").display()
+            ))
+            .arg(format!("--storage.tsdb.path={}", d.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .arg("--log.level=warn"),
+        d,
+    );
+    let demo_log = demo.log.clone();
+    let logs = || {
+        format!(
+            "{}\n{}\n{}",
+            prom.tail(),
+            am.tail(),
+            tail("demo", &demo_log)
+        )
+    };
+
+    wait_for(
+        "Alertmanager and Prometheus to be ready",
+        Duration::from_secs(60),
+        || {
+            (matches!(http_get(am_port, "/-/ready"), Ok((200, _)))
+                && matches!(http_get(prom_port, "/-/ready"), Ok((200, _))))
+            .then_some(())
+        },
+        logs,
+    );
+
+    // 1. The dead letters (3 records, each reason a new counter series) fire AnomalydDeadLetters,
+    //    which Alertmanager routes to the operators' receiver.
+    let alert = wait_for(
+        "AnomalydDeadLetters in Alertmanager",
+        Duration::from_secs(60),
+        || {
+            am_alerts(am_port, "AnomalydDeadLetters")
+                .into_iter()
+                .find(|a| a["status"]["state"] == "active")
+        },
+        || {
+            format!(
+                "Prometheus alerts: {}\n{}",
+                get_json(prom_port, "/api/v1/alerts").unwrap_or_default(),
+                logs()
+            )
+        },
+    );
+    let seen_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let labels = &alert["labels"];
+    assert_eq!(labels["pipeline"], "fleet", "{alert}");
+    assert_eq!(labels["job"], "anomalyd", "{alert}");
+    assert_eq!(labels["severity"], "warning", "{alert}");
+    assert_eq!(labels["service"], "anomalyd", "{alert}");
+    let description = alert["annotations"]["description"].as_str().unwrap_or("");
+    assert!(
+        ["About 1 ", "About 2 ", "About 3 "]
+            .iter()
+            .any(|p| description.starts_with(p))
+            && description.contains("records of pipeline fleet could not be scored"),
+        "{alert}"
+    );
+    let receivers: Vec<&str> = alert["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(receivers, ["anomalyd-operators"], "{alert}");
+    wait_for(
+        "the dead-letter notification at the anomalyd-operators webhook",
+        Duration::from_secs(30),
+        || {
+            webhook.got.lock().unwrap().iter().find_map(|(path, body)| {
+                (path == "/hooks/anomalyd-operators" && body.contains("AnomalydDeadLetters"))
+                    .then_some(())
+            })
+        },
+        || format!("webhook got {:?}\n{}", webhook.got.lock().unwrap(), logs()),
+    );
+
+    // 2. Every rule evaluates without error, on metrics the daemon exposes.
+    let rules = get_json(prom_port, "/api/v1/rules").expect("GET /api/v1/rules");
+    let names: BTreeSet<String> = get_json(prom_port, "/api/v1/label/__name__/values")
+        .expect("GET /api/v1/label/__name__/values")["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str().map(String::from))
+        .collect();
+    let metrics_rs = read(&repo().join("src/metrics.rs"));
+    for m in FAILURE_ONLY_METRICS {
+        assert!(
+            metrics_rs.contains(&format!("\"{m}\"")),
+            "{m} is no longer registered in src/metrics.rs"
+        );
+    }
+    let mut evaluated = 0;
+    for group in rules["data"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            evaluated += 1;
+            assert_eq!(rule["health"], "ok", "rule {} failed: {rule}", rule["name"]);
+            for m in promql_metric_names(rule["query"].as_str().unwrap()) {
+                assert!(
+                    names.contains(&m) || FAILURE_ONLY_METRICS.contains(&m.as_str()),
+                    "rule {} uses {m}, which the daemon does not expose (exposed: {names:?})",
+                    rule["name"]
+                );
+            }
+        }
+    }
+    assert!(evaluated >= 8, "only {evaluated} rules loaded: {rules}");
+
+    // 3. Every dashboard query is valid PromQL with data, at a moment the demo was running.
+    for (title, expr) in dashboard_queries() {
+        let expr = expr
+            .replace("$__rate_interval", "10s")
+            .replace("$job", ".+")
+            .replace("$pipeline", ".+");
+        let v = get_json(
+            prom_port,
+            &format!("/api/v1/query?time={seen_at}&query={}", urlencode(&expr)),
+        )
+        .unwrap_or_else(|| panic!("panel {title:?}: Prometheus rejected {expr}"));
+        assert_eq!(v["status"], "success", "panel {title:?}: {v}");
+        assert!(
+            !v["data"]["result"].as_array().unwrap().is_empty(),
+            "panel {title:?}: no data for {expr}"
+        );
+    }
+
+    // 4. When the daemon stops, AnomalydDown pages the operators.
+    let status = wait_for(
+        "the demo to finish",
+        Duration::from_secs(90),
+        || demo.child.try_wait().ok().flatten(),
+        logs,
+    );
+    assert!(status.success(), "the demo failed\n{}", demo.tail());
+    let down = wait_for(
+        "AnomalydDown in Alertmanager",
+        Duration::from_secs(60),
+        || {
+            am_alerts(am_port, "AnomalydDown")
+                .into_iter()
+                .find(|a| a["status"]["state"] == "active")
+        },
+        logs,
+    );
+    assert_eq!(down["labels"]["severity"], "critical", "{down}");
+    assert_eq!(
+        down["labels"]["instance"],
+        format!("127.0.0.1:{demo_port}"),
+        "{down}"
+    );
+    assert_eq!(
+        down["receivers"][0]["name"], "anomalyd-operators-page",
+        "{down}"
+    );
+    eprintln!(
+        "end to end: alerts delivered in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
