@@ -148,6 +148,7 @@ def fit(opts: FitOptions) -> FitResult:
             history = fit_stacked(core, train_n, val_n, cfg)
         else:
             history = fit_minibatch(core, train_n, val_n, cfg)
+    core.fit_code_bounds(train_n)
     core.eval()
 
     model = export.Exported(core, mean, std, image=image)
@@ -182,7 +183,7 @@ def fit(opts: FitOptions) -> FitResult:
             "train_windows": int(len(train)),
             "val_windows": int(len(val)),
             "val_mse": float(f"{best_val_mse(history, spec):.6g}"),
-            "architecture": spec.describe(),
+            "architecture": {**spec.describe(), "code_clamped_to_training_range": core.bounded},
         },
     }
     if image:

@@ -99,8 +99,8 @@ def fit_stacked(core: Stacked, train: torch.Tensor, val: torch.Tensor, cfg: Trai
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     for level, (enc, dec) in enumerate(zip(core.encoders, core.decoders)):
         with torch.no_grad():
-            below_train = core.encode(flat_train, levels=level)
-            below_val = core.encode(flat_val, levels=level)
+            below_train = core.encode_flat(flat_train, levels=level)
+            below_val = core.encode_flat(flat_val, levels=level)
         params = list(enc.parameters()) + list(dec.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr)
         phase = f"pretrain level {level + 1}"

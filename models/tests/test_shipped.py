@@ -131,9 +131,13 @@ def test_demo_incidents_score_well_above_calibration(name):
         s = np.concatenate(scores)
         above, ratio = float(np.mean(s > p99)), float(np.median(s) / p99)
         print(f"{name}: {kind}: {above:.0%} of incident rows above p99, median score {ratio:.1f} x p99")
-        # A stuck sensor repeats a real reading: in the first ticks it is still right, and a
+        # A stuck sensor repeats a real reading: in its first ticks it is still right (even a
+        # point model knowing the exact normal manifold gets ~59% of rows above p99, 1.7x), and a
         # 16-tick window of a slow cycle drifts little, so the sequence model catches it later.
-        min_ratio, min_above = (1.0, 0.45) if (window > 1 and kind == "stuck_sensor") else (1.5, 0.5)
+        if kind == "stuck_sensor":
+            min_ratio, min_above = (1.0, 0.45) if window > 1 else (1.5, 0.5)
+        else:
+            min_ratio, min_above = 3.0, 0.9
         assert ratio >= min_ratio and above >= min_above, kind
 
 
