@@ -78,25 +78,31 @@ def parser() -> argparse.ArgumentParser:
     g = f.add_argument_group("data and output")
     g.add_argument("--kind", required=True, choices=KINDS, metavar="KIND",
                    help=f"model kind: {', '.join(KINDS)} (see below)")
-    g.add_argument("--data", required=True, metavar="FILE", help="training data: .csv (header line) or .ndjson")
+    g.add_argument("--data", required=True, metavar="FILE",
+                   help="training data: .csv (header line) or .ndjson")
     g.add_argument("--features", required=True, type=_csv_list, metavar="A,B,C",
                    help="feature columns, in the order the model will take them")
     g.add_argument("--key", metavar="COL", help="entity key column: one series per key (e.g. host)")
-    g.add_argument("--window", type=int, metavar="T", help="rows per sample (default 1; 16 for conv, lstm, gru)")
-    g.add_argument("--shape", type=_shape, metavar="C,H,W", help="conv only: image-shaped records (2-D model)")
+    g.add_argument("--window", type=int, metavar="T",
+                   help="rows per sample (default 1; 16 for conv, lstm, gru)")
+    g.add_argument("--shape", type=_shape, metavar="C,H,W",
+                   help="conv only: image-shaped records (2-D model)")
     g.add_argument("--out", required=True, metavar="NAME.onnx", help="the model file to write")
     g.add_argument("--name", help="model name in the metadata (default: the file's stem)")
-    g.add_argument("--version", dest="model_version", metavar="VERSION", default="1.0.0", help="model version (default 1.0.0)")
+    g.add_argument("--version", dest="model_version", metavar="VERSION", default="1.0.0",
+                   help="model version (default 1.0.0)")
     g.add_argument("--no-plot", action="store_true", help="do not write the loss-curve PNG")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     t = f.add_argument_group("training")
-    t.add_argument("--epochs", metavar="N", type=int, default=30, help="training epochs (default 30; pca ignores it)")
+    t.add_argument("--epochs", metavar="N", type=int, default=30,
+                   help="training epochs (default 30; pca ignores it)")
     t.add_argument("--batch-size", metavar="N", type=int, default=64, help="mini-batch size (default 64)")
     t.add_argument("--lr", metavar="X", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--val-fraction", metavar="X", type=float, default=0.2,
                    help="share held back for validation and calibration (default 0.2)")
-    t.add_argument("--seed", type=int, metavar="N", default=0, help="random seed: same seed and data, same model (default 0)")
+    t.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="random seed: same seed and data, same model (default 0)")
     t.add_argument("--threads", metavar="N", type=int, default=1,
                    help="CPU threads for torch (default 1: these small models train fastest on one, "
                         "and results are bit-identical only for the same thread count)")
@@ -105,18 +111,24 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--latent", metavar="K", type=int,
                    help="code size (default: min(D/2, 8) for D = window x features; sparse: twice that; "
                         "pca: the fewest components explaining --variance)")
-    a.add_argument("--hidden", metavar="H", type=int, default=32, help="hidden layer / recurrent state size (default 32)")
-    a.add_argument("--variance", metavar="X", type=float, default=0.95, help="pca: share of variance to keep (default 0.95)")
+    a.add_argument("--hidden", metavar="H", type=int, default=32,
+                   help="hidden layer / recurrent state size (default 32)")
+    a.add_argument("--variance", metavar="X", type=float, default=0.95,
+                   help="pca: share of variance to keep (default 0.95)")
     a.add_argument("--sparsity", choices=("kl", "l1"), default="kl",
                    help="sparse: KL divergence to a target activation (default) or L1 of the code")
-    a.add_argument("--sparsity-weight", metavar="W", type=float, help="sparse: penalty weight (default 0.1 kl, 1e-3 l1)")
-    a.add_argument("--rho", metavar="X", type=float, default=0.05, help="sparse kl: target mean activation (default 0.05)")
+    a.add_argument("--sparsity-weight", metavar="W", type=float,
+                   help="sparse: penalty weight (default 0.1 kl, 1e-3 l1)")
+    a.add_argument("--rho", metavar="X", type=float, default=0.05,
+                   help="sparse kl: target mean activation (default 0.05)")
     a.add_argument("--noise-std", metavar="X", type=float, default=0.5,
                    help="denoising: Gaussian corruption in normalised units (default 0.5)")
     a.add_argument("--mask-prob", metavar="P", type=float, default=0.1,
                    help="denoising: probability of masking an input value (default 0.1)")
-    a.add_argument("--beta", metavar="X", type=float, default=1.0, help="vae: weight of the KL term (default 1)")
-    a.add_argument("--pretrain-epochs", metavar="N", type=int, help="stacked: epochs per level (default epochs/3)")
+    a.add_argument("--beta", metavar="X", type=float, default=1.0,
+                   help="vae: weight of the KL term (default 1)")
+    a.add_argument("--pretrain-epochs", metavar="N", type=int,
+                   help="stacked: epochs per level (default epochs/3)")
 
     gen = sub.add_parser("generate", help="sample synthetic normal data from a VAE model",
                          description="Sample synthetic normal data from a trained VAE model: z ~ N(0, I) "
