@@ -99,7 +99,8 @@ struct InspectArgs {
     /// batch first) to run through tract and compare.
     #[arg(long, value_name = "SAMPLES.json")]
     verify: Option<PathBuf>,
-    /// Largest accepted absolute difference for --verify.
+    /// Largest accepted difference for --verify: absolute for `error`, relative to
+    /// max(1, |expected|) for `reconstruction` (raw units, where float32 steps exceed 1e-4).
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f64,
 }
@@ -437,7 +438,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(v) = &verification {
             println!(
-                "verify       {} samples: max |Δ| error {:.3e}, reconstruction {:.3e} (tolerance {:.1e}): {}",
+                "verify       {} samples: max |Δ| error {:.3e}, reconstruction {:.3e} relative (tolerance {:.1e}): {}",
                 v.samples,
                 v.error,
                 v.reconstruction,
@@ -497,7 +498,9 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
     }
     let n = input.len() / per;
     let out = model.infer(&input, n)?;
-    let max_diff = |got: &[f32], want: &[f32], name: &str| -> anyhow::Result<f64> {
+    // Reconstructions are in raw units, where float32 itself steps by more than 1e-4 above a few
+    // hundred: their differences are relative to max(1, |expected|). Errors are absolute.
+    let max_diff = |got: &[f32], want: &[f32], name: &str, relative: bool| -> anyhow::Result<f64> {
         if got.len() != want.len() {
             bail!(
                 "`{name}` has {} expected values but the model produced {}",
@@ -508,11 +511,18 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
         Ok(got
             .iter()
             .zip(want)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .map(|(a, b)| {
+                let scale = if relative {
+                    (*b as f64).abs().max(1.0)
+                } else {
+                    1.0
+                };
+                (*a as f64 - *b as f64).abs() / scale
+            })
             .fold(0.0, f64::max))
     };
-    let error = max_diff(&out.errors, &error, "error")?;
-    let reconstruction = max_diff(&out.reconstructions, &recon, "reconstruction")?;
+    let error = max_diff(&out.errors, &error, "error", false)?;
+    let reconstruction = max_diff(&out.reconstructions, &recon, "reconstruction", true)?;
     Ok(Verification {
         samples: n,
         error,

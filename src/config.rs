@@ -238,7 +238,8 @@ pub struct AlertConfig {
     /// Consecutive normal points before a firing episode resolves.
     #[serde(default = "default_resolve_after")]
     pub resolve_after: u32,
-    /// Anomaly score (0..1) from which an alert's severity is `critical` rather than `warning`.
+    /// Anomaly score (0..1) from which an alert's severity is `critical` rather than `warning`;
+    /// the default, 0.99999, is a tail probability of 1e-5.
     #[serde(default = "default_critical_above")]
     pub critical_above: f64,
 }
@@ -308,7 +309,7 @@ fn default_resolve_after() -> u32 {
     5
 }
 fn default_critical_above() -> f64 {
-    0.99
+    0.99999
 }
 
 fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

@@ -16,6 +16,7 @@
 //! | [`batch`] | micro-batching by size and age |
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
 //! | [`threshold`] | adaptive per-key thresholds |
+//! | [`evt`] | extreme-value thresholds: SPOT and DSPOT |
 //! | [`alert`] | hysteresis and alert events |
 //! | [`sink`] | output topics, dead letters and stdout |
 //! | [`alertmanager`] | pushing episodes to Alertmanager |
@@ -41,6 +42,7 @@ pub mod daemon;
 pub mod decode;
 pub mod demo;
 pub mod detect;
+pub mod evt;
 pub mod kafka;
 pub mod metrics;
 pub mod model;

@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::evt::{Dspot, Spot, SpotConfig};
 use crate::model::Calibration;
 
 /// The judgement of one score.
@@ -17,11 +18,23 @@ pub struct Verdict {
     /// The threshold the score was compared with (before learning from it).
     pub threshold: f64,
     pub is_anomaly: bool,
-    /// Severity in [0, 1]: 0.5 at the threshold, approaching 1 far above it.
+    /// The calibrated anomaly score in [0, 1]: `1 − P(S ≥ score)` under the key's learned
+    /// distribution of normal scores (for `static`, which learns nothing, `score / (score +
+    /// threshold)`: 0.5 at the threshold).
     pub anomaly_score: f64,
 }
 
 impl Verdict {
+    /// A verdict whose anomaly score is `1 − tail`.
+    pub fn with_tail(score: f64, threshold: f64, tail: f64) -> Verdict {
+        Verdict {
+            threshold,
+            is_anomaly: score > threshold,
+            anomaly_score: (1.0 - tail).clamp(0.0, 1.0),
+        }
+    }
+
+    /// A verdict without a distribution: the score relative to the threshold.
     fn new(score: f64, threshold: f64) -> Verdict {
         let anomaly_score = if threshold > 0.0 {
             (score / (score + threshold)).clamp(0.0, 1.0)
@@ -64,6 +77,10 @@ pub enum ThresholdConfig {
     Quantile(QuantileConfig),
     /// A fixed threshold on the score.
     Static(StaticConfig),
+    /// Extreme-value theory: a generalized Pareto tail fitted to the key's peaks (SPOT).
+    Spot(SpotConfig),
+    /// SPOT on the score minus a moving local level, for drifting baselines (DSPOT).
+    Dspot(SpotConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -145,6 +162,8 @@ impl ThresholdConfig {
                     out.push(format!("value must be a finite number, found {value}"));
                 }
             }
+            ThresholdConfig::Spot(c) => out.extend(c.problems(false)),
+            ThresholdConfig::Dspot(c) => out.extend(c.problems(true)),
         }
         out
     }
@@ -159,6 +178,8 @@ impl ThresholdConfig {
                 Box::new(P2Quantile::warm(q, memory, calibration))
             }
             ThresholdConfig::Static(StaticConfig { value }) => Box::new(Static(value)),
+            ThresholdConfig::Spot(c) => Box::new(Spot::calibrate(&c, &calibration.sample)),
+            ThresholdConfig::Dspot(c) => Box::new(Dspot::calibrate(&c, &calibration.sample)),
         }
     }
 }
@@ -190,7 +211,7 @@ pub struct Ewma {
 
 impl Ewma {
     pub fn warm(alpha: f64, k: f64, calibration: &Calibration) -> Ewma {
-        let (mean, std) = if calibration.count > 0 {
+        let (mean, std) = if calibration.sample.is_empty() {
             (calibration.mean, calibration.std)
         } else {
             mean_std(&calibration.sample)
@@ -214,9 +235,44 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+impl Ewma {
+    fn std(&self) -> f64 {
+        // A floor on σ keeps a perfectly flat history from alarming on rounding noise.
+        self.var.sqrt().max(self.mean.abs() * 1e-3 + 1e-12)
+    }
+}
+
+/// P(Z ≥ z) for a standard normal Z.
+pub fn normal_tail(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// The complementary error function (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
 impl Threshold for Ewma {
     fn judge(&mut self, score: f64) -> Verdict {
-        let verdict = Verdict::new(score, self.threshold());
+        let tail = normal_tail((score - self.mean) / self.std());
+        let verdict = Verdict::with_tail(score, self.threshold(), tail);
         if !verdict.is_anomaly {
             let delta = score - self.mean;
             self.mean += self.alpha * delta;
@@ -225,8 +281,7 @@ impl Threshold for Ewma {
         verdict
     }
     fn threshold(&self) -> f64 {
-        // A floor on σ keeps a perfectly flat history from alarming on rounding noise.
-        self.mean + self.k * self.var.sqrt().max(self.mean.abs() * 1e-3 + 1e-12)
+        self.mean + self.k * self.std()
     }
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
@@ -368,10 +423,31 @@ fn interpolate(sorted: &[f64], at: f64) -> f64 {
     sorted[lo] + frac * (sorted[hi] - sorted[lo])
 }
 
+impl P2Quantile {
+    /// P(S ≥ x) read off the markers: the CDF is linear between the markers up to the
+    /// q-quantile, and beyond it an exponential tail through the q and (1+q)/2 markers.
+    fn tail_probability(&self, x: f64) -> f64 {
+        if !self.initialized {
+            return 1.0;
+        }
+        let (h, p) = (&self.heights, &self.increments);
+        if x <= h[0] {
+            return 1.0;
+        }
+        if x >= h[2] {
+            let half_life = (h[3] - h[2]).max(1e-12 * h[2].abs() + f64::MIN_POSITIVE);
+            return (1.0 - p[2]) * 0.5f64.powf((x - h[2]) / half_life);
+        }
+        let i = if x < h[1] { 0 } else { 1 };
+        let frac = (x - h[i]) / (h[i + 1] - h[i]).max(f64::MIN_POSITIVE);
+        1.0 - (p[i] + frac * (p[i + 1] - p[i]))
+    }
+}
+
 impl Threshold for P2Quantile {
     fn judge(&mut self, score: f64) -> Verdict {
         let threshold = self.threshold();
-        let verdict = Verdict::new(score, threshold);
+        let verdict = Verdict::with_tail(score, threshold, self.tail_probability(score));
         self.update(if verdict.is_anomaly { threshold } else { score });
         verdict
     }
@@ -514,11 +590,40 @@ mod tests {
     }
 
     #[test]
-    fn verdict_maps_the_threshold_to_one_half() {
+    fn static_verdicts_map_the_threshold_to_one_half() {
         let v = Verdict::new(2.0, 2.0);
         assert_eq!((v.is_anomaly, v.anomaly_score), (false, 0.5));
         assert!(Verdict::new(20.0, 2.0).anomaly_score > 0.9);
         assert!(Verdict::new(0.2, 2.0).anomaly_score < 0.1);
+    }
+
+    #[test]
+    fn anomaly_scores_are_one_minus_the_tail_probability() {
+        assert!((normal_tail(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_tail(3.0) - 1.349_898e-3).abs() < 1e-8);
+        assert!((normal_tail(-1.0) - 0.841_344_7).abs() < 1e-6);
+        // On the quantile threshold, the anomaly score is about q; beyond it, higher.
+        let cal = calibration(exp_stream(8).take(2000).collect());
+        let mut t = ThresholdConfig::Quantile(QuantileConfig {
+            q: 0.99,
+            memory: 10_000,
+        })
+        .build(&cal);
+        let at = t.threshold();
+        let v = t.judge(at);
+        assert!((v.anomaly_score - 0.99).abs() < 2e-3, "{v:?}");
+        assert!(t.judge(at * 3.0).anomaly_score > 0.999);
+        assert!(t.judge(0.01).anomaly_score < 0.05);
+        let mut e = ThresholdConfig::Ewma(EwmaConfig {
+            alpha: 0.01,
+            k: 3.0,
+        })
+        .build(&cal);
+        let v = e.judge(e.threshold());
+        assert!(
+            (v.anomaly_score - (1.0 - 1.349_898e-3)).abs() < 1e-4,
+            "{v:?}"
+        );
     }
 
     #[test]
