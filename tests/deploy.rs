@@ -10,8 +10,9 @@
 //!   the ConfigMap's configuration passes `anomalyd check`, the PrometheusRule is rules.yml);
 //! - Dockerfile: hadolint, and what it copies exists;
 //! - Grafana dashboard: every metric its queries use is one a running daemon exposes;
-//! - end to end: Prometheus scrapes `anomalyd demo`, evaluates the shipped rules, and the
-//!   dead-letter and daemon-down alerts reach Alertmanager, routed by the shipped example config.
+//! - end to end, from nothing to a paged anomaly: `anomalyd run` on Kafka pushes its anomalies to
+//!   a real Alertmanager routed by the shipped example; a real Prometheus scrapes it, evaluates the
+//!   shipped rules, and their dead-letter and daemon-down alerts reach that Alertmanager too.
 //!
 //! The tools come from scripts/deploy-tools.sh. A test whose tool is missing prints a note and
 //! passes, unless ANOMALYD_REQUIRE_TOOLS=1 (scripts/test.sh sets it), when it fails.
@@ -1165,13 +1166,75 @@ fn am_alerts(port: u16, name: &str) -> Vec<Value> {
 }
 
 /// Metrics anomalyd registers but exports only after a failure (a counter vector has no series
-/// until its first increment), so a healthy demo run never shows them. Each must still be
+/// until its first increment), so a healthy run never shows them. Each must still be
 /// registered under this name in src/metrics.rs.
 const FAILURE_ONLY_METRICS: &[&str] = &[
     "anomalyd_model_load_failures_total",
     "anomalyd_produce_errors_total",
 ];
 
+/// Produces the demo's fleet (20 hosts, two incidents after a quiet simulated day) and three
+/// records that cannot be scored into `topic`, stopping halfway through the last incident so
+/// that its episode is still firing; returns that incident's host.
+fn produce_fleet(bootstrap: &str, topic: &str) -> String {
+    use anomalyd::demo::stream::{host_name, Fleet};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("a Kafka producer");
+    let mut fleet = Fleet::new(20, 600, 2, 7);
+    let last = fleet
+        .incidents()
+        .iter()
+        .max_by_key(|i| i.start)
+        .expect("the fleet has incidents")
+        .clone();
+    assert!(last.end - last.start >= 20, "{last:?} is too short");
+    let ticks = last.start + (last.end - last.start) / 2;
+    let send = |key: &str, payload: &str| loop {
+        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
+            Ok(()) => break,
+            Err((e, _)) => {
+                // Queue full: let deliveries drain.
+                assert!(
+                    matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ),
+                    "producing to {topic}: {e}"
+                );
+                producer.poll(Duration::from_millis(50));
+            }
+        }
+    };
+    for tick in 0..ticks {
+        for row in fleet.next_tick() {
+            send(&row.key(), &row.to_json());
+        }
+        if tick == 200 {
+            for bad in [
+                "this is not JSON",
+                r#"{"host":"host-05","ts":"x","cpu_pct":"high","requests_per_s":1,"latency_ms":1,"net_out_mbps":1}"#,
+                r#"{"host":"host-06","cpu_pct":50}"#,
+            ] {
+                send("bad", bad);
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("every record delivered to the in-process Kafka");
+    host_name(last.host)
+}
+
+/// The whole alerting path, from nothing to a paged anomaly: `anomalyd run` consumes a fleet with
+/// incidents and a few undecodable records from Kafka (librdkafka's in-process mock cluster),
+/// and pushes its anomaly episodes to a real Alertmanager routed by the shipped example; a real
+/// Prometheus scrapes it and evaluates the shipped rules, whose alerts reach that Alertmanager
+/// too; Alertmanager notifies the webhook receivers of the example's routes.
 #[test]
 fn prometheus_evaluates_the_shipped_rules_and_alerts_reach_alertmanager() {
     let Some(t) = tools(
@@ -1184,22 +1247,6 @@ fn prometheus_evaluates_the_shipped_rules_and_alerts_reach_alertmanager() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-
-    // The daemon: the demo, with dead letters at tick 800 (8 s), alive for about 16 s.
-    let demo_port = free_port();
-    let mut demo = Proc::spawn(
-        "demo",
-        Command::new(anomalyd_bin()).args([
-            "demo",
-            "--rate",
-            "100",
-            "--ticks",
-            "1600",
-            "--listen",
-            &format!("127.0.0.1:{demo_port}"),
-        ]),
-        d,
-    );
 
     // Alertmanager with the shipped routing, its receivers pointed at a local webhook, and a
     // short group_wait.
@@ -1233,6 +1280,48 @@ fn prometheus_evaluates_the_shipped_rules_and_alerts_reach_alertmanager() {
         d,
     );
 
+    // Kafka, and the daemon pushing to Alertmanager.
+    let kafka = anomalyd::demo::MockKafka::start(&[
+        ("metrics", 4),
+        ("anomalyd-alerts", 1),
+        ("anomalyd-dead-letters", 1),
+    ])
+    .expect("the in-process Kafka cluster");
+    let daemon_port = free_port();
+    std::fs::write(
+        d.join("anomalyd.toml"),
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "deploy-e2e"
+[http]
+listen = "127.0.0.1:{daemon_port}"
+[log]
+level = "warn,librdkafka=error"
+[runtime]
+shutdown_grace = "10s"
+[pipelines.fleet]
+topics = ["metrics"]
+model = "{}"
+key_field = "host"
+timestamp_field = "ts"
+[pipelines.fleet.alertmanager]
+url = "http://127.0.0.1:{am_port}"
+"#,
+            kafka.bootstrap,
+            repo().join("models/demo-dense.onnx").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Proc::spawn(
+        "anomalyd",
+        Command::new(anomalyd_bin())
+            .args(["run", "--config"])
+            .arg(d.join("anomalyd.toml")),
+        d,
+    );
+
     // Prometheus with the shipped rules, `for:` shortened to 2 s, scraping and evaluating every
     // second.
     let (rules, fors) = rewrite_yaml_key(&read(&deploy("prometheus/rules.yml")), "for", |_| {
@@ -1256,7 +1345,7 @@ alerting:
 scrape_configs:
   - job_name: anomalyd
     static_configs:
-      - targets: ["127.0.0.1:{demo_port}"]
+      - targets: ["127.0.0.1:{daemon_port}"]
 "#
         ),
     )
@@ -1276,29 +1365,90 @@ scrape_configs:
             .arg("--log.level=warn"),
         d,
     );
-    let demo_log = demo.log.clone();
+    let daemon_log = daemon.log.clone();
     let logs = || {
+        let metrics = http_get(daemon_port, "/metrics")
+            .map(|(_, body)| {
+                body.lines()
+                    .filter(|l| l.starts_with("anomalyd_") && !l.contains("_bucket"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|e| format!("(no /metrics: {e})"));
         format!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n--- anomalyd's metrics ---\n{metrics}",
             prom.tail(),
             am.tail(),
-            tail("demo", &demo_log)
+            tail("anomalyd", &daemon_log)
         )
     };
 
     wait_for(
-        "Alertmanager and Prometheus to be ready",
+        "Alertmanager, Prometheus and anomalyd to be ready",
         Duration::from_secs(60),
         || {
             (matches!(http_get(am_port, "/-/ready"), Ok((200, _)))
-                && matches!(http_get(prom_port, "/-/ready"), Ok((200, _))))
+                && matches!(http_get(prom_port, "/-/ready"), Ok((200, _)))
+                && matches!(http_get(daemon_port, "/readyz"), Ok((200, _))))
             .then_some(())
         },
         logs,
     );
+    let firing_host = produce_fleet(&kafka.bootstrap, "metrics");
 
-    // 1. The dead letters (3 records, each reason a new counter series) fire AnomalydDeadLetters,
-    //    which Alertmanager routes to the operators' receiver.
+    // 1. The anomalies: the daemon pushes each episode; Alertmanager routes them to the data's
+    //    owners (critical ones to their pager) and notifies that receiver.
+    let anomaly = wait_for(
+        &format!(
+            "the AnomalyDetected alert of {firing_host}, whose incident lasts, in Alertmanager"
+        ),
+        Duration::from_secs(60),
+        || {
+            am_alerts(am_port, "AnomalyDetected")
+                .into_iter()
+                .find(|a| a["status"]["state"] == "active" && a["labels"]["key"] == *firing_host)
+        },
+        || {
+            format!(
+                "Alertmanager has {:?}\n{}",
+                am_alerts(am_port, "AnomalyDetected"),
+                logs()
+            )
+        },
+    );
+    let labels = &anomaly["labels"];
+    assert_eq!(labels["pipeline"], "fleet", "{anomaly}");
+    assert_eq!(labels["model"], "demo-dense", "{anomaly}");
+    let severity = labels["severity"].as_str().unwrap_or("");
+    let receiver = match severity {
+        "critical" => "data-owners-page",
+        "warning" => "data-owners",
+        other => panic!("AnomalyDetected with severity {other:?}: {anomaly}"),
+    };
+    for a in ["summary", "score", "threshold", "top_features"] {
+        assert!(
+            !anomaly["annotations"][a].as_str().unwrap_or("").is_empty(),
+            "AnomalyDetected without the annotation {a}: {anomaly}"
+        );
+    }
+    assert_eq!(anomaly["receivers"][0]["name"], receiver, "{anomaly}");
+    let key = labels["key"].as_str().unwrap().to_string();
+    wait_for(
+        &format!("the notification of {key}'s anomaly at the {receiver} webhook"),
+        Duration::from_secs(30),
+        || {
+            webhook.got.lock().unwrap().iter().find_map(|(path, body)| {
+                (path == &format!("/hooks/{receiver}")
+                    && body.contains("AnomalyDetected")
+                    && body.contains(&format!("\"key\":\"{key}\"")))
+                .then_some(())
+            })
+        },
+        || format!("webhook got {:?}\n{}", webhook.got.lock().unwrap(), logs()),
+    );
+
+    // 2. The dead letters (3 records, each reason a new counter series) fire the shipped
+    //    AnomalydDeadLetters, routed to the operators' receiver.
     let alert = wait_for(
         "AnomalydDeadLetters in Alertmanager",
         Duration::from_secs(60),
@@ -1315,10 +1465,6 @@ scrape_configs:
             )
         },
     );
-    let seen_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
     let labels = &alert["labels"];
     assert_eq!(labels["pipeline"], "fleet", "{alert}");
     assert_eq!(labels["job"], "anomalyd", "{alert}");
@@ -1332,13 +1478,10 @@ scrape_configs:
             && description.contains("records of pipeline fleet could not be scored"),
         "{alert}"
     );
-    let receivers: Vec<&str> = alert["receivers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r["name"].as_str())
-        .collect();
-    assert_eq!(receivers, ["anomalyd-operators"], "{alert}");
+    assert_eq!(
+        alert["receivers"][0]["name"], "anomalyd-operators",
+        "{alert}"
+    );
     wait_for(
         "the dead-letter notification at the anomalyd-operators webhook",
         Duration::from_secs(30),
@@ -1351,7 +1494,17 @@ scrape_configs:
         || format!("webhook got {:?}\n{}", webhook.got.lock().unwrap(), logs()),
     );
 
-    // 2. Every rule evaluates without error, on metrics the daemon exposes.
+    // 3. Every rule evaluates without error, on metrics the daemon exposes (Prometheus has
+    //    scraped the consumer lag once librdkafka's statistics, every 5 s, have reported it).
+    wait_for(
+        "Prometheus to have scraped anomalyd_consumer_lag",
+        Duration::from_secs(30),
+        || {
+            get_json(prom_port, "/api/v1/query?query=anomalyd_consumer_lag")
+                .filter(|v| !v["data"]["result"].as_array().is_none_or(|r| r.is_empty()))
+        },
+        logs,
+    );
     let rules = get_json(prom_port, "/api/v1/rules").expect("GET /api/v1/rules");
     let names: BTreeSet<String> = get_json(prom_port, "/api/v1/label/__name__/values")
         .expect("GET /api/v1/label/__name__/values")["data"]
@@ -1381,17 +1534,17 @@ scrape_configs:
             }
         }
     }
-    assert!(evaluated >= 8, "only {evaluated} rules loaded: {rules}");
+    assert!(evaluated >= 9, "only {evaluated} rules loaded: {rules}");
 
-    // 3. Every dashboard query is valid PromQL with data, at a moment the demo was running.
+    // 4. Every dashboard query is valid PromQL with data.
     for (title, expr) in dashboard_queries() {
         let expr = expr
-            .replace("$__rate_interval", "10s")
+            .replace("$__rate_interval", "1m")
             .replace("$job", ".+")
             .replace("$pipeline", ".+");
         let v = get_json(
             prom_port,
-            &format!("/api/v1/query?time={seen_at}&query={}", urlencode(&expr)),
+            &format!("/api/v1/query?query={}", urlencode(&expr)),
         )
         .unwrap_or_else(|| panic!("panel {title:?}: Prometheus rejected {expr}"));
         assert_eq!(v["status"], "success", "panel {title:?}: {v}");
@@ -1401,14 +1554,21 @@ scrape_configs:
         );
     }
 
-    // 4. When the daemon stops, AnomalydDown pages the operators.
+    // 5. When the daemon stops (SIGTERM: drain, commit, exit 0), AnomalydDown pages the operators.
+    ok(Command::new("sh")
+        .args(["-c", "kill -TERM \"$1\"", "sh"])
+        .arg(daemon.child.id().to_string()));
     let status = wait_for(
-        "the demo to finish",
-        Duration::from_secs(90),
-        || demo.child.try_wait().ok().flatten(),
+        "anomalyd to exit after SIGTERM",
+        Duration::from_secs(30),
+        || daemon.child.try_wait().ok().flatten(),
         logs,
     );
-    assert!(status.success(), "the demo failed\n{}", demo.tail());
+    assert!(
+        status.success(),
+        "anomalyd exited with {status}\n{}",
+        logs()
+    );
     let down = wait_for(
         "AnomalydDown in Alertmanager",
         Duration::from_secs(60),
@@ -1422,7 +1582,7 @@ scrape_configs:
     assert_eq!(down["labels"]["severity"], "critical", "{down}");
     assert_eq!(
         down["labels"]["instance"],
-        format!("127.0.0.1:{demo_port}"),
+        format!("127.0.0.1:{daemon_port}"),
         "{down}"
     );
     assert_eq!(
@@ -1430,7 +1590,7 @@ scrape_configs:
         "{down}"
     );
     eprintln!(
-        "end to end: alerts delivered in {:.1} s",
+        "end to end: every alert delivered in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
