@@ -185,7 +185,6 @@ fn run(path: &Path) -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
         let daemon = match daemon::Daemon::start(config, shutdown.clone()).await {
             Ok(d) => d,
             Err(daemon::DaemonError::Models(problems)) => {
@@ -199,6 +198,7 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        tokio::spawn(signals(shutdown.clone(), daemon.reload_handle()));
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let watchdog = sd_notify::watchdog_enabled().map(|every| {
             let stop = shutdown.clone();
@@ -230,19 +230,27 @@ fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
-async fn signals(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or SIGINT (a second one exits at once); SIGHUP makes every
+/// pipeline check its model file for a new version.
+async fn signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync::Notify>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("Cannot install signal handlers; stop the daemon with SIGKILL.");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: checking model files for new versions.");
+                reload.notify_waiters();
+            }
+        }
     }
     tracing::info!("Shutdown requested: draining (send the signal again to exit at once).");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

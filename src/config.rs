@@ -166,6 +166,10 @@ pub struct PipelineConfig {
     pub topics: Vec<String>,
     /// Path of the ONNX model (relative paths are relative to the config file).
     pub model: PathBuf,
+    /// How often the model file is checked for a new version to swap in (0s: never; SIGHUP
+    /// checks at once).
+    #[serde(default = "default_reload_check", with = "humantime_serde")]
+    pub reload_check: Duration,
     /// Record field holding the entity key (host, sensor…). Records without it are dead letters.
     #[serde(default = "default_key_field")]
     pub key_field: String,
@@ -277,6 +281,9 @@ fn default_log_level() -> String {
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_reload_check() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_key_field() -> String {
     "key".into()

@@ -76,6 +76,7 @@ pub struct Daemon {
     pipelines: JoinSet<Result<(), PipelineError>>,
     http: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
+    reload: Arc<tokio::sync::Notify>,
 }
 
 impl Daemon {
@@ -110,12 +111,14 @@ impl Daemon {
             tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
             (Some(bound), Some(handle))
         };
+        let reload = Arc::new(tokio::sync::Notify::new());
         let shared = Shared {
             kafka: config.kafka.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
             inference: Arc::new(Semaphore::new(config.runtime.threads())),
             grace: config.runtime.shutdown_grace,
+            reload: reload.clone(),
         };
         let mut pipelines = JoinSet::new();
         for (name, p) in config.pipelines {
@@ -135,7 +138,18 @@ impl Daemon {
             pipelines,
             http,
             shutdown,
+            reload,
         })
+    }
+
+    /// Makes every pipeline check its model file for a new version now (what SIGHUP does).
+    pub fn reload_models(&self) {
+        self.reload.notify_waiters();
+    }
+
+    /// A handle to trigger model reloads from elsewhere (a signal handler).
+    pub fn reload_handle(&self) -> Arc<tokio::sync::Notify> {
+        self.reload.clone()
     }
 
     /// Waits for every pipeline to finish (after the shutdown token is cancelled). A pipeline

@@ -26,7 +26,7 @@ use crate::alert::{
 use crate::config::{AlertConfig, PipelineConfig};
 use crate::decode::{Decoder, Record};
 use crate::model::{Inference, Model};
-use crate::threshold::{Threshold, Verdict};
+use crate::threshold::{Threshold, ThresholdConfig, Verdict};
 use crate::window::Ring;
 
 /// Where a record came from: a Kafka topic-partition-offset, or a file and row number.
@@ -69,10 +69,12 @@ struct KeyState {
     source: Source,
 }
 
-/// A prepared batch: the samples to run through the model, and every record of the batch in
-/// order, each with the index of its sample if it has one.
-#[derive(Debug, Default)]
+/// A prepared batch: the model it was prepared for, the samples to run through it, and every
+/// record of the batch in order, each with the index of its sample if it has one. The batch
+/// carries its model so that a model swapped in meanwhile never judges samples it did not see.
+#[derive(Debug)]
 pub struct Batch {
+    pub model: Arc<Model>,
     pub samples: Vec<f32>,
     pub entries: Vec<Entry>,
 }
@@ -124,6 +126,8 @@ pub struct Scored {
     /// The model's reconstruction of the record (for sequence models, of the window's last
     /// row): the denoised values.
     pub reconstruction: Vec<f32>,
+    /// The model that scored it.
+    pub model: Arc<Model>,
 }
 
 /// Per-pipeline detection state.
@@ -133,6 +137,7 @@ pub struct Detector {
     model: Arc<Model>,
     decoder: Decoder,
     alert: AlertConfig,
+    threshold: ThresholdConfig,
     /// The warm-started threshold every new key is cloned from.
     template: Box<dyn Threshold>,
     /// Windows of sequence models (step 1).
@@ -165,6 +170,7 @@ impl Detector {
         Detector {
             pipeline: name.to_string(),
             template: cfg.threshold.build(&c.calibration),
+            threshold: cfg.threshold.clone(),
             decoder,
             alert: cfg.alert,
             windows: LruCache::new(cap),
@@ -186,6 +192,26 @@ impl Detector {
         &self.decoder
     }
 
+    /// Swaps in a new model (a hot reload). It must read the same features with the same
+    /// window and shape, so that windows and records stay valid; its errors are on a new scale,
+    /// so every key's threshold restarts from the new calibration (alert states are kept, so a
+    /// firing episode still resolves). Batches already prepared finish with the old model.
+    pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), String> {
+        let (old, new) = (&self.model.contract, &model.contract);
+        if (&old.features, old.window, &old.shape) != (&new.features, new.window, &new.shape) {
+            return Err(format!(
+                "it reads features {:?} with window {} (shape {:?}), the running model reads {:?} with window {} (shape {:?}); change those with a restart",
+                new.features, new.window, new.shape, old.features, old.window, old.shape
+            ));
+        }
+        self.template = self.threshold.build(&new.calibration);
+        for (_, state) in self.keys.iter_mut() {
+            state.threshold = self.template.clone();
+        }
+        self.model = model;
+        Ok(())
+    }
+
     /// Keys currently tracked (every key seen has a window, for sequence models, or a
     /// threshold, or both).
     pub fn keys(&self) -> usize {
@@ -202,7 +228,11 @@ impl Detector {
         let contract = &self.model.contract;
         let window = contract.is_sequence().then_some(contract.window);
         let features = contract.features.len();
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            model: self.model.clone(),
+            samples: Vec::new(),
+            entries: Vec::new(),
+        };
         let mut n = 0;
         for (origin, record) in records {
             let ready = match window {
@@ -253,7 +283,7 @@ impl Detector {
 
     /// Step 3: scores, judges and alerts, in record order.
     pub fn judge(&mut self, batch: Batch, inference: &Inference) -> Vec<Outcome> {
-        let model = self.model.clone();
+        let model = batch.model;
         let c = &model.contract;
         let alert_cfg = self.alert;
         let f = c.features.len();
@@ -330,6 +360,7 @@ impl Detector {
                 top_features,
                 event,
                 reconstruction,
+                model: model.clone(),
             })));
         }
         out
@@ -422,7 +453,7 @@ mod tests {
     fn run(d: &mut Detector, records: Vec<(Origin, Record)>) -> Vec<Outcome> {
         let mut batch = d.prepare(records);
         let samples = std::mem::take(&mut batch.samples);
-        let inference = d.model().infer(&samples, batch.sample_count()).unwrap();
+        let inference = batch.model.infer(&samples, batch.sample_count()).unwrap();
         d.judge(batch, &inference)
     }
 

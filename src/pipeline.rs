@@ -18,7 +18,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +54,8 @@ pub struct Shared {
     pub inference: Arc<Semaphore>,
     /// How long shutdown may take once it starts.
     pub grace: Duration,
+    /// Notified (SIGHUP) to check every model file for a new version at once.
+    pub reload: Arc<Notify>,
 }
 
 type Inferred = (Result<Inference, ModelError>, Duration);
@@ -115,16 +117,15 @@ pub async fn run(
         give_up.clone(),
         alertmanager_tx,
     ));
-    shared
-        .metrics
-        .model_info
-        .with_label_values(&[
-            name.as_str(),
-            model.contract.name.as_str(),
-            model.contract.version.as_str(),
-            &format!("{:?}", model.contract.kind).to_lowercase(),
-        ])
-        .set(1);
+    set_model_info(&shared.metrics, &name, &model, true);
+    let reloader = tokio::spawn(reload_loop(
+        name.clone(),
+        cfg.model.clone(),
+        cfg.reload_check,
+        detector.clone(),
+        shared.clone(),
+        give_up.clone(),
+    ));
     tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), "Pipeline started.");
 
     let (record_tx, record_rx) = mpsc::channel::<(Origin, Record)>(cfg.batch.max_size * 4);
@@ -231,6 +232,7 @@ pub async fn run(
     }
     give_up.cancel();
     stop_committer.cancel();
+    let _ = reloader.await;
     if let Some(task) = alertmanager_task {
         let _ = task.await;
     }
@@ -286,10 +288,8 @@ async fn dispatch(
     shared: &Shared,
     name: &str,
 ) {
-    let (mut batch, model) = {
-        let mut d = detector.lock().expect("detector lock");
-        (d.prepare(records), d.model().clone())
-    };
+    let mut batch = detector.lock().expect("detector lock").prepare(records);
+    let model = batch.model.clone();
     let n = batch.sample_count();
     shared
         .metrics
@@ -412,6 +412,85 @@ async fn commit_loop(
             // A partition revoked a moment ago cannot be stored any more; its next owner
             // starts from the position committed on revoke.
             Err(e) => tracing::debug!(pipeline = %name, "Storing offsets: {e}"),
+        }
+    }
+}
+
+fn set_model_info(metrics: &Metrics, pipeline: &str, model: &Model, serving: bool) {
+    let c = &model.contract;
+    let kind = format!("{:?}", c.kind).to_lowercase();
+    let labels = [pipeline, c.name.as_str(), c.version.as_str(), kind.as_str()];
+    if serving {
+        metrics.model_info.with_label_values(&labels).set(1);
+    } else {
+        let _ = metrics.model_info.remove_label_values(&labels);
+    }
+}
+
+/// The identity of a file's current version: its modification time and length.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Watches the model file (every `every`, and at once on SIGHUP) and swaps in a new version
+/// between batches. A file that does not load or does not fit is refused, logged and counted,
+/// and the running model keeps serving. Replace model files atomically (write, then rename):
+/// a half-written file is refused, then picked up once complete.
+async fn reload_loop(
+    name: String,
+    path: std::path::PathBuf,
+    every: Duration,
+    detector: Arc<Mutex<Detector>>,
+    shared: Shared,
+    stop: CancellationToken,
+) {
+    let mut seen = file_stamp(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every), if !every.is_zero() => {}
+            _ = shared.reload.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+        let stamp = file_stamp(&path);
+        if stamp == seen {
+            continue;
+        }
+        seen = stamp;
+        let load_path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
+        let result = match loaded {
+            Ok(Ok(model)) => {
+                let model = Arc::new(model);
+                let mut d = detector.lock().expect("detector lock");
+                let old = d.model().clone();
+                let swapped = d.set_model(model.clone());
+                swapped
+                    .map(|()| (old, model))
+                    .map_err(|why| format!("model {}: {why}", path.display()))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("model {}: loading failed: {e}", path.display())),
+        };
+        match result {
+            Ok((old, new)) => {
+                set_model_info(&shared.metrics, &name, &old, false);
+                set_model_info(&shared.metrics, &name, &new, true);
+                shared
+                    .metrics
+                    .model_reloads
+                    .with_label_values(&[&name])
+                    .inc();
+                tracing::info!(pipeline = %name, from = %old.contract.version, to = %new.contract.version, "Swapped in a new model; every key's threshold restarts from its calibration.");
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .model_load_failures
+                    .with_label_values(&[&name])
+                    .inc();
+                tracing::error!(pipeline = %name, "Refused a new model file, the running model keeps serving: {e}");
+            }
         }
     }
 }

@@ -143,7 +143,6 @@ impl<W: Write> RowSink<W> {
 /// The replay of one input: batches of rows through the detector, in order.
 struct Replayer<W: Write> {
     detector: Detector,
-    model: Arc<Model>,
     batch_size: usize,
     source: Arc<str>,
     /// The rows of the current batch, in order: decoded ones went to `records`, failed ones keep
@@ -178,7 +177,7 @@ impl<W: Write> Replayer<W> {
     fn flush(&mut self) -> Result<(), ReplayError> {
         let mut batch = self.detector.prepare(self.records.drain(..));
         let samples = std::mem::take(&mut batch.samples);
-        let inference = self.model.infer(&samples, batch.sample_count())?;
+        let inference = batch.model.infer(&samples, batch.sample_count())?;
         let mut outcomes = self.detector.judge(batch, &inference).into_iter();
         let summary = &mut self.summary;
         for slot in self.slots.drain(..) {
@@ -234,12 +233,11 @@ pub fn replay(
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
-    let detector = Detector::new(name, cfg, model.clone());
+    let detector = Detector::new(name, cfg, model);
     let decoder = detector.decoder().clone();
     let batch_size = cfg.batch.max_size.max(1);
     let mut r = Replayer {
         detector,
-        model,
         batch_size,
         source: Arc::from("replay"),
         slots: Vec::with_capacity(batch_size),

@@ -45,6 +45,7 @@ pub struct ScoreRow<'a> {
     pub top_features: Vec<&'a str>,
     pub partition: i32,
     pub offset: i64,
+    pub model_version: &'a str,
 }
 
 impl<'a> ScoreRow<'a> {
@@ -63,6 +64,7 @@ impl<'a> ScoreRow<'a> {
                 .collect(),
             partition: s.origin.partition,
             offset: s.origin.offset,
+            model_version: &s.model.contract.version,
         }
     }
 }

@@ -339,3 +339,121 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
     shutdown.cancel();
     daemon.wait().await.unwrap();
 }
+
+/// Rewrites the model's `anomalyd.version` metadata in place (same length, so the protobuf
+/// stays valid): a real, loadable new version of the same model.
+fn with_version(model: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let at = model
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .expect("version string in the model");
+    let mut out = model.to_vec();
+    out[at..at + to.len()].copy_from_slice(to.as_bytes());
+    out
+}
+
+/// Replaces a file atomically, as operators are told to.
+fn replace(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_one_is_refused() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("model.onnx");
+    let original = std::fs::read(demo_model()).unwrap();
+    std::fs::write(&model_path, &original).unwrap();
+    let toml = config_toml(&kafka.bootstrap, "reload-test", "reload_check = \"50ms\"").replace(
+        &demo_model().display().to_string(),
+        &model_path.display().to_string(),
+    );
+    let cfg = anomalyd::config::Config::from_toml(&toml, Some(Default::default())).unwrap();
+
+    let stream = fleet_stream(10, 600, 0, 15);
+    let total = stream.records.len() as u64;
+    let bootstrap = kafka.bootstrap.clone();
+    let records = stream.records.clone();
+    let producer = tokio::spawn(async move {
+        let mut offsets = BTreeSet::new();
+        for chunk in records.chunks(300) {
+            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        offsets
+    });
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let m = daemon.metrics.clone();
+    let failures = || m.model_load_failures.with_label_values(&["fleet"]).get();
+    let reloads = || m.model_reloads.with_label_values(&["fleet"]).get();
+
+    assert!(
+        wait_for(Duration::from_secs(30), || consumed(&m, "fleet")
+            >= total / 5)
+        .await
+    );
+    // A corrupt file, then a model reading other features (the sequence model): both refused.
+    replace(&model_path, b"not an onnx model");
+    assert!(wait_for(Duration::from_secs(10), || failures() == 1).await);
+    replace(
+        &model_path,
+        &std::fs::read(repo().join("models/demo-lstm.onnx")).unwrap(),
+    );
+    assert!(wait_for(Duration::from_secs(10), || failures() == 2).await);
+    let before = consumed(&m, "fleet");
+    assert!(
+        wait_for(Duration::from_secs(10), || consumed(&m, "fleet") > before).await,
+        "the old model keeps serving"
+    );
+    // A real new version of the model: swapped in.
+    replace(&model_path, &with_version(&original, "1.0.0", "1.0.1"));
+    assert!(wait_for(Duration::from_secs(10), || reloads() == 1).await);
+    daemon.reload_models(); // SIGHUP with nothing new: nothing happens
+    let offsets = producer.await.unwrap();
+    assert!(wait_for(Duration::from_secs(60), || consumed(&m, "fleet") >= total).await);
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+    assert_eq!((failures(), reloads()), (2, 1));
+
+    let scores = drain_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let (scored, duplicates) = scored_offsets(&scores);
+    assert_eq!(scored, offsets, "every record scored");
+    assert_eq!(duplicates, 0, "no record scored twice");
+    // Per partition, the version switches once, from the old to the new.
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<(i64, String)>> = Default::default();
+    for s in &scores {
+        let v = s.json();
+        by_partition
+            .entry(v["partition"].as_i64().unwrap() as i32)
+            .or_default()
+            .push((
+                v["offset"].as_i64().unwrap(),
+                v["model_version"].as_str().unwrap().to_string(),
+            ));
+    }
+    let mut switched = 0;
+    for rows in by_partition.values_mut() {
+        rows.sort();
+        let versions: Vec<&str> = rows.iter().map(|(_, v)| v.as_str()).collect();
+        let first_new = versions
+            .iter()
+            .position(|v| *v == "1.0.1")
+            .unwrap_or(versions.len());
+        assert!(versions[..first_new].iter().all(|v| *v == "1.0.0"));
+        assert!(
+            versions[first_new..].iter().all(|v| *v == "1.0.1"),
+            "{versions:?}"
+        );
+        switched += usize::from(first_new < versions.len());
+    }
+    assert!(switched > 0, "the new version scored records");
+}
