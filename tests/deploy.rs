@@ -425,18 +425,38 @@ fn prometheus_rules_pass_promtool_check_and_unit_tests() {
         .current_dir(&dir)
         .args(["test", "rules", "rules.test.yml"]));
     assert!(out.contains("SUCCESS"), "{out}");
-    // Every alert of rules.yml has unit tests.
+    let out = ok(Command::new(&t[0]).current_dir(&dir).args([
+        "check",
+        "config",
+        "prometheus.example.yml",
+    ]));
+    assert!(out.contains("is valid prometheus config"), "{out}");
+    // Every alert of rules.yml has unit tests, and a section in OPERATIONS.md that its runbook
+    // annotation points at.
     let rules = read(&dir.join("rules.yml"));
     let tests = read(&dir.join("rules.test.yml"));
+    let operations = read(&repo().join("docs/OPERATIONS.md"));
+    let mut alerts = 0;
     for line in rules.lines() {
         if let Some(name) = line.trim().strip_prefix("- alert:") {
             let name = name.trim();
+            alerts += 1;
             assert!(
                 tests.contains(&format!("alertname: {name}\n")),
                 "rules.test.yml does not test the alert {name}"
             );
+            assert!(
+                operations.contains(&format!("\n### {name}\n")),
+                "docs/OPERATIONS.md has no section ### {name}"
+            );
+            let runbook = format!("runbook: \"docs/OPERATIONS.md#{}\"", name.to_lowercase());
+            assert!(
+                rules.contains(&runbook),
+                "the alert {name} lacks the annotation {runbook}"
+            );
         }
     }
+    assert!(alerts >= 8, "only {alerts} alerts in rules.yml");
 }
 
 #[test]
@@ -1054,6 +1074,26 @@ fn grafana_dashboard_queries_only_metrics_the_daemon_exposes() {
         unknown.is_empty(),
         "the dashboard queries metrics anomalyd does not expose:\n  {}\nexposed: {exposed:?}",
         unknown.join("\n  ")
+    );
+    // And OPERATIONS.md explains every one of anomalyd's own metrics.
+    let operations = read(&repo().join("docs/OPERATIONS.md"));
+    let undocumented: BTreeSet<&str> = exposed
+        .iter()
+        .filter(|n| n.starts_with("anomalyd_"))
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+        })
+        .filter(|family| {
+            !operations.contains(&format!("`{family}{{"))
+                && !operations.contains(&format!("`{family}`"))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/OPERATIONS.md does not document {undocumented:?}"
     );
 }
 
