@@ -4,12 +4,12 @@
 //! `resolve_after` consecutive normal ones, so one noisy point neither pages nor ends a page.
 //! Each episode yields exactly one `firing` and one `resolved` event.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::AlertConfig;
 
 /// The alert state of one key.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AlertState {
     /// Consecutive anomalous points while not firing.
     anomalous_run: u32,
@@ -19,7 +19,7 @@ pub struct AlertState {
 }
 
 /// One firing-to-resolved stretch of one key.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Episode {
     /// The timestamp of the first anomalous point of the episode.
     pub started_at: Option<String>,

@@ -137,6 +137,12 @@ pub struct RuntimeConfig {
     /// On SIGTERM/SIGINT: how long to drain in-flight records and commit before exiting anyway.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Directory of the per-key state checkpoints; absent: state is not checkpointed.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// How often state is checkpointed (also at shutdown).
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -144,6 +150,8 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             inference_threads: 0,
             shutdown_grace: default_grace(),
+            state_dir: None,
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
 }
@@ -279,6 +287,9 @@ fn default_listen() -> String {
 fn default_log_level() -> String {
     "info".into()
 }
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
@@ -347,6 +358,14 @@ impl Config {
             .map_err(|e| ConfigError::one(format!("cannot read config {}: {e}", path.display())))?;
         let mut config = Self::from_toml(&text, env)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(dir) = config
+            .runtime
+            .state_dir
+            .as_mut()
+            .filter(|d| d.is_relative())
+        {
+            *dir = base.join(&*dir);
+        }
         for p in config.pipelines.values_mut() {
             if p.model.is_relative() {
                 p.model = base.join(&p.model);
@@ -411,6 +430,9 @@ impl Config {
                     "kafka.properties.{key}: anomalyd manages this property itself (at-least-once delivery depends on it)"
                 ));
             }
+        }
+        if self.runtime.checkpoint_interval < Duration::from_secs(1) {
+            problems.push("runtime.checkpoint_interval: must be at least 1s".into());
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {

@@ -23,6 +23,7 @@ use lru::LruCache;
 use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
+use crate::checkpoint::{Checkpoint, KeyCheckpoint, ModelIdentity};
 use crate::config::{AlertConfig, PipelineConfig};
 use crate::decode::{Decoder, Record};
 use crate::model::{Inference, Model};
@@ -386,6 +387,123 @@ impl Detector {
             self.windows.pop(k);
         }
         doomed.len()
+    }
+
+    /// A snapshot of every key's state.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let mut by_key: std::collections::HashMap<&str, KeyCheckpoint> = Default::default();
+        for (key, (ring, source)) in self.windows.iter() {
+            by_key.insert(
+                key,
+                KeyCheckpoint {
+                    key: key.clone(),
+                    topic: source.topic.to_string(),
+                    partition: source.partition,
+                    window: Some(ring.clone()),
+                    threshold: None,
+                    alert: None,
+                },
+            );
+        }
+        for (key, state) in self.keys.iter() {
+            let entry = by_key.entry(key).or_insert_with(|| KeyCheckpoint {
+                key: key.clone(),
+                topic: state.source.topic.to_string(),
+                partition: state.source.partition,
+                window: None,
+                threshold: None,
+                alert: None,
+            });
+            entry.threshold = Some(state.threshold.snapshot());
+            entry.alert = Some(state.alert.clone());
+        }
+        let mut keys: Vec<KeyCheckpoint> = by_key.into_values().collect();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        Checkpoint {
+            pipeline: self.pipeline.clone(),
+            model: self.identity(),
+            method: self.threshold.method().to_string(),
+            written_at: crate::time::now_rfc3339(),
+            keys,
+        }
+    }
+
+    fn identity(&self) -> ModelIdentity {
+        let c = &self.model.contract;
+        ModelIdentity {
+            name: c.name.clone(),
+            version: c.version.clone(),
+            features: c.features.clone(),
+            window: c.window,
+        }
+    }
+
+    /// What of a checkpoint can be restored under the running model and threshold method:
+    /// everything for the same model and method; windows and alert states only for another
+    /// version of it (its scores are on another scale) or another method; nothing for a model
+    /// reading other features. Returns (keep windows and alerts, keep thresholds) and why not.
+    pub fn restorable(&self, c: &Checkpoint) -> (bool, bool, Option<String>) {
+        let me = self.identity();
+        if (c.model.features.as_slice(), c.model.window) != (me.features.as_slice(), me.window) {
+            return (false, false, Some(format!("it was taken with a model reading {:?} over {} rows; the running one reads {:?} over {}", c.model.features, c.model.window, me.features, me.window)));
+        }
+        if (c.model.name.as_str(), c.model.version.as_str())
+            != (me.name.as_str(), me.version.as_str())
+        {
+            return (
+                true,
+                false,
+                Some(format!(
+                    "it was taken with model {} {}; thresholds restart from {} {}'s calibration",
+                    c.model.name, c.model.version, me.name, me.version
+                )),
+            );
+        }
+        if c.method != self.threshold.method() {
+            return (
+                true,
+                false,
+                Some(format!(
+                    "it holds {} thresholds; the pipeline now uses {}",
+                    c.method,
+                    self.threshold.method()
+                )),
+            );
+        }
+        (true, true, None)
+    }
+
+    /// Restores keys from a checkpoint (see [`Detector::restorable`]); returns how many.
+    pub fn restore(&mut self, keys: Vec<KeyCheckpoint>, thresholds: bool) -> usize {
+        let c = &self.model.contract;
+        let (window, features) = (c.window, c.features.len());
+        let sequence = c.is_sequence();
+        let mut restored = 0;
+        for k in keys {
+            let source = Source {
+                topic: Arc::from(k.topic.as_str()),
+                partition: k.partition,
+            };
+            if let Some(ring) = k.window.filter(|r| sequence && r.fits(window, features)) {
+                let _ = self.windows.push(k.key.clone(), (ring, source.clone()));
+            }
+            if k.threshold.is_some() || k.alert.is_some() {
+                let mut threshold = self.template.clone();
+                if let (true, Some(state)) = (thresholds, &k.threshold) {
+                    if !threshold.restore(state) {
+                        threshold = self.template.clone();
+                    }
+                }
+                let state = KeyState {
+                    threshold,
+                    alert: k.alert.unwrap_or_default(),
+                    source,
+                };
+                let _ = self.keys.push(k.key, state);
+            }
+            restored += 1;
+        }
+        restored
     }
 
     /// Number of keys currently firing.

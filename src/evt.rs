@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Calibration;
-use crate::threshold::{Threshold, Verdict};
+use crate::threshold::{Threshold, ThresholdState, Verdict};
 
 /// A fitted generalized Pareto distribution of the excesses over `t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -389,6 +389,31 @@ impl Threshold for Spot {
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
     }
+    fn snapshot(&self) -> ThresholdState {
+        ThresholdState::Spot {
+            t: self.t,
+            peaks: self.peaks.iter().copied().collect(),
+            n: self.n,
+            n_peaks: self.n_peaks,
+        }
+    }
+    fn restore(&mut self, state: &ThresholdState) -> bool {
+        let ThresholdState::Spot {
+            t,
+            peaks,
+            n,
+            n_peaks,
+        } = state
+        else {
+            return false;
+        };
+        self.t = *t;
+        let keep = peaks.len().saturating_sub(self.max_peaks);
+        self.peaks = Arc::new(peaks[keep..].iter().copied().collect());
+        (self.n, self.n_peaks) = (*n, *n_peaks);
+        self.refit();
+        true
+    }
 }
 
 /// DSPOT: SPOT on the score minus its local level, the mean of the last `depth` normal scores.
@@ -440,6 +465,24 @@ impl Threshold for Dspot {
     }
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
+    }
+    fn snapshot(&self) -> ThresholdState {
+        ThresholdState::Dspot {
+            spot: Box::new(self.spot.snapshot()),
+            recent: self.recent.iter().copied().collect(),
+        }
+    }
+    fn restore(&mut self, state: &ThresholdState) -> bool {
+        let ThresholdState::Dspot { spot, recent } = state else {
+            return false;
+        };
+        if recent.is_empty() || !self.spot.restore(spot) {
+            return false;
+        }
+        let keep = recent.len().saturating_sub(self.depth);
+        self.recent = recent[keep..].iter().copied().collect();
+        self.sum = self.recent.iter().sum();
+        true
     }
 }
 

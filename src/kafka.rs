@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::checkpoint::KeyCheckpoint;
 use crate::config::KafkaConfig;
 use crate::detect::Detector;
 use crate::metrics::{Health, Metrics};
@@ -108,6 +109,8 @@ impl ClientContext for ProducerContext {
 /// The consumer context of one pipeline.
 pub struct PipelineContext {
     pub pipeline: String,
+    /// Checkpointed key states waiting for their partition to be assigned.
+    pub restore: Mutex<PendingRestore>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub detector: Arc<Mutex<Detector>>,
     pub metrics: Metrics,
@@ -163,6 +166,29 @@ impl PipelineContext {
             }
         }
         tpl
+    }
+
+    /// Restores the checkpointed keys of newly assigned partitions.
+    fn restore_state(&self, partitions: &[Partition]) -> usize {
+        let mut pending = self.restore.lock().expect("restore lock");
+        let keys: Vec<KeyCheckpoint> = partitions
+            .iter()
+            .filter_map(|p| pending.keys.remove(p))
+            .flatten()
+            .collect();
+        if keys.is_empty() {
+            return 0;
+        }
+        let restored = self
+            .detector
+            .lock()
+            .expect("detector lock")
+            .restore(keys, pending.thresholds);
+        self.metrics
+            .keys_restored
+            .with_label_values(&[&self.pipeline])
+            .inc_by(restored as u64);
+        restored
     }
 
     fn update_assignment(&self, consumer: &BaseConsumer<Self>) {
@@ -223,7 +249,9 @@ impl ConsumerContext for PipelineContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(pipeline = %self.pipeline, partitions = ?partitions_of(tpl), "Partitions assigned.");
+                let partitions = partitions_of(tpl);
+                let restored = self.restore_state(&partitions);
+                tracing::info!(pipeline = %self.pipeline, ?partitions, keys_restored = restored, "Partitions assigned.");
             }
             Rebalance::Error(e) => {
                 tracing::warn!(pipeline = %self.pipeline, "Rebalance error: {e}");
@@ -232,4 +260,12 @@ impl ConsumerContext for PipelineContext {
         }
         self.update_assignment(consumer);
     }
+}
+
+/// Key states from a checkpoint, by partition, until the partition is assigned.
+#[derive(Debug, Default)]
+pub struct PendingRestore {
+    pub keys: std::collections::HashMap<Partition, Vec<KeyCheckpoint>>,
+    /// Whether their thresholds still apply (same model and method).
+    pub thresholds: bool,
 }

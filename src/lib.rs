@@ -21,6 +21,7 @@
 //! | [`sink`] | output topics, dead letters and stdout |
 //! | [`alertmanager`] | pushing episodes to Alertmanager |
 //! | [`offsets`] | at-least-once offset tracking |
+//! | [`checkpoint`] | per-key state saved and restored across restarts |
 //! | [`kafka`] | client configuration and rebalance handling |
 //! | [`pipeline`] | the tasks of one running pipeline |
 //! | [`daemon`] | all pipelines, metrics and health together: [`daemon::run`] |
@@ -36,6 +37,7 @@
 pub mod alert;
 pub mod alertmanager;
 pub mod batch;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub model_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub alertmanager_pushes: IntCounterVec,
+    pub checkpoints: IntCounterVec,
+    pub keys_restored: IntCounterVec,
     pub ready: IntGauge,
 }
 
@@ -95,6 +97,8 @@ impl Metrics {
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
             alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
+            checkpoints: counter(&r, "anomalyd_checkpoints_total", "State checkpoints written, by result: ok or error.", &["pipeline", "result"]),
+            keys_restored: counter(&r, "anomalyd_keys_restored_total", "Keys whose state was restored from a checkpoint.", &["pipeline"]),
             build_info: gauge(&r, "anomalyd_build_info", "anomalyd's version (value 1).", &["version"]),
             ready: IntGauge::new("anomalyd_ready", "1 when models are loaded and every pipeline has partitions assigned.").expect("valid metric"),
             registry: r,

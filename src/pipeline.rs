@@ -24,10 +24,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::AlertmanagerSink;
 use crate::batch::MicroBatcher;
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{KafkaConfig, PipelineConfig};
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
-use crate::kafka::{consumer_config, producer_config, PipelineContext, ProducerContext};
+use crate::kafka::{
+    consumer_config, producer_config, PendingRestore, PipelineContext, ProducerContext,
+};
 use crate::metrics::{Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
 use crate::offsets::OffsetTracker;
@@ -56,6 +59,9 @@ pub struct Shared {
     pub grace: Duration,
     /// Notified (SIGHUP) to check every model file for a new version at once.
     pub reload: Arc<Notify>,
+    /// Where per-key state is checkpointed, if anywhere.
+    pub state_dir: Option<std::path::PathBuf>,
+    pub checkpoint_interval: Duration,
 }
 
 type Inferred = (Result<Inference, ModelError>, Duration);
@@ -77,8 +83,17 @@ pub async fn run(
     let detector = Arc::new(Mutex::new(Detector::new(&name, &cfg, model.clone())));
     let decoder = detector.lock().expect("detector lock").decoder().clone();
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let checkpoint_path = shared
+        .state_dir
+        .as_ref()
+        .map(|dir| checkpoint::path(dir, &name));
+    let restore = match &checkpoint_path {
+        Some(path) => pending_restore(&name, path, &detector.lock().expect("detector lock")),
+        None => PendingRestore::default(),
+    };
     let context = PipelineContext {
         pipeline: name.clone(),
+        restore: Mutex::new(restore),
         tracker: tracker.clone(),
         detector: detector.clone(),
         metrics: shared.metrics.clone(),
@@ -118,6 +133,16 @@ pub async fn run(
         alertmanager_tx,
     ));
     set_model_info(&shared.metrics, &name, &model, true);
+    let checkpointer = checkpoint_path.clone().map(|path| {
+        tokio::spawn(checkpoint_loop(
+            name.clone(),
+            path,
+            shared.checkpoint_interval,
+            detector.clone(),
+            shared.metrics.clone(),
+            give_up.clone(),
+        ))
+    });
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
         cfg.model.clone(),
@@ -233,6 +258,9 @@ pub async fn run(
     give_up.cancel();
     stop_committer.cancel();
     let _ = reloader.await;
+    if let Some(task) = checkpointer {
+        let _ = task.await;
+    }
     if let Some(task) = alertmanager_task {
         let _ = task.await;
     }
@@ -260,6 +288,10 @@ pub async fn run(
         }
     }
     let _ = outputs.producer().flush(Duration::from_secs(5));
+    if let Some(path) = &checkpoint_path {
+        let snapshot = detector.lock().expect("detector lock").checkpoint();
+        write_checkpoint(&name, path, &snapshot, &shared.metrics);
+    }
     consumer.unsubscribe();
     tracing::info!(pipeline = %name, elapsed_ms = started.elapsed().as_millis() as u64, "Pipeline drained and committed.");
     Ok(())
@@ -492,5 +524,76 @@ async fn reload_loop(
                 tracing::error!(pipeline = %name, "Refused a new model file, the running model keeps serving: {e}");
             }
         }
+    }
+}
+
+/// Reads a pipeline's checkpoint and sorts its keys by partition, to restore on assignment.
+fn pending_restore(name: &str, path: &std::path::Path, detector: &Detector) -> PendingRestore {
+    let checkpoint = match checkpoint::load(path) {
+        Ok(Some(c)) => c,
+        Ok(None) => return PendingRestore::default(),
+        Err(e) => {
+            tracing::warn!(pipeline = %name, "Ignoring the checkpoint; every key starts from the calibration: {e}");
+            return PendingRestore::default();
+        }
+    };
+    let (usable, thresholds, why) = detector.restorable(&checkpoint);
+    if let Some(why) = why {
+        tracing::warn!(pipeline = %name, path = %path.display(), "Restoring only part of the checkpoint: {why}.");
+    }
+    let mut pending = PendingRestore {
+        thresholds,
+        ..PendingRestore::default()
+    };
+    if usable {
+        tracing::info!(pipeline = %name, keys = checkpoint.keys.len(), written_at = %checkpoint.written_at, "Loaded the checkpoint; keys are restored as their partitions are assigned.");
+        for k in checkpoint.keys {
+            pending
+                .keys
+                .entry((k.topic.clone(), k.partition))
+                .or_default()
+                .push(k);
+        }
+    }
+    pending
+}
+
+fn write_checkpoint(name: &str, path: &std::path::Path, snapshot: &Checkpoint, metrics: &Metrics) {
+    let result = checkpoint::save(path, snapshot);
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics
+        .checkpoints
+        .with_label_values(&[name, outcome])
+        .inc();
+    match result {
+        Ok(()) => {
+            tracing::debug!(pipeline = %name, keys = snapshot.keys.len(), "Checkpoint written.")
+        }
+        Err(e) => {
+            tracing::error!(pipeline = %name, "Writing the checkpoint failed; a restart would re-learn every key: {e}")
+        }
+    }
+}
+
+/// Writes the pipeline's checkpoint every `every` until `stop`.
+async fn checkpoint_loop(
+    name: String,
+    path: std::path::PathBuf,
+    every: Duration,
+    detector: Arc<Mutex<Detector>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let snapshot = detector.lock().expect("detector lock").checkpoint();
+        let (name2, path2, metrics2) = (name.clone(), path.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            write_checkpoint(&name2, &path2, &snapshot, &metrics2)
+        })
+        .await;
     }
 }

@@ -59,6 +59,39 @@ pub trait Threshold: Send + Sync + std::fmt::Debug {
     fn threshold(&self) -> f64;
     /// A copy, used to stamp out warm-started thresholds for new keys.
     fn clone_box(&self) -> Box<dyn Threshold>;
+    /// What it has learned, for a checkpoint.
+    fn snapshot(&self) -> ThresholdState;
+    /// Takes over what a snapshot learned; false (and unchanged) if the snapshot is of another
+    /// method. Parameters (q, alpha…) stay those of the running configuration.
+    fn restore(&mut self, state: &ThresholdState) -> bool;
+}
+
+/// The learned state of a threshold, as checkpointed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+pub enum ThresholdState {
+    Static,
+    Ewma {
+        mean: f64,
+        var: f64,
+    },
+    Quantile {
+        heights: [f64; 5],
+        positions: [f64; 5],
+        desired: [f64; 5],
+        initialized: bool,
+        startup: Vec<f64>,
+    },
+    Spot {
+        t: f64,
+        peaks: Vec<f64>,
+        n: u64,
+        n_peaks: u64,
+    },
+    Dspot {
+        spot: Box<ThresholdState>,
+        recent: Vec<f64>,
+    },
 }
 
 impl Clone for Box<dyn Threshold> {
@@ -135,6 +168,17 @@ impl Default for ThresholdConfig {
 }
 
 impl ThresholdConfig {
+    /// The method's name, as in the configuration.
+    pub fn method(&self) -> &'static str {
+        match self {
+            ThresholdConfig::Ewma(_) => "ewma",
+            ThresholdConfig::Quantile(_) => "quantile",
+            ThresholdConfig::Static(_) => "static",
+            ThresholdConfig::Spot(_) => "spot",
+            ThresholdConfig::Dspot(_) => "dspot",
+        }
+    }
+
     /// Problems with the parameters, as sentences.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -197,6 +241,12 @@ impl Threshold for Static {
     }
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
+    }
+    fn snapshot(&self) -> ThresholdState {
+        ThresholdState::Static
+    }
+    fn restore(&mut self, state: &ThresholdState) -> bool {
+        matches!(state, ThresholdState::Static)
     }
 }
 
@@ -285,6 +335,19 @@ impl Threshold for Ewma {
     }
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
+    }
+    fn snapshot(&self) -> ThresholdState {
+        ThresholdState::Ewma {
+            mean: self.mean,
+            var: self.var,
+        }
+    }
+    fn restore(&mut self, state: &ThresholdState) -> bool {
+        let ThresholdState::Ewma { mean, var } = *state else {
+            return false;
+        };
+        (self.mean, self.var) = (mean, var);
+        true
     }
 }
 
@@ -461,6 +524,33 @@ impl Threshold for P2Quantile {
     }
     fn clone_box(&self) -> Box<dyn Threshold> {
         Box::new(self.clone())
+    }
+    fn snapshot(&self) -> ThresholdState {
+        ThresholdState::Quantile {
+            heights: self.heights,
+            positions: self.positions,
+            desired: self.desired,
+            initialized: self.initialized,
+            startup: self.startup.clone(),
+        }
+    }
+    fn restore(&mut self, state: &ThresholdState) -> bool {
+        let ThresholdState::Quantile {
+            heights,
+            positions,
+            desired,
+            initialized,
+            startup,
+        } = state
+        else {
+            return false;
+        };
+        self.heights = *heights;
+        self.positions = *positions;
+        self.desired = *desired;
+        self.initialized = *initialized;
+        self.startup = startup.clone();
+        true
     }
 }
 

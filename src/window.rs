@@ -5,7 +5,7 @@
 //! per scored record and nothing is reallocated per record.
 
 /// A ring buffer of the last `window` rows of `features` values.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Ring {
     buf: Box<[f32]>,
     features: usize,
@@ -23,6 +23,12 @@ impl Ring {
             next: 0,
             filled: 0,
         }
+    }
+
+    /// Whether this ring holds rows of `features` values over `window` rows (a checkpointed
+    /// ring is reused only if it does).
+    pub fn fits(&self, window: usize, features: usize) -> bool {
+        self.features == features && self.buf.len() == window * features && self.next < window
     }
 
     pub fn window(&self) -> usize {

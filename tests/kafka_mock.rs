@@ -457,3 +457,90 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
     }
     assert!(switched > 0, "the new version scored records");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_daemon_restores_learned_state_and_does_not_re_alert() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let dspot = "[pipelines.fleet.threshold]\nmethod = \"dspot\"";
+    let cfg = || {
+        let mut c = config(&kafka.bootstrap, "checkpoint-test", dspot);
+        c.runtime.state_dir = Some(state.path().to_path_buf());
+        c
+    };
+    let hosts = 4;
+    let stream = ramp_stream(hosts, 1100, 17);
+    let split = 900 * hosts;
+    let host0_firing = |alerts: &[Got]| {
+        firing(alerts)
+            .into_iter()
+            .filter(|(k, _)| k == "host-00")
+            .count()
+    };
+
+    // First run: host-00's latency ramps up to a new level, which DSPOT learns as drift.
+    produce(&kafka.bootstrap, "metrics", &stream.records[..split]).await;
+    let shutdown = CancellationToken::new();
+    let first = Daemon::start(cfg(), shutdown.clone()).await.unwrap();
+    let m1 = first.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || consumed(&m1, "fleet")
+            >= split as u64)
+        .await
+    );
+    shutdown.cancel();
+    first.wait().await.unwrap();
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        host0_firing(&alerts),
+        0,
+        "the ramp is learned, not alerted on"
+    );
+    assert_eq!(
+        m1.checkpoints.with_label_values(&["fleet", "ok"]).get(),
+        1,
+        "final checkpoint"
+    );
+
+    // Second run on the same state: the new level is still known.
+    produce(&kafka.bootstrap, "metrics", &stream.records[split..]).await;
+    let shutdown = CancellationToken::new();
+    let second = Daemon::start(cfg(), shutdown.clone()).await.unwrap();
+    let m2 = second.metrics.clone();
+    let rest = (stream.records.len() - split) as u64;
+    assert!(wait_for(Duration::from_secs(60), || consumed(&m2, "fleet") >= rest).await);
+    shutdown.cancel();
+    second.wait().await.unwrap();
+    assert_eq!(
+        m2.keys_restored.with_label_values(&["fleet"]).get(),
+        hosts as u64
+    );
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        host0_firing(&alerts),
+        0,
+        "no re-alert on the learned level after the restart"
+    );
+
+    // What the restart would have done without the checkpoint: re-learn from the calibration
+    // and alert on the level it had already accepted.
+    let fresh = replay_rows(&stream.records[split..], dspot);
+    let refired = fresh
+        .iter()
+        .filter(|r| r["key"] == "host-00" && r["event"] == "firing")
+        .count();
+    assert!(
+        refired > 0,
+        "the control replay should alert on host-00's level"
+    );
+}

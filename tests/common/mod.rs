@@ -367,3 +367,44 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The fleet stream with host-00's latency ramping up by 40 ms between ticks 300 and 700 and
+/// staying there: a new level reached slowly enough for a drift-following threshold to learn.
+pub fn ramp_stream(hosts: usize, ticks: u64, seed: u64) -> Stream {
+    let mut s = fleet_stream(hosts, ticks, 0, seed);
+    for (i, (_, v)) in s.records.iter_mut().enumerate() {
+        let tick = (i / hosts) as f64;
+        let mut j: serde_json::Value = serde_json::from_str(v).unwrap();
+        if j["host"] == "host-00" {
+            let ramp = 40.0 * ((tick - 300.0) / 400.0).clamp(0.0, 1.0);
+            j["latency_ms"] = (j["latency_ms"].as_f64().unwrap() + ramp).into();
+            *v = j.to_string();
+        }
+    }
+    s
+}
+
+/// Replays records through a fresh detector (no state) with the test pipeline and extra
+/// settings; returns the NDJSON rows.
+pub fn replay_rows(records: &[(String, String)], extra_pipeline: &str) -> Vec<serde_json::Value> {
+    let cfg = config("unused:9092", "replay", extra_pipeline);
+    let pipeline = &cfg.pipelines["fleet"];
+    let model = std::sync::Arc::new(anomalyd::model::Model::load(&pipeline.model).unwrap());
+    let input: String = records.iter().map(|(_, v)| format!("{v}\n")).collect();
+    let mut out = Vec::new();
+    anomalyd::replay::replay(
+        "fleet",
+        pipeline,
+        model,
+        input.as_bytes(),
+        anomalyd::replay::Format::Ndjson,
+        &mut out,
+        anomalyd::replay::Format::Ndjson,
+    )
+    .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
