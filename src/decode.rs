@@ -36,6 +36,18 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every reason label, for metrics to start at zero.
+    pub const REASONS: [&'static str; 8] = [
+        "too_large",
+        "invalid_json",
+        "not_an_object",
+        "missing_key",
+        "missing_field",
+        "not_a_number",
+        "non_finite",
+        "wrong_dimensions",
+    ];
+
     /// A short, stable, low-cardinality label.
     pub fn reason(&self) -> &'static str {
         match self {

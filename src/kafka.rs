@@ -243,6 +243,7 @@ impl ConsumerContext for PipelineContext {
             .lock()
             .expect("detector lock")
             .forget_partitions(&partitions);
+        self.metrics.drop_lag(&self.pipeline, &partitions);
         tracing::info!(pipeline = %self.pipeline, ?partitions, keys_dropped = dropped, "Partitions revoked.");
     }
 

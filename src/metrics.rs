@@ -118,6 +118,51 @@ impl Metrics {
         m
     }
 
+    /// Creates a pipeline's labelled counters at zero, so that rules and dashboards see them
+    /// (and `increase()` sees their first step) before the first event.
+    pub fn init_pipeline(&self, pipeline: &str) {
+        for outcome in ["scored", "warming", "dead_letter"] {
+            self.records.with_label_values(&[pipeline, outcome]);
+        }
+        for reason in crate::decode::DecodeError::REASONS
+            .iter()
+            .chain(&["inference_failed"])
+        {
+            self.dead_letters.with_label_values(&[pipeline, reason]);
+        }
+        for sink in ["alerts", "scores", "denoised", "dead_letters"] {
+            self.produce_errors.with_label_values(&[pipeline, sink]);
+        }
+        for state in ["firing", "resolved"] {
+            self.alerts.with_label_values(&[pipeline, state]);
+        }
+        for result in ["ok", "error"] {
+            self.alertmanager_pushes
+                .with_label_values(&[pipeline, result]);
+            self.checkpoints.with_label_values(&[pipeline, result]);
+        }
+        for c in [
+            &self.anomalies,
+            &self.key_evictions,
+            &self.offsets_committed,
+            &self.model_load_failures,
+            &self.model_reloads,
+            &self.keys_restored,
+        ] {
+            c.with_label_values(&[pipeline]);
+        }
+    }
+
+    /// Drops the lag series of partitions this instance no longer consumes, so that the lag
+    /// (and an autoscaler reading it) does not count a revoked partition's last value.
+    pub fn drop_lag(&self, pipeline: &str, partitions: &[(String, i32)]) {
+        for (topic, p) in partitions {
+            let _ = self
+                .consumer_lag
+                .remove_label_values(&[pipeline, topic, &p.to_string()]);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -133,11 +178,17 @@ impl Metrics {
             for (p, part) in &t.partitions {
                 // Partition -1 is librdkafka's internal "unassigned" bucket; a lag of -1 means
                 // unknown (not fetched yet, or not assigned here).
-                if *p < 0 || part.consumer_lag < 0 {
+                if *p < 0 {
+                    continue;
+                }
+                let p = p.to_string();
+                let labels = [pipeline, topic.as_str(), p.as_str()];
+                if part.consumer_lag < 0 {
+                    let _ = self.consumer_lag.remove_label_values(&labels);
                     continue;
                 }
                 self.consumer_lag
-                    .with_label_values(&[pipeline, topic, &p.to_string()])
+                    .with_label_values(&labels)
                     .set(part.consumer_lag);
             }
         }

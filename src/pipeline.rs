@@ -132,6 +132,7 @@ pub async fn run(
         give_up.clone(),
         alertmanager_tx,
     ));
+    shared.metrics.init_pipeline(&name);
     set_model_info(&shared.metrics, &name, &model, true);
     let checkpointer = checkpoint_path.clone().map(|path| {
         tokio::spawn(checkpoint_loop(
