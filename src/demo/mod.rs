@@ -6,7 +6,10 @@
 //! printing alerts as they fire and resolve. At the end, every alert is matched against the
 //! incidents that were injected.
 
+pub mod mock;
 pub mod stream;
+
+pub use mock::MockKafka;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,7 +20,6 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
@@ -116,62 +118,6 @@ pub fn write_training_data(
     }
     w.flush()?;
     Ok(())
-}
-
-/// An in-process Kafka cluster (librdkafka's mock broker: the real wire protocol on a loopback
-/// port), on its own thread because the mock cluster is not `Send`. Used by the demo and the
-/// tests.
-pub struct MockKafka {
-    pub bootstrap: String,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl MockKafka {
-    /// Starts a one-broker cluster with the given topics and partition counts.
-    pub fn start(topics: &[(&str, i32)]) -> anyhow::Result<MockKafka> {
-        let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("mock-kafka".into())
-            .spawn(move || {
-                let cluster = match MockCluster::new(1) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                for (t, p) in &topics {
-                    if let Err(e) = cluster.create_topic(t, *p, 1) {
-                        let _ = ready_tx.send(Err(format!("creating topic {t}: {e}")));
-                        return;
-                    }
-                }
-                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-                let _ = stop_rx.recv();
-                drop(cluster);
-            })?;
-        let bootstrap = ready_rx
-            .recv()
-            .map_err(|_| anyhow!("the mock Kafka cluster thread died"))?
-            .map_err(|e| anyhow!("cannot start the in-process Kafka cluster: {e}"))?;
-        Ok(MockKafka {
-            bootstrap,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for MockKafka {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn demo_config(bootstrap: &str, model: &std::path::Path, listen: &str) -> anyhow::Result<Config> {

@@ -1,0 +1,194 @@
+//! Broker faults, injected into librdkafka's mock cluster: the daemon recovers by itself and
+//! loses nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anomalyd::daemon::Daemon;
+use anomalyd::demo::mock::Fault;
+use anomalyd::demo::MockKafka;
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+const TOPICS: &[(&str, i32)] = &[
+    ("metrics", 2),
+    ("alerts", 1),
+    ("dead-letters", 1),
+    ("scores", 1),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_down_for_ten_seconds_then_back_loses_nothing() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(6, 1000, 2, 31);
+    let total = stream.records.len();
+    let bootstrap = kafka.bootstrap.clone();
+    let records = stream.records.clone();
+    let producer = tokio::spawn(async move {
+        let mut offsets = BTreeSet::new();
+        // About ten seconds of traffic, so the outage falls in the middle of it.
+        for chunk in records.chunks(60) {
+            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        offsets
+    });
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(config(&kafka.bootstrap, "down-test", ""), shutdown.clone())
+        .await
+        .unwrap();
+    let m = daemon.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(30), || consumed(&m, "fleet")
+            >= total as u64 / 4)
+        .await
+    );
+
+    eprintln!(
+        "before the outage: consumed {}, committed {:?} {:?}",
+        consumed(&m, "fleet"),
+        committed(&kafka.bootstrap, "down-test.fleet", 0),
+        committed(&kafka.bootstrap, "down-test.fleet", 1)
+    );
+    kafka.inject(Fault::BrokerDown).unwrap();
+    let down_at = consumed(&m, "fleet");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    kafka.inject(Fault::BrokerUp).unwrap();
+    eprintln!("broker down for 10 s at {down_at} records consumed");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    eprintln!(
+        "3 s after: consumed {}, committed {:?} {:?}",
+        consumed(&m, "fleet"),
+        committed(&kafka.bootstrap, "down-test.fleet", 0),
+        committed(&kafka.bootstrap, "down-test.fleet", 1)
+    );
+
+    let offsets = producer.await.unwrap();
+    assert_eq!(offsets.len(), total);
+    assert!(
+        wait_for(Duration::from_secs(90), || consumed(&m, "fleet")
+            >= total as u64)
+        .await,
+        "consumed {} of {total} after the broker came back",
+        consumed(&m, "fleet")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+    let scores = drain_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let (scored, duplicates) = scored_offsets(&scores);
+    let missing: Vec<_> = offsets.difference(&scored).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "records lost across the outage, e.g. {missing:?}"
+    );
+    eprintln!("broker outage: {total} records, all scored, {duplicates} twice");
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    assert_no_alert_lost(&stream, &alerts);
+}
+
+/// The group's committed offset of one partition of `metrics`.
+fn committed(bootstrap: &str, group: &str, partition: i32) -> Option<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("metrics", partition);
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+    match got.find_partition("metrics", partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_alert_deliveries_hold_back_the_commit_and_are_retried() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(6, 500, 2, 32);
+    let offsets = produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    // Where the first alert comes from, by a replay of the same records.
+    let rows = replay_rows(&stream.records, "");
+    let first = rows
+        .iter()
+        .position(|r| r["event"] == "firing")
+        .expect("the stream has an incident");
+    let (partition, alert_offset) = offsets[first];
+
+    // Every produce request fails until told otherwise (only the daemon produces from now on).
+    kafka.inject(Fault::RejectProduces(100_000)).unwrap();
+    let group_prefix = "reject-test";
+    let mut cfg = config(&kafka.bootstrap, group_prefix, "");
+    cfg.pipelines.get_mut("fleet").unwrap().scores_topic = String::new();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let m = daemon.metrics.clone();
+    let errors = || {
+        m.produce_errors
+            .with_label_values(&["fleet", "alerts"])
+            .get()
+    };
+    let total = stream.records.len() as u64;
+    assert!(wait_for(Duration::from_secs(60), || consumed(&m, "fleet") >= total).await);
+    assert!(
+        wait_for(Duration::from_secs(20), || errors() >= 2).await,
+        "the alert delivery is retried"
+    );
+    // Give the committer several rounds: the alert's offset must not be passed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let group = format!("{group_prefix}.fleet");
+    let held = committed(&kafka.bootstrap, &group, partition);
+    assert!(
+        held.is_none_or(|c| c <= alert_offset),
+        "committed {held:?} past the undelivered alert's record at offset {alert_offset}"
+    );
+
+    // The topic accepts produces again: the retried alert goes out and the commit moves on.
+    kafka.inject(Fault::AcceptProduces).unwrap();
+    let alerts_seen = Instant::now();
+    let alerts = read_topic(&kafka.bootstrap, "alerts", Duration::from_secs(30), |got| {
+        !got.is_empty()
+    });
+    assert!(
+        !alerts.is_empty(),
+        "the alert was delivered once produces were accepted"
+    );
+    let end = offsets
+        .iter()
+        .filter(|(p, _)| *p == partition)
+        .map(|(_, o)| o + 1)
+        .max()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || committed(
+            &kafka.bootstrap,
+            &group,
+            partition
+        ) == Some(end))
+        .await,
+        "committed {:?}, expected {end}",
+        committed(&kafka.bootstrap, &group, partition)
+    );
+    eprintln!(
+        "rejected produces: {} failed deliveries retried; the alert arrived {:?} after produces were accepted",
+        errors(),
+        alerts_seen.elapsed()
+    );
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+}
