@@ -414,7 +414,10 @@ async fn judge_loop(
     }
 }
 
-/// Periodically stores the contiguous-prefix positions; librdkafka commits stored offsets.
+/// Every `every`, stores the positions whose contiguous prefix moved and commits them at once
+/// (asynchronously), so the committed position trails the finished records by one interval
+/// rather than two; librdkafka's own auto-commit of the stored offsets stays on as a backstop
+/// (and commits on close).
 async fn commit_loop(
     consumer: Arc<StreamConsumer<PipelineContext>>,
     tracker: Arc<Mutex<OffsetTracker>>,
@@ -423,7 +426,7 @@ async fn commit_loop(
     name: String,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every.min(Duration::from_millis(500)));
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -437,14 +440,17 @@ async fn commit_loop(
         for ((topic, p), pos) in &moved {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*pos));
         }
-        match consumer.store_offsets(&tpl) {
+        // A partition revoked a moment ago cannot be stored or committed any more; its next
+        // owner starts from the position committed on revoke.
+        let stored = consumer
+            .store_offsets(&tpl)
+            .and_then(|()| consumer.commit(&tpl, CommitMode::Async));
+        match stored {
             Ok(()) => metrics
                 .offsets_committed
                 .with_label_values(&[&name])
                 .inc_by(moved.len() as u64),
-            // A partition revoked a moment ago cannot be stored any more; its next owner
-            // starts from the position committed on revoke.
-            Err(e) => tracing::debug!(pipeline = %name, "Storing offsets: {e}"),
+            Err(e) => tracing::debug!(pipeline = %name, "Committing offsets: {e}"),
         }
     }
 }

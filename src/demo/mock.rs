@@ -60,8 +60,7 @@ impl MockKafka {
                         Fault::BrokerDown => cluster.broker_down(1),
                         Fault::BrokerUp => cluster.broker_up(1),
                         Fault::RejectProduces(n) => {
-                            let errors =
-                                vec![
+                            let errors = vec![
                                     RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
                                     n
                                 ];
