@@ -18,6 +18,7 @@ commands:
   generate  sample synthetic normal data from a trained VAE model
   check     check ONNX files against the model contract
   synth     write a synthetic dataset (normal data, optionally with labelled anomalies)
+  nab       run the Numenta Anomaly Benchmark through the daemon and score it (NAB's rules)
 
 Run `anomalyd-train COMMAND --help` for a command's options.
 """
@@ -154,6 +155,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--anomalies", type=float, default=0.0, help="share of anomalous rows (default 0)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, metavar="FILE.csv")
+
+    from .nab_cli import add_parser as add_nab
+
+    add_nab(sub)
     return p
 
 
@@ -170,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "synth":
             return _synth(args)
+        if args.command == "nab":
+            from .nab_cli import run as run_nab
+
+            return run_nab(args)
     except DataError as e:
         print(f"anomalyd-train {args.command}: error: {e}", file=sys.stderr)
         return 2

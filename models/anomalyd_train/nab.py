@@ -1,0 +1,451 @@
+"""`anomalyd-train nab`: run the daemon's detector over the Numenta Anomaly Benchmark.
+
+For every file of the corpus (`DIR/data/<category>/<file>.csv`, labels in `DIR/labels`):
+
+1. features are computed causally from each row and the rows before it (the value, its
+   difference from the previous value, time-of-day encodings, ...);
+2. a model is trained with the toolkit (`fit`) on the file's probationary rows only (the first
+   15%, at most 750 rows): the normalisation, the weights and the calibration see nothing else;
+3. the whole file is streamed through `anomalyd score` (the daemon's own decode, window, infer,
+   threshold and alert code), with one parameter set for every file;
+4. each row's NAB anomaly score is taken from the daemon's output (see `REPORTS`), and written as
+   `OUT/<detector>/<category>/<detector>_<file>.csv` (`timestamp,value,anomaly_score,label`);
+5. the results are scored with the project's NAB scorer (`nab_score`), and the last line printed
+   is `NAB standard=S low_fp=S low_fn=S`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import nab_score as ns
+from .data import file_sha256
+
+# Feature groups the harness can compute, and the columns each becomes.
+FEATURE_GROUPS = {
+    "value": ["value"],
+    "diff": ["diff"],  # value minus the previous row's value (0 on the first row)
+    "tod": ["tod_sin", "tod_cos"],  # time of day on the unit circle
+    "dow": ["dow_sin", "dow_cos"],  # time of week on the unit circle
+    # Robust, compressed versions: asinh of the deviation from the probationary median in units
+    # of the probationary median absolute deviation (a spike of 1000 MADs becomes ~7.6).
+    "rvalue": ["rvalue"],
+    "rdiff": ["rdiff"],
+    # The value minus the mean of the previous 32 values, robust-scaled and compressed.
+    "dev": ["dev"],
+}
+
+# How a row's NAB anomaly score is read from the daemon's output.
+REPORTS = {
+    "score": "the daemon's calibrated anomaly_score on every row",
+    "firing": "the anomaly_score on rows whose event is `firing` (the row that opened an alert "
+              "episode under the pipeline's [alert] hysteresis), 0 elsewhere",
+}
+
+THRESHOLD_METHODS = ("spot", "dspot", "quantile", "ewma")
+
+
+@dataclass
+class NabOptions:
+    nab_dir: str
+    out: str
+    kind: str = "dense"
+    detector: str | None = None  # default anomalyd-<kind>
+    features: list[str] = field(default_factory=lambda: ["value", "diff"])
+    window: int = 8
+    epochs: int = 20
+    hidden: int = 32
+    latent: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+    val_fraction: float = 0.2
+    calibration: str = "val"  # "val": the toolkit's held-back windows; "probation": every probationary window
+    threshold: str = "spot"
+    q: float = 1e-3
+    level: float = 0.9
+    max_peaks: int = 200
+    depth: int = 10
+    exclude: float = 0.01
+    alpha: float = 0.01
+    k: float = 4.0
+    memory: int = 10000
+    fire_after: int = 1
+    resolve_after: int = 50
+    report: str = "firing"
+    jobs: int = 2
+    files: list[str] | None = None  # a subset of <category>/<file>.csv; default every labelled file
+    anomalyd: str | None = None  # the daemon binary
+    keep_work: bool = True
+    reuse_models: bool = False  # keep a file's model when its training options are unchanged
+    quiet: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.detector or f"anomalyd-{self.kind}"
+
+    def columns(self) -> list[str]:
+        return [c for g in self.features for c in FEATURE_GROUPS[g]]
+
+
+def find_anomalyd(explicit: str | None) -> str:
+    """The daemon binary: --anomalyd, $ANOMALYD_BIN, or target/debug/anomalyd of this checkout."""
+    candidates = [explicit] if explicit else []
+    if os.environ.get("ANOMALYD_BIN"):
+        candidates.append(os.environ["ANOMALYD_BIN"])
+    repo = Path(__file__).resolve().parents[2]
+    candidates += [str(repo / "target" / "debug" / "anomalyd"), shutil.which("anomalyd") or ""]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise ns.NabError(
+        "the anomalyd binary was not found: build it (cargo build), or pass --anomalyd PATH / set ANOMALYD_BIN"
+    )
+
+
+def validate(opts: NabOptions) -> None:
+    from . import KINDS
+
+    checks = [
+        (opts.kind in KINDS, f"unknown kind {opts.kind!r}; kinds: {', '.join(KINDS)}"),
+        (bool(opts.features) and all(g in FEATURE_GROUPS for g in opts.features),
+         f"--features must be a list of {', '.join(FEATURE_GROUPS)}, got {','.join(opts.features)}"),
+        (opts.window >= 1, f"--window must be at least 1, got {opts.window}"),
+        (opts.kind not in ("lstm", "gru", "conv") or opts.window >= 2,
+         f"kind {opts.kind} needs --window of at least 2"),
+        (opts.epochs >= 1, f"--epochs must be at least 1, got {opts.epochs}"),
+        (opts.threshold in THRESHOLD_METHODS,
+         f"--threshold must be one of {', '.join(THRESHOLD_METHODS)}, got {opts.threshold}"),
+        (opts.report in REPORTS, f"--report must be one of {', '.join(REPORTS)}, got {opts.report}"),
+        (opts.jobs >= 1, f"--jobs must be at least 1, got {opts.jobs}"),
+        (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
+        (opts.fire_after >= 1 and opts.resolve_after >= 1, "--fire-after and --resolve-after must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ns.NabError(message)
+    if not (Path(opts.nab_dir) / "data").is_dir():
+        raise ns.NabError(f"{opts.nab_dir} has no data/ folder: --nab-dir must be a NAB checkout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+def _robust(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """asinh((x - median) / scale) with the median and scale of `ref` (the probationary rows)."""
+    med = float(np.median(ref))
+    mad = float(np.median(np.abs(ref - med))) * 1.4826
+    scale = mad if mad > 0 else float(np.std(ref))
+    if not scale > 0:
+        scale = max(abs(med), 1.0) * 1e-3
+    return np.arcsinh((x - med) / scale)
+
+
+def features(times: np.ndarray, values: np.ndarray, groups: list[str], probation: int) -> dict[str, np.ndarray]:
+    """Causal per-row features: each depends only on the row and the rows before it, and on
+    constants computed from the probationary rows."""
+    out: dict[str, np.ndarray] = {}
+    p = max(probation, 2)
+    secs = (times - np.datetime64("1970-01-01T00:00:00", "us")) / np.timedelta64(1, "s")
+    for g in groups:
+        if g == "value":
+            out["value"] = values
+        elif g == "diff":
+            out["diff"] = np.r_[0.0, np.diff(values)]
+        elif g == "tod":
+            a = 2 * np.pi * (secs % 86400) / 86400
+            out["tod_sin"], out["tod_cos"] = np.sin(a), np.cos(a)
+        elif g == "dow":
+            # 1970-01-01 was a Thursday; the phase does not matter, only the period.
+            a = 2 * np.pi * (secs % (7 * 86400)) / (7 * 86400)
+            out["dow_sin"], out["dow_cos"] = np.sin(a), np.cos(a)
+        elif g == "rvalue":
+            out["rvalue"] = _robust(values, values[:p])
+        elif g == "rdiff":
+            d = np.r_[0.0, np.diff(values)]
+            out["rdiff"] = _robust(d, d[1:p])
+        elif g == "dev":
+            w = 32
+            c = np.r_[0.0, np.cumsum(values)]
+            i = np.arange(len(values))
+            lo = np.maximum(i - w, 0)
+            prev_mean = np.where(i > 0, (c[i] - c[lo]) / np.maximum(i - lo, 1), values[0])
+            d = values - prev_mean
+            out["dev"] = _robust(d, d[1:p])
+    return out
+
+
+def _write_csv(path: Path, header: list[str], columns: list) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row in zip(*columns):
+            w.writerow([v if isinstance(v, str) else repr(float(v)) for v in row])
+
+
+# ---------------------------------------------------------------------------------------------
+# One file
+
+
+def config_toml(opts: NabOptions, model: Path) -> str:
+    t = opts.threshold
+    if t in ("spot", "dspot"):
+        params = (f"q = {opts.q!r}\nlevel = {opts.level!r}\nmax_peaks = {opts.max_peaks}\n"
+                  f"exclude = {opts.exclude!r}\n" + (f"depth = {opts.depth}\n" if t == "dspot" else ""))
+    elif t == "quantile":
+        params = f"q = {1 - opts.q!r}\nmemory = {opts.memory}\n"
+    else:
+        params = f"alpha = {opts.alpha!r}\nk = {opts.k!r}\n"
+    return (
+        "# written by anomalyd-train nab: one pipeline, one key per file\n"
+        "[pipelines.nab]\n"
+        'topics = ["nab"]\n'
+        f"model = {json.dumps(str(model))}\n"
+        'key_field = "key"\n'
+        'timestamp_field = "timestamp"\n'
+        'alerts_topic = ""\n'
+        'dead_letter_topic = ""\n'
+        "\n[pipelines.nab.threshold]\n"
+        f'method = "{t}"\n' + params +
+        "\n[pipelines.nab.alert]\n"
+        f"fire_after = {opts.fire_after}\nresolve_after = {opts.resolve_after}\n"
+    )
+
+
+@dataclass
+class FileOutcome:
+    name: str
+    rows: int
+    probation: int
+    train_seconds: float
+    score_seconds: float
+    alerts: int
+
+
+def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, str]]) -> FileOutcome:
+    from .fit import FitOptions, fit
+
+    src = Path(opts.nab_dir) / "data" / name
+    cols = ns.read_columns(src, ["timestamp", "value"])
+    stamps = cols["timestamp"]
+    times = ns.parse_times(stamps)
+    try:
+        values = np.array([float(v) for v in cols["value"]], dtype=np.float64)
+    except ValueError as e:
+        raise ns.NabError(f"{src}: a value is not a number ({e})") from None
+    n = len(values)
+    probation = ns.probation_rows(n)
+    feats = features(times, values, opts.features, probation)
+    columns = opts.columns()
+
+    work = Path(opts.out) / ".work" / opts.name / name.replace(".csv", "")
+    work.mkdir(parents=True, exist_ok=True)
+    train_csv, input_csv = work / "train.csv", work / "input.csv"
+    model, config, scores = work / "model.onnx", work / "config.toml", work / "scores.csv"
+    _write_csv(train_csv, columns, [feats[c][:probation] for c in columns])
+    _write_csv(input_csv, ["key", "timestamp"] + columns, [["nab"] * n, stamps] + [feats[c] for c in columns])
+
+    started = time.perf_counter()
+    fit_opts = FitOptions(
+        kind=opts.kind, data=str(train_csv), features=columns, out=str(model), window=opts.window,
+        epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, val_fraction=opts.val_fraction,
+        seed=opts.seed, threads=1, quiet=True, plot=False, hidden=opts.hidden, latent=opts.latent,
+        name=f"nab-{Path(name).stem}",
+    )
+    stamp = work / "model.json"
+    recipe = json.dumps({"fit": asdict(fit_opts), "train_sha256": file_sha256(train_csv),
+                         "calibration": opts.calibration}, sort_keys=True)
+    if not (opts.reuse_models and model.is_file() and stamp.is_file() and stamp.read_text() == recipe):
+        stamp.unlink(missing_ok=True)
+        res = fit(fit_opts)
+        if opts.calibration == "probation":
+            recalibrate(str(model), np.concatenate([res.train, res.val]))
+        stamp.write_text(recipe)
+    train_seconds = time.perf_counter() - started
+
+    config.write_text(config_toml(opts, model))
+    started = time.perf_counter()
+    p = subprocess.run([binary, "score", "-c", str(config), "--pipeline", "nab", "--input", str(input_csv),
+                        "--output", str(scores)], capture_output=True, text=True)
+    score_seconds = time.perf_counter() - started
+    if p.returncode != 0:
+        raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+
+    out = ns.read_columns(scores, ["anomaly_score", "event", "error"])
+    if len(out["anomaly_score"]) != n:
+        raise ns.NabError(f"{name}: anomalyd score wrote {len(out['anomaly_score'])} rows for {n} inputs")
+    bad = [e for e in out["error"] if e]
+    if bad:
+        raise ns.NabError(f"{name}: anomalyd could not score {len(bad)} rows, e.g. {bad[0]}")
+    raw = np.array([float(v) if v else 0.0 for v in out["anomaly_score"]])
+    firing = np.array([e == "firing" for e in out["event"]])
+    nab = report(opts.report, raw, firing)
+
+    rows = ns.file_rows(name, times, windows)
+    label = (rows.window >= 0).astype(int)
+    dest = ns.result_path(opts.out, opts.name, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["timestamp", "value", "anomaly_score", "label"])
+        for t, v, s, lab in zip(stamps, cols["value"], nab, label):
+            w.writerow([t, v, repr(float(s)), int(lab)])
+    if not opts.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return FileOutcome(name=name, rows=n, probation=probation, train_seconds=train_seconds,
+                       score_seconds=score_seconds, alerts=int(firing.sum()))
+
+
+def recalibrate(path: str, windows: np.ndarray) -> None:
+    """Replaces a model's calibration with the scores of `windows` (every probationary window:
+    the training ones too, so that every pattern of the probation is in the warm start)."""
+    import onnx
+
+    from . import calibrate, export
+
+    proto = onnx.load(path)
+    _, err = export.run(export.session(proto), windows)
+    meta = export.metadata(proto)
+    meta["anomalyd.calibration"] = calibrate.summarise(err)
+    export.set_metadata(proto, meta)
+    export.save(proto, path)
+
+
+def report(mode: str, anomaly_score: np.ndarray, firing: np.ndarray) -> np.ndarray:
+    """A row's NAB anomaly score from the daemon's columns (see REPORTS)."""
+    if mode == "score":
+        return anomaly_score
+    if mode == "firing":
+        return np.where(firing, anomaly_score, 0.0)
+    raise ns.NabError(f"unknown report mode {mode!r}")
+
+
+def _run_one(args):
+    opts, name, binary, windows = args
+    import torch
+
+    torch.set_num_threads(1)
+    return run_file(opts, name, binary, windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+
+
+@dataclass
+class NabRun:
+    results: dict[str, ns.ProfileResult]
+    outcomes: list[FileOutcome]
+    seconds: float
+
+
+def run(opts: NabOptions, log=print) -> NabRun:
+    validate(opts)
+    binary = find_anomalyd(opts.anomalyd)
+    windows = ns.load_windows(opts.nab_dir)
+    files = opts.files if opts.files else ns.data_files(opts.nab_dir)
+    for f in files:
+        if f not in windows:
+            raise ns.NabError(f"{f} is not a labelled file of {opts.nab_dir} (e.g. realKnownCause/nyc_taxi.csv)")
+        if not (Path(opts.nab_dir) / "data" / f).is_file():
+            raise ns.NabError(f"{Path(opts.nab_dir) / 'data' / f} does not exist")
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tasks = [(opts, f, binary, windows[f]) for f in files]
+    outcomes: list[FileOutcome] = []
+    if opts.jobs == 1:
+        for i, t in enumerate(tasks, 1):
+            outcomes.append(_run_one(t))
+            _progress(log, opts, i, len(tasks), outcomes[-1])
+    else:
+        with ProcessPoolExecutor(max_workers=opts.jobs) as pool:
+            for i, o in enumerate(pool.map(_run_one, tasks), 1):
+                outcomes.append(o)
+                _progress(log, opts, i, len(tasks), o)
+    rows, scores = ns.load_results(opts.nab_dir, opts.out, opts.name, files)
+    results = ns.score_corpus(rows, scores, ns.load_profiles(opts.nab_dir))
+    seconds = time.perf_counter() - started
+    (Path(opts.out) / opts.name / f"{opts.name}_scores.json").write_text(json.dumps({
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("quiet",)},
+        "seconds": seconds,
+        "profiles": {p: {k: v for k, v in asdict(r).items() if k != "per_file"} for p, r in results.items()},
+        "per_file_standard": results["standard"].per_file if "standard" in results else {},
+    }, indent=1, default=str))
+    return NabRun(results=results, outcomes=outcomes, seconds=seconds)
+
+
+def _progress(log, opts: NabOptions, i: int, total: int, o: FileOutcome) -> None:
+    if not opts.quiet:
+        log(f"[{i}/{total}] {o.name}: {o.rows} rows ({o.probation} probationary), trained in "
+            f"{o.train_seconds:.1f} s, scored in {o.score_seconds:.1f} s, {o.alerts} alerts", flush=True)
+
+
+def print_summary(r: NabRun, opts: NabOptions, log=print) -> None:
+    train = sum(o.train_seconds for o in r.outcomes)
+    score = sum(o.score_seconds for o in r.outcomes)
+    log(f"{opts.name}: {len(r.outcomes)} files, {r.seconds:.1f} s wall ({opts.jobs} jobs; training "
+        f"{train:.1f} s, anomalyd score {score:.1f} s in total)")
+    for p, res in r.results.items():
+        log(f"  {p:20s} {res.normalised:6.2f}  threshold {res.threshold:.6g}, windows hit {res.tp}/"
+            f"{res.tp + res.fn}, false positive rows {res.fp}")
+    log(ns.summary_line(r.results))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plot
+
+
+def plot_file(out: str, detector: str, name: str, nab_dir: str, png: str, title: str | None = None) -> str:
+    """One file of a finished run: the value, the daemon's score and threshold (log scale), the
+    reported NAB anomaly score, with the labelled windows shaded and the probation marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    work = Path(out) / ".work" / detector / name.replace(".csv", "")
+    res = ns.read_columns(ns.result_path(out, detector, name), ["timestamp", "value", "anomaly_score"])
+    sc = ns.read_columns(work / "scores.csv", ["score", "threshold", "anomaly_score", "event"])
+    times = ns.parse_times(res["timestamp"]).astype("datetime64[s]").astype(object)
+    value = np.array([float(v) for v in res["value"]])
+    nab = np.array([float(v) for v in res["anomaly_score"]])
+    score = np.array([float(v) if v else np.nan for v in sc["score"]])
+    thr = np.array([float(v) if v else np.nan for v in sc["threshold"]])
+    fired = np.array([e == "firing" for e in sc["event"]])
+    rows = ns.file_rows(name, ns.parse_times(res["timestamp"]), ns.load_windows(nab_dir)[name])
+
+    fig, axes = plt.subplots(3, 1, figsize=(13, 7.5), sharex=True, height_ratios=[2.2, 1.6, 1])
+    for ax in axes:
+        for left, right in rows.windows:
+            ax.axvspan(times[left], times[right], color="tab:red", alpha=0.15, lw=0)
+        ax.axvspan(times[0], times[max(rows.probation - 1, 0)], color="0.85", alpha=0.5, lw=0)
+    axes[0].plot(times, value, lw=0.6, color="tab:blue")
+    axes[0].plot(times[fired], value[fired], "v", color="tab:red", ms=6, label="alert fired")
+    axes[0].set_ylabel("value")
+    axes[0].legend(loc="upper left", fontsize=8)
+    axes[1].semilogy(times, score, lw=0.5, color="tab:purple", label="score (reconstruction error)")
+    axes[1].semilogy(times, thr, lw=1.0, color="tab:orange", label="threshold (adaptive)")
+    axes[1].set_ylabel("score")
+    axes[1].legend(loc="upper left", fontsize=8)
+    axes[2].plot(times, nab, lw=0.8, color="tab:green")
+    axes[2].set_ylabel("NAB anomaly\nscore")
+    axes[2].set_ylim(-0.05, 1.05)
+    fig.suptitle(title or f"{name} ({detector}); shaded: labelled anomaly windows (red), probation (grey)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png

@@ -1,0 +1,151 @@
+"""The `anomalyd-train nab` subcommand (argument parsing; the work is in `nab.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import KINDS
+from . import nab as nb
+from . import nab_score as ns
+
+DESCRIPTION = """\
+Run the Numenta Anomaly Benchmark (NAB) through the daemon and score it by NAB's rules.
+
+For every file of the corpus (DIR/data/<category>/<file>.csv, labels in DIR/labels/):
+  1. features are computed causally from each row and the rows before it;
+  2. a model of --kind is trained on the file's probationary rows only (the first 15%, at most
+     750): its normalisation, weights and calibration see nothing later;
+  3. the whole file is streamed through `anomalyd score` (the daemon's own decode, window,
+     inference, adaptive threshold and alert code) with a generated one-pipeline config;
+  4. each row's NAB anomaly score is read from the daemon's output (--report) and written to
+     OUT/<detector>/<category>/<detector>_<file>.csv (timestamp,value,anomaly_score,label);
+  5. the results are scored with the project's NAB scorer (threshold optimised per profile
+     over the whole corpus, normalised against the null and perfect detectors).
+
+One parameter set for the whole corpus: nothing is tuned per file, nothing looks ahead.
+The last line printed is `NAB standard=S low_fp=S low_fn=S`.
+"""
+
+EPILOG = """\
+reports (--report):
+  firing   the daemon's anomaly_score on the rows whose alert event is `firing` (the row that
+           opened an alert episode under --fire-after / --resolve-after), 0 elsewhere: one
+           report per episode, as an operator would be paged
+  score    the daemon's calibrated anomaly_score on every row
+
+examples:
+  anomalyd-train nab --nab-dir ../shared/nab --out target/nab --kind dense
+  anomalyd-train nab --nab-dir ../shared/nab --out target/nab --kind lstm \\
+      --files realKnownCause/nyc_taxi.csv,realTweets/Twitter_volume_AAPL.csv
+  anomalyd-train nab --score-only --nab-dir ../shared/nab --out ../shared/nab/results \\
+      --detector numenta          # score existing results in NAB's layout
+"""
+
+
+def _list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def add_parser(sub) -> None:
+    d = nb.NabOptions(nab_dir="", out="")
+    p = sub.add_parser("nab", help="run and score the Numenta Anomaly Benchmark through the daemon",
+                       description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--nab-dir", required=True, metavar="DIR",
+                   help="a NAB checkout: data/, labels/combined_windows.json, config/profiles.json")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="results directory (NAB's layout); models and daemon outputs go to DIR/.work")
+    g.add_argument("--kind", default=d.kind, choices=KINDS, metavar="KIND",
+                   help=f"model kind: {', '.join(KINDS)} (default {d.kind})")
+    g.add_argument("--detector", metavar="NAME", help="detector name in the results (default anomalyd-KIND)")
+    g.add_argument("--files", type=_list, metavar="C/F.csv,...",
+                   help="only these corpus files (default: every labelled file); scores are then "
+                        "optimised over these files only")
+    g.add_argument("--jobs", type=int, default=d.jobs, metavar="N",
+                   help=f"files processed in parallel (default {d.jobs}); each trains on one thread")
+    g.add_argument("--anomalyd", metavar="PATH",
+                   help="the daemon binary (default $ANOMALYD_BIN, else target/debug/anomalyd)")
+    g.add_argument("--reuse-models", action="store_true",
+                   help="keep a file's model from an earlier run into the same --out when its "
+                        "training data and options are unchanged (to try threshold settings)")
+    g.add_argument("--score-only", action="store_true",
+                   help="do not run anything: score the results already in OUT/<detector>")
+    g.add_argument("--plot", metavar="C/F.csv",
+                   help="also plot this file (value, score, threshold, NAB score, windows) to "
+                        "OUT/<detector>/<detector>_<file>.png")
+    g.add_argument("-q", "--quiet", action="store_true", help="no per-file progress lines")
+
+    m = p.add_argument_group("model (trained on each file's probationary rows)")
+    m.add_argument("--features", type=_list, default=d.features, metavar="G,G",
+                   help=f"feature groups: {', '.join(nb.FEATURE_GROUPS)} (default {','.join(d.features)}); "
+                        "diff = value minus the previous value; tod / dow = time of day / of week "
+                        "on the unit circle")
+    m.add_argument("--window", type=int, default=d.window, metavar="T",
+                   help=f"rows per sample (default {d.window})")
+    m.add_argument("--epochs", type=int, default=d.epochs, metavar="N", help=f"default {d.epochs}")
+    m.add_argument("--hidden", type=int, default=d.hidden, metavar="H", help=f"default {d.hidden}")
+    m.add_argument("--latent", type=int, metavar="K", help="code size (default: the kind's)")
+    m.add_argument("--lr", type=float, default=d.lr, metavar="X", help=f"default {d.lr}")
+    m.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N", help=f"default {d.batch_size}")
+    m.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="X",
+                   help=f"share of the probationary windows held back for calibration (default {d.val_fraction})")
+    m.add_argument("--seed", type=int, default=d.seed, metavar="N", help=f"default {d.seed}")
+    m.add_argument("--calibration", default=d.calibration, choices=("val", "probation"),
+                   help="the warm start of the daemon's threshold: the scores of the toolkit's held-back "
+                        "validation windows (val), or of every probationary window (probation: every "
+                        f"pattern of the probation is in it) (default {d.calibration})")
+
+    t = p.add_argument_group("daemon pipeline ([pipelines.nab.threshold] and [pipelines.nab.alert])")
+    t.add_argument("--threshold", default=d.threshold, choices=nb.THRESHOLD_METHODS,
+                   help=f"threshold method (default {d.threshold})")
+    t.add_argument("--q", type=float, default=d.q, metavar="RISK",
+                   help=f"spot/dspot risk; quantile uses 1 - RISK (default {d.q})")
+    t.add_argument("--level", type=float, default=d.level, metavar="X",
+                   help=f"spot/dspot peaks level (default {d.level})")
+    t.add_argument("--max-peaks", type=int, default=d.max_peaks, metavar="N", help=f"default {d.max_peaks}")
+    t.add_argument("--exclude", type=float, default=d.exclude, metavar="X", help=f"default {d.exclude}")
+    t.add_argument("--depth", type=int, default=d.depth, metavar="N", help=f"dspot depth (default {d.depth})")
+    t.add_argument("--alpha", type=float, default=d.alpha, metavar="X", help=f"ewma alpha (default {d.alpha})")
+    t.add_argument("--k", type=float, default=d.k, metavar="X", help=f"ewma k (default {d.k})")
+    t.add_argument("--memory", type=int, default=d.memory, metavar="N", help=f"quantile memory (default {d.memory})")
+    t.add_argument("--fire-after", type=int, default=d.fire_after, metavar="N", help=f"default {d.fire_after}")
+    t.add_argument("--resolve-after", type=int, default=d.resolve_after, metavar="N",
+                   help=f"default {d.resolve_after}")
+    t.add_argument("--report", default=d.report, choices=tuple(nb.REPORTS),
+                   help=f"how a row's NAB score is read from the daemon's output (default {d.report}; below)")
+
+
+def run(args) -> int:
+    opts = nb.NabOptions(
+        nab_dir=args.nab_dir, out=args.out, kind=args.kind, detector=args.detector, features=args.features,
+        window=args.window, epochs=args.epochs, hidden=args.hidden, latent=args.latent, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, calibration=args.calibration, threshold=args.threshold,
+        q=args.q, level=args.level, max_peaks=args.max_peaks, depth=args.depth, exclude=args.exclude,
+        alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
+        resolve_after=args.resolve_after, report=args.report, jobs=args.jobs, files=args.files,
+        anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
+    )
+    try:
+        if args.score_only:
+            results = ns.score_detector(opts.nab_dir, opts.out, opts.name, opts.files)
+            for p, res in results.items():
+                print(f"  {p:20s} {res.normalised:6.2f}  threshold {res.threshold:.6g}, windows hit "
+                      f"{res.tp}/{res.tp + res.fn}, false positive rows {res.fp}")
+            print(ns.summary_line(results))
+            return 0
+        r = nb.run(opts)
+        if args.plot:
+            from pathlib import Path
+
+            png = ns.result_path(opts.out, opts.name, args.plot).with_suffix(".png")
+            nb.plot_file(opts.out, opts.name, args.plot, opts.nab_dir, str(Path(opts.out) / opts.name / png.name))
+        nb.print_summary(r, opts)
+        return 0
+    except ns.NabError as e:
+        print(f"anomalyd-train nab: error: {e}", file=sys.stderr)
+        return 2
