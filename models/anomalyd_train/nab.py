@@ -45,13 +45,20 @@ FEATURE_GROUPS = {
     "rdiff": ["rdiff"],
     # The value minus the mean of the previous 32 values, robust-scaled and compressed.
     "dev": ["dev"],
+    # Rolling z-score: the value's deviation from the mean of the previous ZWIN values in units of
+    # their standard deviation (floored at a small share of the probationary spread), compressed.
+    "z": ["z"],
 }
+ZWIN = int(os.environ.get("NAB_ZWIN", "64"))
 
 # How a row's NAB anomaly score is read from the daemon's output.
 REPORTS = {
     "score": "the daemon's calibrated anomaly_score on every row",
     "firing": "the anomaly_score on rows whose event is `firing` (the row that opened an alert "
               "episode under the pipeline's [alert] hysteresis), 0 elsewhere",
+    "novelty": "on rows whose event is `firing`, x / (1 + x) where x is the row's score (reconstruction "
+               "error) over the largest score of every earlier row of the file (x > 1: the largest error "
+               "the key has ever produced); 0 elsewhere",
 }
 
 THRESHOLD_METHODS = ("spot", "dspot", "quantile", "ewma")
@@ -185,7 +192,25 @@ def features(times: np.ndarray, values: np.ndarray, groups: list[str], probation
             prev_mean = np.where(i > 0, (c[i] - c[lo]) / np.maximum(i - lo, 1), values[0])
             d = values - prev_mean
             out["dev"] = _robust(d, d[1:p])
+        elif g == "z":
+            out["z"] = rolling_z(values, ZWIN, values[:p])
     return out
+
+
+def rolling_z(values: np.ndarray, w: int, ref: np.ndarray) -> np.ndarray:
+    """asinh((x_t - mean(x_{t-w..t-1})) / std(x_{t-w..t-1})): causal, from the row's past only."""
+    n = len(values)
+    c1 = np.r_[0.0, np.cumsum(values)]
+    c2 = np.r_[0.0, np.cumsum(values * values)]
+    i = np.arange(n)
+    lo = np.maximum(i - w, 0)
+    cnt = np.maximum(i - lo, 1)
+    mean = (c1[i] - c1[lo]) / cnt
+    var = np.maximum((c2[i] - c2[lo]) / cnt - mean * mean, 0.0)
+    floor = 0.05 * max(float(np.std(ref)), 1e-9)
+    sd = np.maximum(np.sqrt(var), floor)
+    z = np.where(i > 0, (values - mean) / sd, 0.0)
+    return np.arcsinh(z)
 
 
 def _write_csv(path: Path, header: list[str], columns: list) -> None:
@@ -284,7 +309,7 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
     if p.returncode != 0:
         raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
 
-    out = ns.read_columns(scores, ["anomaly_score", "event", "error"])
+    out = ns.read_columns(scores, ["score", "anomaly_score", "event", "error"])
     if len(out["anomaly_score"]) != n:
         raise ns.NabError(f"{name}: anomalyd score wrote {len(out['anomaly_score'])} rows for {n} inputs")
     bad = [e for e in out["error"] if e]
@@ -292,7 +317,8 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         raise ns.NabError(f"{name}: anomalyd could not score {len(bad)} rows, e.g. {bad[0]}")
     raw = np.array([float(v) if v else 0.0 for v in out["anomaly_score"]])
     firing = np.array([e == "firing" for e in out["event"]])
-    nab = report(opts.report, raw, firing)
+    score = np.array([float(v) if v else 0.0 for v in out["score"]])
+    nab = report(opts.report, raw, firing, score)
 
     rows = ns.file_rows(name, times, windows)
     label = (rows.window >= 0).astype(int)
@@ -324,12 +350,17 @@ def recalibrate(path: str, windows: np.ndarray) -> None:
     export.save(proto, path)
 
 
-def report(mode: str, anomaly_score: np.ndarray, firing: np.ndarray) -> np.ndarray:
-    """A row's NAB anomaly score from the daemon's columns (see REPORTS)."""
+def report(mode: str, anomaly_score: np.ndarray, firing: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """A row's NAB anomaly score from the daemon's columns (see REPORTS); causal: a row's value
+    depends on that row and the rows before it only."""
     if mode == "score":
         return anomaly_score
     if mode == "firing":
         return np.where(firing, anomaly_score, 0.0)
+    if mode == "novelty":
+        before = np.maximum.accumulate(np.r_[0.0, score[:-1]])  # largest score of the earlier rows
+        x = score / np.maximum(before, 1e-300)
+        return np.where(firing, x / (1.0 + x), 0.0)
     raise ns.NabError(f"unknown report mode {mode!r}")
 
 
