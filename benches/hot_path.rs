@@ -1,0 +1,145 @@
+//! The hot path, stage by stage: decode, window + batch (prepare), inference, judge
+//! (score + threshold + hysteresis), and a whole replay, per record.
+//!
+//!     cargo bench --bench hot_path
+//!
+//! Uses the shipped demo models and generated demo records, so it runs without any set-up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anomalyd::config::Config;
+use anomalyd::demo::stream::Fleet;
+use anomalyd::detect::{Detector, Origin};
+use anomalyd::model::Model;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+const BATCH: usize = 256;
+
+fn detector(model: &str, method: &str) -> Detector {
+    let toml = format!(
+        "[pipelines.p]\ntopics = [\"in\"]\nmodel = \"{}/models/{model}\"\nkey_field = \"host\"\n[pipelines.p.threshold]\nmethod = \"{method}\"\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
+    let p = &cfg.pipelines["p"];
+    Detector::new("p", p, Arc::new(Model::load(&p.model).unwrap()))
+}
+
+/// 20 hosts' records, as the JSON the daemon consumes.
+fn records(n: usize) -> Vec<String> {
+    let mut fleet = Fleet::new(20, (n / 20 + 1) as u64, 0, 1);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.extend(fleet.next_tick().into_iter().map(|r| r.to_json()));
+    }
+    out.truncate(n);
+    out
+}
+
+fn stages(c: &mut Criterion) {
+    let json = records(BATCH);
+    let topic: Arc<str> = Arc::from("in");
+    for (model, method) in [
+        ("demo-dense.onnx", "quantile"),
+        ("demo-dense.onnx", "spot"),
+        ("demo-lstm.onnx", "quantile"),
+    ] {
+        let mut g = c.benchmark_group(format!("{model}/{method}"));
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let mut d = detector(model, method);
+        let decoder = d.decoder().clone();
+        g.bench_function("decode", |b| {
+            b.iter(|| {
+                json.iter()
+                    .map(|j| decoder.decode_json(j.as_bytes()).unwrap())
+                    .count()
+            })
+        });
+        let decoded: Vec<_> = json
+            .iter()
+            .map(|j| {
+                (
+                    Origin {
+                        topic: topic.clone(),
+                        partition: 0,
+                        offset: 0,
+                    },
+                    decoder.decode_json(j.as_bytes()).unwrap(),
+                )
+            })
+            .collect();
+        // Fill every window first, so every record is scored.
+        for _ in 0..20 {
+            let mut batch = d.prepare(decoded.clone());
+            let samples = std::mem::take(&mut batch.samples);
+            let inf = batch.model.infer(&samples, batch.sample_count()).unwrap();
+            d.judge(batch, &inf);
+        }
+        g.bench_function("prepare", |b| {
+            b.iter_batched(
+                || decoded.clone(),
+                |recs| d.prepare(recs),
+                BatchSize::SmallInput,
+            )
+        });
+        let mut batch = d.prepare(decoded.clone());
+        let samples = std::mem::take(&mut batch.samples);
+        let n = batch.sample_count();
+        let model = batch.model.clone();
+        g.bench_function("infer", |b| b.iter(|| model.infer(&samples, n).unwrap()));
+        let inference = model.infer(&samples, n).unwrap();
+        g.bench_function("judge", |b| {
+            b.iter_batched(
+                || {
+                    let mut batch = d.prepare(decoded.clone());
+                    batch.samples.clear();
+                    batch
+                },
+                |batch| d.judge(batch, &inference),
+                BatchSize::SmallInput,
+            )
+        });
+        g.finish();
+    }
+}
+
+fn replay(c: &mut Criterion) {
+    let n = 20_000;
+    let input: String = records(n).into_iter().map(|j| j + "\n").collect();
+    let toml = format!(
+        "[pipelines.p]\ntopics = [\"in\"]\nmodel = \"{}/models/demo-dense.onnx\"\nkey_field = \"host\"\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
+    let p = &cfg.pipelines["p"];
+    let model = Arc::new(Model::load(&p.model).unwrap());
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(20);
+    for (name, format) in [
+        ("ndjson->csv", anomalyd::replay::Format::Csv),
+        ("ndjson->ndjson", anomalyd::replay::Format::Ndjson),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut out = Vec::with_capacity(n * 120);
+                anomalyd::replay::replay(
+                    "p",
+                    p,
+                    model.clone(),
+                    input.as_bytes(),
+                    anomalyd::replay::Format::Ndjson,
+                    &mut out,
+                    format,
+                )
+                .unwrap();
+                out.len()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, stages, replay);
+criterion_main!(benches);

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Prints the markdown tables of scripts/bench.sh from its raw outputs (results.jsonl, machine.txt).
+
+    python3 benches/report.py target/bench [--command-tract CMD] [--command-kafka CMD]
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def fmt(v, digits=1):
+    if v is None or v != v:
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def runs(values, digits=0):
+    return ", ".join(fmt(v, digits) for v in values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--command-tract", default="")
+    ap.add_argument("--command-kafka", default="")
+    a = ap.parse_args()
+    results = [json.loads(l) for l in (a.dir / "results.jsonl").read_text().splitlines() if l.strip()]
+    machine = (a.dir / "machine.txt").read_text().splitlines()
+    info = dict(l.split(":", 1) for l in machine if ":" in l)
+    get = lambda k: info.get(k, "?").strip()
+
+    print("## Figures (scripts/bench.sh)\n")
+    print(
+        f"Machine: {get('Model name')}, nproc {get('nproc')}, load average at start {get('load average')}; "
+        f"commit {get('commit')}, {get('date')}. onnxruntime {Path(get('onnxruntime')).name}, "
+        f"confluent-kafka {get('confluent-kafka')}, {get('tansu')}. The machine is shared and noisy "
+        "(other builds and tests run on the same two cores): compare the ratios, which were "
+        "measured side by side, rather than absolute times across runs.\n"
+    )
+
+    tvo = [r for r in results if r["bench"] == "tract_vs_ort"]
+    if tvo:
+        rounds = tvo[0]["rounds"]
+        print("### tract vs onnxruntime (one thread each, same process, same inputs)\n")
+        print(f"`{a.command_tract}`\n")
+        print(
+            f"Median over {rounds} rounds of the mean time per call; ratio = median of the per-round "
+            "ratios. `tract` is `Model::infer` as the daemon calls it (a fresh tract state per call); "
+            "`tract-state` reuses one state. Target: ORT/tract ≥ 1 (tract no slower).\n"
+        )
+        print(
+            "| model | batch | tract µs/call | tract-state µs/call | onnxruntime µs/call | ORT/tract | ORT/tract-state | target | max abs diff of `error` |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in tvo:
+            met = "met" if r["ort_over_tract"] >= 1.0 else "**not met**"
+            print(
+                f"| {r['model']} | {r['batch']} | {fmt(r['tract_us'])} | {fmt(r['tract_state_us'])} | "
+                f"{fmt(r['ort_us'])} | {r['ort_over_tract']:.2f} | {r['ort_over_tract_state']:.2f} | {met} | "
+                f"{r['max_abs_diff_error']:.1e} |"
+            )
+        print()
+
+    thr = next((r for r in results if r["bench"] == "kafka_throughput"), None)
+    if thr:
+        print("### Kafka end to end: throughput, anomalyd vs the Python baseline (tansu broker)\n")
+        print(f"`{a.command_kafka}`\n")
+        print(
+            f"{thr['records']:,} demo-fleet records ({thr['hosts']} hosts, {thr['partitions']} partitions) "
+            f"produced first (at {fmt(thr['produce_records_per_s'])} records/s); each run is a fresh "
+            "consumer group from the start of the topic, timed from its first record consumed "
+            "(group join and model load excluded). anomalyd: until `anomalyd_records_total` reaches "
+            f"{thr['records']:,} (the rate over its first {thr['python_records']:,} is the column used "
+            f"for the ratio); Python: {thr['python_records']:,} records scored, alerted and committed. "
+            f"CPU: {thr['pinning']}; tansu, producer and readers on the other core. "
+            "CPU µs/record is the consumer process's user + system time over the same span.\n"
+        )
+        print("| consumer | records/s, each run | median records/s | CPU µs/record (median) | peak RSS MB (median) |")
+        print("|---|---|---|---|---|")
+        med = lambda k: statistics.median(thr[k]) if thr[k] else float("nan")
+        print(
+            f"| anomalyd (all {thr['records']:,}) | {runs(thr['anomalyd_records_per_s'])} | "
+            f"{fmt(med('anomalyd_records_per_s'))} | {fmt(med('anomalyd_cpu_us_per_record'), 2)} | "
+            f"{fmt(med('anomalyd_peak_rss_mb'))} |"
+        )
+        print(
+            f"| anomalyd (first {thr['python_records']:,}) | {runs(thr['anomalyd_prefix_records_per_s'])} | "
+            f"{fmt(med('anomalyd_prefix_records_per_s'))} | | |"
+        )
+        if thr["python_records_per_s"]:
+            print(
+                f"| Python (confluent-kafka + onnxruntime, batch 256) | {runs(thr['python_records_per_s'])} | "
+                f"{fmt(med('python_records_per_s'))} | {fmt(med('python_cpu_us_per_record'), 2)} | "
+                f"{fmt(med('python_peak_rss_mb'))} |"
+            )
+            met = "met" if thr["ratio_throughput"] >= 10 else "**not met**"
+            print(
+                f"\nRatios (median of the side-by-side pairs): throughput anomalyd/Python "
+                f"**{thr['ratio_throughput']:.2f}×** (target ≥ 10×: {met}); CPU per record "
+                f"Python/anomalyd **{thr['ratio_cpu']:.2f}×**.\n"
+            )
+
+    lat = next((r for r in results if r["bench"] == "kafka_latency"), None)
+    if lat:
+        print("### Kafka end to end: record-to-alert latency at half the throughput\n")
+        print(
+            f"Same command. {lat['records']:,} records sent at {fmt(lat['achieved_rate'])} records/s "
+            f"(target {fmt(lat['target_rate'])}), 4 % latency spikes, `fire_after = 1`, `resolve_after = 1`, "
+            "default batching (`max_size = 256`, `max_wait = 20ms`) and producer settings (`linger.ms = 5`); "
+            "latency = arrival of the alert event on the alerts topic − the triggering record's send time "
+            "(records of the first second left out).\n"
+        )
+        print("| alert events | matched to a record | p50 ms | p99 ms | max ms |")
+        print("|---|---|---|---|---|")
+        print(
+            f"| {lat['alert_events']:,} | {lat['matched']:,} | {fmt(lat['p50_ms'])} | {fmt(lat['p99_ms'])} | "
+            f"{fmt(lat['max_ms'])} |"
+        )
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Performance comparisons of issue 5, measured side by side in one run, printed as markdown:
+#   1. tract vs onnxruntime on each shipped model (batch 1 and 256, one thread each, one process);
+#   2. Kafka end to end on the tansu broker: the release `anomalyd run` binary's throughput, and
+#      p50/p99 record-to-alert latency at half that rate;
+#   3. against a Python consumer (confluent-kafka + onnxruntime, benches/python_consumer.py) doing
+#      the same scoring on the same broker and records: throughput and CPU per record.
+#
+#   scripts/bench.sh                 # everything (~5-8 minutes after the builds)
+#   scripts/bench.sh --quick         # smaller runs, to check that it works (~2 minutes)
+#   BENCH_OUT=DIR scripts/bench.sh   # where raw outputs go (default target/bench)
+#
+# Needs: tansu (TANSU_BIN, or ~/.cargo/bin/tansu: scripts/test.sh installs it), the toolkit venv
+# (scripts/python-env.sh, run here; cached) for onnxruntime's shared library, and installs
+# confluent-kafka (pinned below) into that venv. Builds the benches and the binary in release
+# mode. On a machine with 2+ cores the consumer under test gets CPU 0 and everything else
+# (tansu, producers, readers) CPU 1; with one core nothing is pinned.
+set -euo pipefail
+
+CONFLUENT_KAFKA_VERSION=2.16.1
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${BENCH_OUT:-$root/target/bench}"
+mkdir -p "$out"
+log() { echo "bench: $*" >&2; }
+die() { echo "bench: $*" >&2; exit 2; }
+
+quick=
+case "${1:-}" in
+    --quick) quick=1 ;;
+    "") ;;
+    *) die "usage: scripts/bench.sh [--quick]" ;;
+esac
+
+tansu="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}"
+[[ -x "$tansu" ]] || die "tansu not found (TANSU_BIN, PATH, ~/.cargo/bin): run scripts/test.sh once (it installs it), or cargo install tansu --locked --version 0.6.0 --features dynostore"
+export TANSU_BIN="$tansu"
+
+venv="$(scripts/python-env.sh | tail -1)"
+py="$venv/bin/python"
+if ! "$py" -c "import confluent_kafka, sys; sys.exit(confluent_kafka.version()[0] != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null; then
+    log "installing confluent-kafka==$CONFLUENT_KAFKA_VERSION into $venv (benchmarks only)"
+    "$py" -m pip install --quiet --disable-pip-version-check "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+fi
+ort_dylib="$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -1)"
+[[ -n "$ort_dylib" ]] || die "onnxruntime's shared library not found in $venv: is onnxruntime installed there (scripts/python-env.sh)?"
+export ORT_DYLIB_PATH="$ort_dylib"
+
+cores="$(nproc)"
+if (( cores >= 2 )) && command -v taskset >/dev/null; then
+    consumer_cpus=0
+    others="taskset -c 1"
+    single="taskset -c 0"
+else
+    consumer_cpus=""
+    others=""
+    single=""
+fi
+
+log "building the benches and anomalyd in release mode"
+cargo bench --no-run --bench tract_vs_ort --bench kafka_e2e --message-format=json-render-diagnostics \
+    >"$out/build.jsonl"
+exe() {
+    "$py" -c 'import json,sys
+for l in open(sys.argv[1]):
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable"):
+        print(m["executable"])' "$out/build.jsonl" "$1" | tail -1
+}
+tract_vs_ort="$(exe tract_vs_ort)"
+kafka_e2e="$(exe kafka_e2e)"
+[[ -x "$tract_vs_ort" && -x "$kafka_e2e" ]] || die "bench executables not found in $out/build.jsonl"
+
+if [[ -n "$quick" ]]; then
+    tvo_args=(--rounds 5 --round-ms 100)
+    e2e_args=(--records 200000 --python-records 100000 --repeats 1 --latency-seconds 5)
+else
+    tvo_args=(--rounds 15 --round-ms 150)
+    e2e_args=(--records 1000000 --python-records 300000 --repeats 3 --latency-seconds 15)
+fi
+
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml || echo ' (with uncommitted changes in src or Cargo.toml)')"
+    echo "nproc: $cores"
+    lscpu | head -20
+    echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "onnxruntime: $ort_dylib"
+    echo "confluent-kafka: $("$py" -c 'import confluent_kafka as c; print(c.version()[0], "librdkafka", c.libversion()[0])')"
+    echo "tansu: $("$tansu" --version 2>&1 | head -1)"
+} >"$out/machine.txt"
+
+log "tract vs onnxruntime (one thread each${single:+, pinned to CPU 0})"
+cmd1="$single $tract_vs_ort ${tvo_args[*]} --profile"
+$cmd1 >"$out/tract_vs_ort.txt"
+grep '^BENCH ' "$out/tract_vs_ort.txt" | sed 's/^BENCH //' >"$out/results.jsonl"
+
+log "Kafka end to end and the Python baseline (tansu; consumer ${consumer_cpus:+on CPU $consumer_cpus, the rest on CPU 1})"
+cmd2="$others $kafka_e2e ${e2e_args[*]} --consumer-cpus '$consumer_cpus' --python $py"
+$others "$kafka_e2e" "${e2e_args[@]}" --consumer-cpus "$consumer_cpus" --python "$py" \
+    >"$out/kafka_e2e.txt" 2> >(tee "$out/kafka_e2e.log" >&2)
+grep '^BENCH ' "$out/kafka_e2e.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
+
+"$py" benches/report.py "$out" \
+    --command-tract "ORT_DYLIB_PATH=$ort_dylib $cmd1" \
+    --command-kafka "TANSU_BIN=$tansu $cmd2" | tee "$out/report.md"
+log "raw outputs in $out (tract profile: $out/tract_vs_ort.txt)"
