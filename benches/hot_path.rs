@@ -89,14 +89,15 @@ fn stages(c: &mut Criterion) {
         let model = batch.model.clone();
         g.bench_function("infer", |b| b.iter(|| model.infer(&samples, n).unwrap()));
         let inference = model.infer(&samples, n).unwrap();
+        let d = std::cell::RefCell::new(d);
         g.bench_function("judge", |b| {
             b.iter_batched(
                 || {
-                    let mut batch = d.prepare(decoded.clone());
+                    let mut batch = d.borrow_mut().prepare(decoded.clone());
                     batch.samples.clear();
                     batch
                 },
-                |batch| d.judge(batch, &inference),
+                |batch| d.borrow_mut().judge(batch, &inference),
                 BatchSize::SmallInput,
             )
         });

@@ -240,6 +240,12 @@ fn tagged<E: de::Error>(reason: &str, field: &str) -> E {
     E::custom(format!("{TAG}{reason}|{field}"))
 }
 
+/// String equality that rejects on length and last byte before comparing the rest: field names
+/// like `f0`..`f7` share a length and differ at the end.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.as_bytes().last() == b.as_bytes().last() && a == b
+}
+
 /// The fields found in one object, before checking that nothing is missing.
 struct Found {
     key: Option<String>,
@@ -291,11 +297,11 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
             seen: vec![false; dec.fields.len()],
         };
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if name == dec.key_field {
+            if same(&name, &dec.key_field) {
                 found.key = map.next_value::<Scalar>()?.0;
-            } else if name == dec.timestamp_field {
+            } else if same(&name, &dec.timestamp_field) {
                 found.timestamp = map.next_value::<Scalar>()?.0;
-            } else if let Some(i) = dec.fields.iter().position(|f| *f == name) {
+            } else if let Some(i) = dec.fields.iter().position(|f| same(&name, f)) {
                 let out = &mut found.values[i * dec.per_field..(i + 1) * dec.per_field];
                 map.next_value_seed(Numbers {
                     field: &dec.fields[i],

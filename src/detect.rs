@@ -121,12 +121,13 @@ pub struct Scored {
     /// The reconstruction error: the mean of the model's per-feature `error`.
     pub score: f64,
     pub verdict: Verdict,
-    pub top_features: Vec<FeatureError>,
+    /// The features with the largest errors.
+    pub top: Top,
     /// The firing or resolved event, when this record changed the key's alert state.
     pub event: Option<AlertEvent>,
     /// The model's reconstruction of the record (for sequence models, of the window's last
-    /// row): the denoised values.
-    pub reconstruction: Vec<f32>,
+    /// row): the denoised values, when the pipeline emits them.
+    pub reconstruction: Option<Vec<f32>>,
     /// The model that scored it.
     pub model: Arc<Model>,
 }
@@ -146,6 +147,8 @@ pub struct Detector {
     /// Thresholds and alert states (step 3).
     keys: LruCache<String, KeyState>,
     evictions: u64,
+    /// Whether scored records keep their reconstruction (for the denoised topic).
+    keep_reconstructions: bool,
 }
 
 impl Detector {
@@ -177,6 +180,7 @@ impl Detector {
             windows: LruCache::new(cap),
             keys: LruCache::new(cap),
             evictions: 0,
+            keep_reconstructions: !cfg.denoised_topic.is_empty(),
             model,
         }
     }
@@ -242,12 +246,10 @@ impl Detector {
                     true
                 }
                 Some(t) => {
-                    if !self.windows.contains(&record.key) {
-                        let fresh = (Ring::new(t, features), Source::of(&origin));
-                        // Evictions are counted once, on the threshold map, which every key has.
-                        let _ = self.windows.push(record.key.clone(), fresh);
-                    }
-                    let (ring, _) = self.windows.get_mut(&record.key).expect("just inserted");
+                    // Evictions are counted once, on the threshold map, which every key has.
+                    let (ring, _) = self.windows.get_or_insert_mut_ref(record.key.as_str(), || {
+                        (Ring::new(t, features), Source::of(&origin))
+                    });
                     ring.push(&record.values, &mut batch.samples)
                 }
             };
@@ -265,21 +267,23 @@ impl Detector {
     }
 
     /// Returns the key's threshold and alert state, creating it (and evicting the least recent
-    /// key if full).
+    /// key if full): one hash lookup for a known key.
     fn state(&mut self, key: &str, origin: &Origin) -> &mut KeyState {
-        if !self.keys.contains(key) {
-            let fresh = KeyState {
-                threshold: self.template.clone(),
+        let full = self.keys.len() == self.keys.cap().get();
+        let template = &self.template;
+        let mut created = false;
+        let state = self.keys.get_or_insert_mut_ref(key, || {
+            created = true;
+            KeyState {
+                threshold: template.clone(),
                 alert: AlertState::default(),
                 source: Source::of(origin),
-            };
-            if let Some((evicted, _)) = self.keys.push(key.to_string(), fresh) {
-                if evicted != key {
-                    self.evictions += 1;
-                }
             }
+        });
+        if created && full {
+            self.evictions += 1;
         }
-        self.keys.get_mut(key).expect("just inserted")
+        state
     }
 
     /// Step 3: scores, judges and alerts, in record order.
@@ -307,14 +311,8 @@ impl Detector {
             let score = errors.iter().map(|&e| e as f64).sum::<f64>() / f as f64;
             // The reconstruction of the sample's last row: the record's own values.
             let sample = &inference.reconstructions[i * per_sample..(i + 1) * per_sample];
-            let reconstruction = sample[per_sample - row_len..].to_vec();
-            let top_features = top_features(
-                &c.features,
-                errors,
-                &entry.record.values,
-                &reconstruction,
-                c.shape.is_some(),
-            );
+            let reconstruction = &sample[per_sample - row_len..];
+            let top = Top::of(errors);
             let state = self.state(&entry.record.key, &entry.origin);
             let verdict = state.threshold.judge(score);
             let transition = state.alert.observe(
@@ -329,6 +327,7 @@ impl Detector {
                     Transition::Fired(e) => (EventKind::Firing, e),
                     Transition::Resolved(e) => (EventKind::Resolved, e),
                 };
+                let image = c.shape.is_some();
                 AlertEvent {
                     event: kind,
                     pipeline: self.pipeline.clone(),
@@ -342,7 +341,16 @@ impl Detector {
                     } else {
                         "warning"
                     },
-                    top_features: top_features.clone(),
+                    top_features: top
+                        .iter()
+                        .map(|i| FeatureError {
+                            name: c.features[i].clone(),
+                            error: errors[i] as f64,
+                            // Images have no single value per channel to show.
+                            value: (!image).then(|| entry.record.values[i] as f64),
+                            expected: (!image).then(|| reconstruction[i] as f64),
+                        })
+                        .collect(),
                     model: model_ref.clone(),
                     source: SourceRef {
                         topic: entry.origin.topic.to_string(),
@@ -358,9 +366,9 @@ impl Detector {
                 timestamp: entry.record.timestamp,
                 score,
                 verdict,
-                top_features,
+                top,
                 event,
-                reconstruction,
+                reconstruction: self.keep_reconstructions.then(|| reconstruction.to_vec()),
                 model: model.clone(),
             })));
         }
@@ -515,27 +523,38 @@ impl Detector {
     }
 }
 
-/// The `TOP_FEATURES` features with the largest error, largest first.
-fn top_features(
-    names: &[String],
-    errors: &[f32],
-    values: &[f32],
-    reconstruction: &[f32],
-    image: bool,
-) -> Vec<FeatureError> {
-    let mut order: Vec<usize> = (0..errors.len()).collect();
-    order.sort_by(|&a, &b| errors[b].total_cmp(&errors[a]));
-    order
-        .into_iter()
-        .take(TOP_FEATURES)
-        .map(|i| FeatureError {
-            name: names[i].clone(),
-            error: errors[i] as f64,
-            // Images have no single value per channel to show.
-            value: (!image).then(|| values[i] as f64),
-            expected: (!image).then(|| reconstruction[i] as f64),
-        })
-        .collect()
+/// The `TOP_FEATURES` features with the largest error, largest first, as indices into the
+/// model's features: a fixed-size value, so scoring a record allocates nothing for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Top {
+    idx: [u16; TOP_FEATURES],
+    len: u8,
+}
+
+impl Top {
+    pub fn of(errors: &[f32]) -> Top {
+        let mut top = Top::default();
+        for (i, e) in errors.iter().enumerate() {
+            // Insertion into the short sorted list; ties keep the earlier feature first.
+            let len = top.len as usize;
+            let at = (0..len)
+                .find(|&j| errors[top.idx[j] as usize] < *e)
+                .unwrap_or(len);
+            if at >= TOP_FEATURES {
+                continue;
+            }
+            let end = len.min(TOP_FEATURES - 1);
+            top.idx.copy_within(at..end, at + 1);
+            top.idx[at] = i as u16;
+            top.len = (len + 1).min(TOP_FEATURES) as u8;
+        }
+        top
+    }
+
+    /// Feature indices, largest error first.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.idx[..self.len as usize].iter().map(|&i| i as usize)
+    }
 }
 
 #[cfg(test)]
@@ -644,12 +663,16 @@ mod tests {
             spike.score,
             normal.score
         );
-        assert_eq!(spike.top_features[0].name, "latency_ms");
+        let names = &d.model().contract.features;
+        assert_eq!(names[spike.top.iter().next().unwrap()], "latency_ms");
         assert!(spike.verdict.is_anomaly && !normal.verdict.is_anomaly);
-        let mean = spike.top_features.iter().map(|f| f.error).sum::<f64>();
-        assert!(
-            mean / 4.0 <= spike.score + 1e-9,
-            "the top 3 of 4 errors cannot exceed the mean x4"
-        );
+    }
+
+    #[test]
+    fn top_keeps_the_largest_errors_in_order() {
+        let t = Top::of(&[0.5, 3.0, 0.1, 2.0, 3.0, 0.7]);
+        assert_eq!(t.iter().collect::<Vec<_>>(), [1, 4, 3]);
+        assert_eq!(Top::of(&[1.0, 2.0]).iter().collect::<Vec<_>>(), [1, 0]);
+        assert_eq!(Top::of(&[]).iter().count(), 0);
     }
 }

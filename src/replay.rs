@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::decode::{CsvColumns, DecodeError, Record};
-use crate::detect::{Detector, Origin, Outcome};
+use crate::detect::{Detector, Origin, Outcome, Top};
 use crate::model::{Model, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,20 +61,39 @@ pub struct Summary {
     pub alerts_fired: u64,
 }
 
-/// One output row.
+/// One output row, borrowed from the scored record: writing a row allocates nothing.
 #[derive(Debug, Serialize, Default)]
-struct Row {
-    key: Option<String>,
-    timestamp: Option<String>,
+struct Row<'a> {
+    key: Option<&'a str>,
+    timestamp: Option<&'a str>,
     score: Option<f64>,
     threshold: Option<f64>,
     anomaly_score: Option<f64>,
     is_anomaly: Option<bool>,
-    top_features: Vec<String>,
+    top_features: TopNames<'a>,
     /// `firing` or `resolved` when this row changed its key's alert state.
     event: Option<&'static str>,
     /// Why the row could not be scored.
-    error: Option<String>,
+    error: Option<&'a str>,
+}
+
+/// The names of a row's top features, serialised as a list.
+#[derive(Debug, Default)]
+struct TopNames<'a> {
+    top: Top,
+    names: &'a [String],
+}
+
+impl TopNames<'_> {
+    fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.top.iter().map(|i| self.names[i].as_str())
+    }
+}
+
+impl Serialize for TopNames<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
 }
 
 const CSV_HEADER: [&str; 9] = [
@@ -89,9 +108,24 @@ const CSV_HEADER: [&str; 9] = [
     "error",
 ];
 
+/// A number as CSV text (shortest round-tripping form); empty when absent.
+fn float(buf: &mut ryu::Buffer, v: Option<f64>) -> &str {
+    match v {
+        None => "",
+        Some(x) if x.is_finite() => buf.format_finite(x),
+        Some(x) if x.is_nan() => "NaN",
+        Some(x) if x > 0.0 => "inf",
+        Some(_) => "-inf",
+    }
+}
+
 /// Where rows go, in the output's format.
 enum RowSink<W: Write> {
-    Csv(Box<csv::Writer<W>>),
+    Csv {
+        out: Box<csv::Writer<W>>,
+        /// Reused for the joined top features.
+        scratch: String,
+    },
     Ndjson(std::io::BufWriter<W>),
 }
 
@@ -99,9 +133,14 @@ impl<W: Write> RowSink<W> {
     fn new(format: Format, out: W) -> Result<RowSink<W>, ReplayError> {
         Ok(match format {
             Format::Csv => {
-                let mut w = csv::Writer::from_writer(out);
+                let mut w = csv::WriterBuilder::new()
+                    .buffer_capacity(1 << 16)
+                    .from_writer(out);
                 w.write_record(CSV_HEADER)?;
-                RowSink::Csv(Box::new(w))
+                RowSink::Csv {
+                    out: Box::new(w),
+                    scratch: String::new(),
+                }
             }
             Format::Ndjson => RowSink::Ndjson(std::io::BufWriter::with_capacity(1 << 16, out)),
         })
@@ -109,18 +148,30 @@ impl<W: Write> RowSink<W> {
 
     fn write(&mut self, row: &Row) -> Result<(), ReplayError> {
         match self {
-            RowSink::Csv(w) => {
-                let num = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
-                w.write_record([
-                    row.key.as_deref().unwrap_or_default(),
-                    row.timestamp.as_deref().unwrap_or_default(),
-                    &num(row.score),
-                    &num(row.threshold),
-                    &num(row.anomaly_score),
-                    &row.is_anomaly.map(|b| b.to_string()).unwrap_or_default(),
-                    &row.top_features.join(";"),
+            RowSink::Csv { out, scratch } => {
+                scratch.clear();
+                for (i, name) in row.top_features.names().enumerate() {
+                    if i > 0 {
+                        scratch.push(';');
+                    }
+                    scratch.push_str(name);
+                }
+                let mut buffers = [ryu::Buffer::new(), ryu::Buffer::new(), ryu::Buffer::new()];
+                let [b1, b2, b3] = &mut buffers;
+                out.write_record([
+                    row.key.unwrap_or_default(),
+                    row.timestamp.unwrap_or_default(),
+                    float(b1, row.score),
+                    float(b2, row.threshold),
+                    float(b3, row.anomaly_score),
+                    match row.is_anomaly {
+                        Some(true) => "true",
+                        Some(false) => "false",
+                        None => "",
+                    },
+                    scratch,
                     row.event.unwrap_or_default(),
-                    row.error.as_deref().unwrap_or_default(),
+                    row.error.unwrap_or_default(),
                 ])?;
             }
             RowSink::Ndjson(w) => {
@@ -133,7 +184,7 @@ impl<W: Write> RowSink<W> {
 
     fn finish(self) -> Result<(), ReplayError> {
         match self {
-            RowSink::Csv(mut w) => w.flush()?,
+            RowSink::Csv { mut out, .. } => out.flush()?,
             RowSink::Ndjson(mut w) => w.flush()?,
         }
         Ok(())
@@ -182,42 +233,45 @@ impl<W: Write> Replayer<W> {
         let summary = &mut self.summary;
         for slot in self.slots.drain(..) {
             summary.rows += 1;
-            let row = match slot {
+            match slot {
                 Err(e) => {
                     summary.errors += 1;
-                    Row {
-                        error: Some(format!("{}: {e}", e.reason())),
+                    let error = format!("{}: {e}", e.reason());
+                    self.sink.write(&Row {
+                        error: Some(&error),
                         ..Row::default()
-                    }
+                    })?;
                 }
                 Ok(()) => match outcomes.next().expect("one outcome per record") {
                     Outcome::Warming { key, .. } => {
                         summary.warming += 1;
-                        Row {
-                            key: Some(key),
+                        self.sink.write(&Row {
+                            key: Some(&key),
                             ..Row::default()
-                        }
+                        })?;
                     }
                     Outcome::Scored(s) => {
                         summary.scored += 1;
                         summary.anomalies += u64::from(s.verdict.is_anomaly);
                         let event = s.event.as_ref().map(|e| e.event.as_str());
                         summary.alerts_fired += u64::from(event == Some("firing"));
-                        Row {
-                            key: Some(s.key),
-                            timestamp: s.timestamp,
+                        self.sink.write(&Row {
+                            key: Some(&s.key),
+                            timestamp: s.timestamp.as_deref(),
                             score: Some(s.score),
                             threshold: Some(s.verdict.threshold),
                             anomaly_score: Some(s.verdict.anomaly_score),
                             is_anomaly: Some(s.verdict.is_anomaly),
-                            top_features: s.top_features.into_iter().map(|f| f.name).collect(),
+                            top_features: TopNames {
+                                top: s.top,
+                                names: &s.model.contract.features,
+                            },
                             event,
                             error: None,
-                        }
+                        })?;
                     }
                 },
-            };
-            self.sink.write(&row)?;
+            }
         }
         Ok(())
     }
@@ -247,10 +301,16 @@ pub fn replay(
     };
     match input_format {
         Format::Ndjson => {
-            for line in input.lines() {
-                let line = line?;
-                if !line.trim().is_empty() {
-                    r.push(decoder.decode_json(line.as_bytes()))?;
+            let mut input = input;
+            let mut line = Vec::with_capacity(1024);
+            loop {
+                line.clear();
+                if input.read_until(b'\n', &mut line)? == 0 {
+                    break;
+                }
+                let record = line.trim_ascii();
+                if !record.is_empty() {
+                    r.push(decoder.decode_json(record))?;
                 }
             }
         }

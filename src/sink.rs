@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{AlertEvent, FeatureError};
+use crate::alert::AlertEvent;
 use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
@@ -58,9 +58,9 @@ impl<'a> ScoreRow<'a> {
             anomaly_score: s.verdict.anomaly_score,
             is_anomaly: s.verdict.is_anomaly,
             top_features: s
-                .top_features
+                .top
                 .iter()
-                .map(|f: &FeatureError| f.name.as_str())
+                .map(|i| s.model.contract.features[i].as_str())
                 .collect(),
             partition: s.origin.partition,
             offset: s.origin.offset,
@@ -185,17 +185,12 @@ impl Outputs {
                 headers: Vec::new(),
             });
         }
-        if !self.denoised_topic.is_empty() {
+        if let (false, Some(values)) = (self.denoised_topic.is_empty(), &s.reconstruction) {
             out.push(OutMessage {
                 sink: "denoised",
                 topic: self.denoised_topic.clone(),
                 key,
-                payload: denoised_json(
-                    &s.key,
-                    s.timestamp.as_deref(),
-                    &self.features,
-                    &s.reconstruction,
-                ),
+                payload: denoised_json(&s.key, s.timestamp.as_deref(), &self.features, values),
                 headers: Vec::new(),
             });
         }
