@@ -57,13 +57,17 @@ struct Args {
     latency_seconds: u64,
     /// Latency at this rate (records/s) instead of half the measured throughput.
     latency_rate: Option<f64>,
+    /// Skip the throughput runs (with --latency-rate).
+    latency_only: bool,
+    /// librdkafka properties for the daemon's `[kafka.properties]` (KEY=VALUE).
+    daemon_properties: Vec<(String, String)>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench kafka_e2e -- [--records N] [--python-records N] [--hosts N] \
          [--partitions N] [--repeats N] [--consumer-cpus LIST] [--python PYTHON] \
-         [--latency-seconds S] [--latency-rate R]\n\
+         [--latency-seconds S] [--latency-rate R] [--latency-only] [--daemon-property KEY=VALUE]...\n\
          needs tansu (TANSU_BIN, or ~/.cargo/bin/tansu: scripts/test.sh installs it); \
          --python needs a Python with confluent-kafka and onnxruntime (scripts/bench.sh installs them)"
     );
@@ -81,6 +85,8 @@ fn parse_args() -> Args {
         python: None,
         latency_seconds: 15,
         latency_rate: None,
+        latency_only: false,
+        daemon_properties: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -99,10 +105,20 @@ fn parse_args() -> Args {
             "--python" => a.python = Some(PathBuf::from(value())),
             "--latency-seconds" => a.latency_seconds = num(value()),
             "--latency-rate" => a.latency_rate = Some(num(value())),
+            "--latency-only" => a.latency_only = true,
+            "--daemon-property" => {
+                let kv = value();
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| usage());
+                a.daemon_properties.push((k.to_string(), v.to_string()));
+            }
             _ => usage(),
         }
     }
     if a.records == 0 || a.hosts == 0 || a.repeats == 0 || a.partitions == 0 {
+        usage()
+    }
+    if a.latency_only && a.latency_rate.is_none() {
+        eprintln!("--latency-only needs --latency-rate");
         usage()
     }
     a.python_records = a.python_records.min(a.records);
@@ -362,6 +378,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
 }
 
 struct DaemonCfg<'a> {
+    properties: &'a [(String, String)],
     bootstrap: &'a str,
     group: &'a str,
     topic: &'a str,
@@ -377,6 +394,8 @@ fn daemon_config(dir: &Path, c: &DaemonCfg) -> PathBuf {
         r#"[kafka]
 brokers = "{bootstrap}"
 group_id = "{group}"
+[kafka.properties]
+{properties}
 [http]
 listen = "{listen}"
 [log]
@@ -400,6 +419,11 @@ dead_letter_topic = "bench-dead-letters"
         alerts = c.alerts,
         model = model.display(),
         extra = c.extra_pipeline,
+        properties = c
+            .properties
+            .iter()
+            .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+            .collect::<String>(),
     );
     let path = dir.join(format!("{}.toml", c.group));
     std::fs::write(&path, text).expect("write the daemon's config");
@@ -456,6 +480,7 @@ fn daemon_throughput(a: &Args, tansu: &Tansu, dir: &Path, group: &str, tck: f64)
     let config = daemon_config(
         dir,
         &DaemonCfg {
+            properties: &a.daemon_properties,
             bootstrap: &tansu.bootstrap,
             group,
             topic: "bench-in",
@@ -502,7 +527,9 @@ fn daemon_throughput(a: &Args, tansu: &Tansu, dir: &Path, group: &str, tck: f64)
             end = (now, count, cpu);
             break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // Each scrape costs the daemon a little CPU (5 % of its one core when scraped every
+        // 10 ms): 20 a second keeps that small and the rate within 1 % on runs of seconds.
+        std::thread::sleep(Duration::from_millis(50));
     }
     let rss = peak_rss_mb(pid);
     sigterm(&mut proc);
@@ -600,21 +627,38 @@ struct Latency {
     max_ms: f64,
 }
 
-fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64) -> Latency {
+/// One latency run on fresh topics `lat-in-{run}` and `lat-alerts-{run}`, the daemon with
+/// `properties` as its `[kafka.properties]`.
+fn latency(
+    a: &Args,
+    tansu: &Tansu,
+    dir: &Path,
+    rate: f64,
+    run: usize,
+    properties: &[(String, String)],
+) -> Latency {
+    let (topic, alerts, group) = (
+        format!("lat-in-{run}"),
+        format!("lat-alerts-{run}"),
+        format!("latency-{run}"),
+    );
+    tansu.create_topic(&topic, a.partitions);
+    tansu.create_topic(&alerts, 1);
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = daemon_config(
         dir,
         &DaemonCfg {
+            properties,
             bootstrap: &tansu.bootstrap,
-            group: "latency",
-            topic: "lat-in",
-            alerts: "lat-alerts",
+            group: &group,
+            topic: &topic,
+            alerts: &alerts,
             listen,
             threads: cpu_count(&a.consumer_cpus),
             extra_pipeline: "[pipelines.fleet.alert]\nfire_after = 1\nresolve_after = 1\n",
         },
     );
-    let log = dir.join("latency.log");
+    let log = dir.join(format!("{group}.log"));
     let mut proc = start_daemon(&a.consumer_cpus, &config, &log);
     // Ready = model loaded and partitions assigned.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -633,15 +677,15 @@ fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64) -> Latency {
     let reader = {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &tansu.bootstrap)
-            .set("group.id", "latency-reader")
+            .set("group.id", format!("{group}-reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "5")
             .create()
             .expect("alerts reader");
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("lat-alerts", 0, Offset::Beginning)
+        tpl.add_partition_offset(&alerts, 0, Offset::Beginning)
             .unwrap();
-        consumer.assign(&tpl).expect("assign lat-alerts");
+        consumer.assign(&tpl).expect("assign the alerts topic");
         let (stop, arrivals) = (stop.clone(), arrivals.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -675,7 +719,7 @@ fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64) -> Latency {
         }
         while i < due {
             sent_at.push(Instant::now());
-            send(&p, "lat-in", &records[i].0, &records[i].1, i);
+            send(&p, &topic, &records[i].0, &records[i].1, i);
             i += 1;
         }
         p.poll(Duration::ZERO);
@@ -723,42 +767,25 @@ fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64) -> Latency {
     }
 }
 
-fn main() {
-    let a = parse_args();
-    let tck = clock_ticks();
-    if let Some(py) = &a.python {
-        let ok = Command::new(py)
-            .args(["-c", "import confluent_kafka, onnxruntime, numpy"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "{} cannot import confluent_kafka, onnxruntime and numpy: run scripts/bench.sh \
-                 (it installs confluent-kafka into target/venv), or leave out --python",
-                py.display()
-            );
-            std::process::exit(2)
-        }
+fn pinning(a: &Args) -> String {
+    if a.consumer_cpus.is_empty() {
+        "unpinned".to_string()
+    } else {
+        format!("consumer on CPU {}", a.consumer_cpus)
     }
-    if !a.consumer_cpus.is_empty() && Command::new("taskset").arg("-V").output().is_err() {
-        eprintln!("--consumer-cpus needs taskset (util-linux)");
-        std::process::exit(2)
-    }
-    let dir = std::env::temp_dir().join(format!("anomalyd-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+}
 
-    let tansu = Tansu::start();
-    for (t, p) in [
-        ("bench-in", a.partitions),
-        ("bench-alerts", 1),
-        ("py-alerts", 1),
-        ("bench-dead-letters", 1),
-        ("lat-in", a.partitions),
-        ("lat-alerts", 1),
-    ] {
-        tansu.create_topic(t, p);
-    }
+fn properties(a: &Args) -> serde_json::Value {
+    a.daemon_properties
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
 
+/// The throughput runs (anomalyd and Python, side by side); prints their BENCH line and returns
+/// the daemon's rates.
+fn throughput(a: &Args, tansu: &Tansu, dir: &Path, tck: f64) -> Vec<f64> {
     eprintln!("kafka_e2e: generating and producing {} records", a.records);
     let records = fleet_records(a.records, a.hosts, 42, None);
     let bytes: usize = records.iter().map(|r| r.1.len()).sum();
@@ -789,14 +816,14 @@ fn main() {
     let mut daemon_runs = Vec::new();
     let mut python_runs = Vec::new();
     for r in 0..a.repeats {
-        let d = daemon_throughput(&a, &tansu, &dir, &format!("anomalyd-{r}"), tck);
+        let d = daemon_throughput(a, tansu, dir, &format!("anomalyd-{r}"), tck);
         eprintln!(
             "kafka_e2e: anomalyd run {r}: {:.0} records/s ({:.0}/s over the first {}), {:.2} CPU µs/record, peak RSS {:.0} MB, first record after {:.1} s",
             d.rate, d.rate_prefix, a.python_records, d.cpu_us_per_record, d.peak_rss_mb, d.startup_s
         );
         daemon_runs.push(d);
         if let Some(py) = &a.python {
-            let p = python_throughput(&a, py, &tansu, &format!("python-{r}"));
+            let p = python_throughput(a, py, tansu, &format!("python-{r}"));
             eprintln!(
                 "kafka_e2e: python run {r}: {:.0} records/s, {:.2} CPU µs/record, peak RSS {:.0} MB",
                 p.rate, p.cpu_us_per_record, p.peak_rss_mb
@@ -815,11 +842,7 @@ fn main() {
     // Ratios per side-by-side pair, then their median.
     let ratio =
         |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>());
-    let pinning = if a.consumer_cpus.is_empty() {
-        "unpinned".to_string()
-    } else {
-        format!("consumer on CPU {}", a.consumer_cpus)
-    };
+    let pinning = pinning(a);
     println!(
         "BENCH {}",
         serde_json::json!({
@@ -829,6 +852,7 @@ fn main() {
             "partitions": a.partitions,
             "hosts": a.hosts,
             "pinning": pinning,
+            "daemon_properties": properties(a),
             "produce_records_per_s": a.records as f64 / produce_s,
             "anomalyd_records_per_s": d_rate,
             "anomalyd_prefix_records_per_s": d_prefix,
@@ -842,26 +866,93 @@ fn main() {
         })
     );
 
-    let rate = a.latency_rate.unwrap_or(median(&d_rate) / 2.0);
-    eprintln!(
-        "kafka_e2e: latency at {rate:.0} records/s for {} s",
-        a.latency_seconds
-    );
-    let l = latency(&a, &tansu, &dir, rate);
-    println!(
-        "BENCH {}",
-        serde_json::json!({
-            "bench": "kafka_latency",
-            "target_rate": rate,
-            "achieved_rate": l.rate,
-            "records": l.sent,
-            "alert_events": l.alerts,
-            "matched": l.matched,
-            "p50_ms": l.p50_ms,
-            "p99_ms": l.p99_ms,
-            "max_ms": l.max_ms,
-            "pinning": pinning,
-        })
-    );
+    d_rate
+}
+
+fn main() {
+    let a = parse_args();
+    let tck = clock_ticks();
+    if let Some(py) = &a.python {
+        let ok = Command::new(py)
+            .args(["-c", "import confluent_kafka, onnxruntime, numpy"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "{} cannot import confluent_kafka, onnxruntime and numpy: run scripts/bench.sh \
+                 (it installs confluent-kafka into target/venv), or leave out --python",
+                py.display()
+            );
+            std::process::exit(2)
+        }
+    }
+    if !a.consumer_cpus.is_empty() && Command::new("taskset").arg("-V").output().is_err() {
+        eprintln!("--consumer-cpus needs taskset (util-linux)");
+        std::process::exit(2)
+    }
+    let dir = std::env::temp_dir().join(format!("anomalyd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    let tansu = Tansu::start();
+    for (t, p) in [
+        ("bench-in", a.partitions),
+        ("bench-alerts", 1),
+        ("py-alerts", 1),
+        ("bench-dead-letters", 1),
+    ] {
+        tansu.create_topic(t, p);
+    }
+
+    let rate = match a.latency_only {
+        true => a.latency_rate.expect("checked in parse_args"),
+        false => {
+            let d_rate = throughput(&a, &tansu, &dir, tck);
+            a.latency_rate.unwrap_or(median(&d_rate) / 2.0)
+        }
+    };
+    // With the daemon's properties as given; then, unless fetch.wait.max.ms was among them, with
+    // fetch.wait.max.ms = 10: tansu holds a fetch until fetch.wait.max.ms (librdkafka's default
+    // 500 ms) has passed or max.partition.fetch.bytes are there, even with records waiting,
+    // where Kafka answers as soon as fetch.min.bytes (1) are there.
+    let mut variants = vec![a.daemon_properties.clone()];
+    if !a
+        .daemon_properties
+        .iter()
+        .any(|(k, _)| k == "fetch.wait.max.ms")
+    {
+        let mut p = a.daemon_properties.clone();
+        p.push(("fetch.wait.max.ms".into(), "10".into()));
+        variants.push(p);
+    }
+    for (run, props) in variants.iter().enumerate() {
+        eprintln!(
+            "kafka_e2e: latency at {rate:.0} records/s for {} s, daemon properties {props:?}",
+            a.latency_seconds
+        );
+        let l = latency(&a, &tansu, &dir, rate, run, props);
+        eprintln!(
+            "kafka_e2e: latency p50 {:.1} ms, p99 {:.1} ms over {} alert events",
+            l.p50_ms, l.p99_ms, l.matched
+        );
+        println!(
+            "BENCH {}",
+            serde_json::json!({
+                "bench": "kafka_latency",
+                "target_rate": rate,
+                "achieved_rate": l.rate,
+                "records": l.sent,
+                "alert_events": l.alerts,
+                "matched": l.matched,
+                "p50_ms": l.p50_ms,
+                "p99_ms": l.p99_ms,
+                "max_ms": l.max_ms,
+                "pinning": pinning(&a),
+                "daemon_properties": props
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                    .collect::<serde_json::Map<_, _>>(),
+            })
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -152,12 +152,12 @@ fn tract_plan(path: &Path) -> TractResult<Arc<TypedRunnableModel>> {
 }
 
 fn ort_session(path: &Path) -> ort::Result<Session> {
-    Ok(Session::builder()?
+    Session::builder()?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
         .with_intra_threads(1)?
         .with_inter_threads(1)?
         .with_parallel_execution(false)?
-        .commit_from_file(path)?)
+        .commit_from_file(path)
 }
 
 /// Runs one batch in onnxruntime: (error, reconstruction), copied out as the daemon would.
@@ -191,6 +191,9 @@ fn tract_state_run(
     };
     (read(&out[0]), read(&out[1]))
 }
+
+/// One engine's call on the prepared input.
+type Engine<'a> = Box<dyn FnMut() + 'a>;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -356,7 +359,7 @@ fn main() {
             assert_eq!(t.reconstructions.len(), o_rec.len());
 
             let mut state = SimpleState::new(&plan).expect("tract state");
-            let mut engines: Vec<(&str, Box<dyn FnMut() + '_>)> = vec![
+            let mut engines: Vec<(&str, Engine)> = vec![
                 (
                     "tract",
                     Box::new(|| {
