@@ -122,6 +122,14 @@ impl Decoder {
                 limit: self.max_bytes,
             });
         }
+        match self.decode_flat(bytes) {
+            Some(record) => Ok(record),
+            None => self.decode_complete(bytes),
+        }
+    }
+
+    /// The complete path: serde_json with the record visitor.
+    fn decode_complete(&self, bytes: &[u8]) -> Result<Record, DecodeError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let seed = RecordSeed { decoder: self };
         let fields = match seed.deserialize(&mut de) {
@@ -131,6 +139,66 @@ impl Decoder {
         de.end()
             .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
         fields.finish(self)
+    }
+
+    /// The fast path for the common record: one flat object of string keys and timestamps and
+    /// numeric features (other fields may be anything). It returns `None`, and the complete
+    /// serde_json path decides, at the first thing it is not sure about: an escape, a numeric or
+    /// missing key, an array feature, a malformed number, anything after the object. So it
+    /// only ever accepts what the complete path accepts, with the same values (a property test
+    /// holds the two to that).
+    fn decode_flat(&self, b: &[u8]) -> Option<Record> {
+        if self.per_field != 1 {
+            return None;
+        }
+        let mut p = Scan { b, i: 0 };
+        p.ws();
+        p.eat(b'{')?;
+        let mut key = None;
+        let mut timestamp = None;
+        let mut values = vec![0.0f32; self.fields.len()];
+        let mut seen = 0usize;
+        p.ws();
+        if p.peek()? == b'}' {
+            return None;
+        }
+        loop {
+            p.ws();
+            let name = p.string()?;
+            p.ws();
+            p.eat(b':')?;
+            p.ws();
+            if same(name, &self.key_field) {
+                key = Some(p.string()?);
+            } else if same(name, &self.timestamp_field) {
+                timestamp = Some(p.string()?);
+            } else if let Some(i) = self.fields.iter().position(|f| same(name, f)) {
+                let v = p.number()? as f32;
+                if !v.is_finite() {
+                    return None;
+                }
+                values[i] = v;
+                seen |= 1 << i.min(63);
+            } else {
+                p.skip_value()?;
+            }
+            p.ws();
+            match p.next()? {
+                b',' => continue,
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        p.ws();
+        if p.i != b.len() || self.fields.len() > 63 || seen != (1 << self.fields.len()) - 1 {
+            return None;
+        }
+        let key = key.filter(|k| !k.is_empty())?;
+        Some(Record {
+            key: key.to_string(),
+            timestamp: timestamp.filter(|t| !t.is_empty()).map(str::to_string),
+            values,
+        })
     }
 
     /// Decodes one CSV row, given the header's column index of each field.
@@ -244,6 +312,110 @@ fn tagged<E: de::Error>(reason: &str, field: &str) -> E {
 /// like `f0`..`f7` share a length and differ at the end.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.as_bytes().last() == b.as_bytes().last() && a == b
+}
+
+/// A cursor over JSON bytes for [`Decoder::decode_flat`]; every method returns `None` where
+/// the fast path gives up.
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let len = self.b[start..]
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        if self.b[start + len] != b'"' {
+            return None;
+        }
+        self.i = start + len + 1;
+        std::str::from_utf8(&self.b[start..start + len]).ok()
+    }
+
+    /// A number in JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+    fn number(&mut self) -> Option<f64> {
+        let start = self.i;
+        let digits = |s: &mut Self| {
+            let from = s.i;
+            while let Some(b'0'..=b'9') = s.peek() {
+                s.i += 1;
+            }
+            s.i > from
+        };
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek()? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => {
+                digits(self);
+            }
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !digits(self) {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !digits(self) {
+                return None;
+            }
+        }
+        // The grammar checked above is ASCII; Rust's parser rounds correctly, as serde_json
+        // does with `float_roundtrip`.
+        std::str::from_utf8(&self.b[start..self.i])
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    /// Skips a scalar value of a field the record does not need; nested values are left to the
+    /// complete path.
+    fn skip_value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'-' | b'0'..=b'9' => self.number().map(drop),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
 }
 
 /// The fields found in one object, before checking that nothing is missing.
@@ -571,6 +743,93 @@ mod tests {
             deep.decode_json(unclosed.as_bytes()).unwrap_err().reason(),
             "invalid_json"
         );
+    }
+
+    mod fast_path {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn number() -> impl Strategy<Value = String> {
+            "-?(0|[1-9][0-9]{0,12})(\\.[0-9]{1,9})?([eE][+-]?[0-9]{1,3})?"
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                // Numbers, in and out of JSON's grammar.
+                number(),
+                "[+-]?[0-9]{0,3}\\.?[0-9]{0,3}",
+                prop::sample::select(vec![
+                    "1e39", "-1e400", "NaN", "inf", "01", "1.", ".5", "-", "-0"
+                ])
+                .prop_map(String::from),
+                // Strings, with and without escapes, and non-ASCII.
+                "\"[a-zA-Z0-9 :T.-]{0,12}\"",
+                "\"[a-z]{0,3}\\\\[nt\"][a-z]{0,3}\"",
+                "\"[é😀a-z]{0,4}\"",
+                prop::sample::select(vec![
+                    "true",
+                    "false",
+                    "null",
+                    "[]",
+                    "[1,2]",
+                    "{}",
+                    "{\"a\":[1]}"
+                ])
+                .prop_map(String::from),
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop::sample::select(vec!["host", "ts", "a", "b", "other", "hos", "hostt"])
+                .prop_map(String::from)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Whatever the fast path accepts, the complete path accepts with the same record.
+            #[test]
+            fn agrees_with_the_complete_path(
+                extra in prop::collection::vec((key(), value()), 0..5),
+                host in prop_oneof![3 => "\"[a-z0-9-]{1,10}\"".boxed(), 1 => value().boxed()],
+                a in prop_oneof![3 => number().boxed(), 1 => value().boxed()],
+                b in prop_oneof![3 => number().boxed(), 1 => value().boxed()],
+                order in Just(()).prop_perturb(|_, mut rng| rng.random::<u64>()),
+                ws in prop::sample::select(vec!["", " ", "\n", "\t "]),
+                trailing in prop::sample::select(vec!["", " ", "\n", "x", ",", "}"]),
+            ) {
+                // The needed fields, with any values, among random others, in a random order.
+                let mut fields = extra;
+                fields.extend([("host".to_string(), host), ("a".to_string(), a), ("b".to_string(), b)]);
+                let n = fields.len();
+                fields.rotate_left(order as usize % n);
+                let body: Vec<String> = fields.iter().map(|(k, v)| format!("{ws}\"{k}\"{ws}:{ws}{v}{ws}")).collect();
+                let text = format!("{ws}{{{}}}{trailing}", body.join(","));
+                let d = Decoder::new("host", "ts", vec!["a".into(), "b".into()], 1, 1 << 20);
+                if let Some(fast) = d.decode_flat(text.as_bytes()) {
+                    let complete = d.decode_complete(text.as_bytes());
+                    prop_assert_eq!(Ok(fast), complete, "{}", text);
+                }
+            }
+        }
+
+        #[test]
+        fn the_usual_record_takes_the_fast_path() {
+            let d = Decoder::new("host", "ts", vec!["a".into(), "b".into()], 1, 1024);
+            let r = d.decode_flat(
+                br#"{"host":"h1","ts":"2026-01-01T00:00:00Z","a":1.5,"x":"y","b":-2e3,"z":null}"#,
+            );
+            assert_eq!(r.map(|r| r.values), Some(vec![1.5, -2000.0]));
+            assert!(
+                d.decode_flat(br#"{"host":"h\u0031","a":1,"b":2}"#)
+                    .is_none(),
+                "escapes go the complete way"
+            );
+            assert!(
+                d.decode_flat(br#"{"host":7,"a":1,"b":2}"#).is_none(),
+                "numeric keys too"
+            );
+        }
     }
 
     #[test]
