@@ -55,6 +55,7 @@ struct Args {
     consumer_cpus: String,
     python: Option<PathBuf>,
     latency_seconds: u64,
+    latency_repeats: usize,
     /// Latency at this rate (records/s) instead of half the measured throughput.
     latency_rate: Option<f64>,
     /// Skip the throughput runs (with --latency-rate).
@@ -67,7 +68,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench kafka_e2e -- [--records N] [--python-records N] [--hosts N] \
          [--partitions N] [--repeats N] [--consumer-cpus LIST] [--python PYTHON] \
-         [--latency-seconds S] [--latency-rate R] [--latency-only] [--daemon-property KEY=VALUE]...\n\
+         [--latency-seconds S] [--latency-repeats N] [--latency-rate R] [--latency-only] [--daemon-property KEY=VALUE]...\n\
          needs tansu (TANSU_BIN, or ~/.cargo/bin/tansu: scripts/test.sh installs it); \
          --python needs a Python with confluent-kafka and onnxruntime (scripts/bench.sh installs them)"
     );
@@ -83,7 +84,8 @@ fn parse_args() -> Args {
         repeats: 3,
         consumer_cpus: String::new(),
         python: None,
-        latency_seconds: 15,
+        latency_seconds: 10,
+        latency_repeats: 3,
         latency_rate: None,
         latency_only: false,
         daemon_properties: Vec::new(),
@@ -104,6 +106,7 @@ fn parse_args() -> Args {
             "--consumer-cpus" => a.consumer_cpus = value(),
             "--python" => a.python = Some(PathBuf::from(value())),
             "--latency-seconds" => a.latency_seconds = num(value()),
+            "--latency-repeats" => a.latency_repeats = num(value()),
             "--latency-rate" => a.latency_rate = Some(num(value())),
             "--latency-only" => a.latency_only = true,
             "--daemon-property" => {
@@ -114,7 +117,12 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if a.records == 0 || a.hosts == 0 || a.repeats == 0 || a.partitions == 0 {
+    if a.records == 0
+        || a.hosts == 0
+        || a.repeats == 0
+        || a.partitions == 0
+        || a.latency_repeats == 0
+    {
         usage()
     }
     if a.latency_only && a.latency_rate.is_none() {
@@ -299,7 +307,7 @@ fn fleet_records(
         for mut row in fleet.next_tick() {
             if let Some(every) = spike_every {
                 // A latency spike (4×) on a staggered subset of hosts each tick.
-                if (row.tick + row.host as u64) % every == 0 {
+                if (row.tick + row.host as u64).is_multiple_of(every) {
                     row.values[2] *= 4.0;
                 }
             }
@@ -924,28 +932,37 @@ fn main() {
         p.push(("fetch.wait.max.ms".into(), "10".into()));
         variants.push(p);
     }
-    for (run, props) in variants.iter().enumerate() {
-        eprintln!(
-            "kafka_e2e: latency at {rate:.0} records/s for {} s, daemon properties {props:?}",
-            a.latency_seconds
-        );
-        let l = latency(&a, &tansu, &dir, rate, run, props);
-        eprintln!(
-            "kafka_e2e: latency p50 {:.1} ms, p99 {:.1} ms over {} alert events",
-            l.p50_ms, l.p99_ms, l.matched
-        );
+    // Variants alternate within each repeat, so a noisy moment does not fall on one of them only.
+    let mut runs: Vec<Vec<Latency>> = variants.iter().map(|_| Vec::new()).collect();
+    for repeat in 0..a.latency_repeats {
+        for (v, props) in variants.iter().enumerate() {
+            eprintln!(
+                "kafka_e2e: latency at {rate:.0} records/s for {} s, daemon properties {props:?}",
+                a.latency_seconds
+            );
+            let l = latency(&a, &tansu, &dir, rate, repeat * variants.len() + v, props);
+            eprintln!(
+                "kafka_e2e: latency p50 {:.1} ms, p99 {:.1} ms over {} alert events",
+                l.p50_ms, l.p99_ms, l.matched
+            );
+            runs[v].push(l);
+        }
+    }
+    for (props, runs) in variants.iter().zip(&runs) {
+        let col = |f: fn(&Latency) -> f64| runs.iter().map(f).collect::<Vec<_>>();
         println!(
             "BENCH {}",
             serde_json::json!({
                 "bench": "kafka_latency",
                 "target_rate": rate,
-                "achieved_rate": l.rate,
-                "records": l.sent,
-                "alert_events": l.alerts,
-                "matched": l.matched,
-                "p50_ms": l.p50_ms,
-                "p99_ms": l.p99_ms,
-                "max_ms": l.max_ms,
+                "seconds": a.latency_seconds,
+                "achieved_rate": col(|l| l.rate),
+                "records": col(|l| l.sent as f64),
+                "alert_events": col(|l| l.alerts as f64),
+                "matched": col(|l| l.matched as f64),
+                "p50_ms": col(|l| l.p50_ms),
+                "p99_ms": col(|l| l.p99_ms),
+                "max_ms": col(|l| l.max_ms),
                 "pinning": pinning(&a),
                 "daemon_properties": props
                     .iter()

@@ -39,7 +39,7 @@ export TANSU_BIN="$tansu"
 
 venv="$(scripts/python-env.sh | tail -1)"
 py="$venv/bin/python"
-if ! "$py" -c "import confluent_kafka, sys; sys.exit(confluent_kafka.version()[0] != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null; then
+if ! "$py" -c "import confluent_kafka, importlib.metadata as m, sys; sys.exit(m.version('confluent-kafka') != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null; then
     log "installing confluent-kafka==$CONFLUENT_KAFKA_VERSION into $venv (benchmarks only)"
     "$py" -m pip install --quiet --disable-pip-version-check "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
 fi
@@ -74,10 +74,10 @@ kafka_e2e="$(exe kafka_e2e)"
 
 if [[ -n "$quick" ]]; then
     tvo_args=(--rounds 5 --round-ms 100)
-    e2e_args=(--records 200000 --python-records 100000 --repeats 1 --latency-seconds 5)
+    e2e_args=(--records 200000 --python-records 100000 --repeats 1 --latency-seconds 5 --latency-repeats 1)
 else
     tvo_args=(--rounds 15 --round-ms 150)
-    e2e_args=(--records 1000000 --python-records 300000 --repeats 3 --latency-seconds 15)
+    e2e_args=(--records 1000000 --python-records 300000 --repeats 3 --latency-seconds 10 --latency-repeats 3)
 fi
 
 {
@@ -87,7 +87,7 @@ fi
     lscpu | head -20
     echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "onnxruntime: $ort_dylib"
-    echo "confluent-kafka: $("$py" -c 'import confluent_kafka as c; print(c.version()[0], "librdkafka", c.libversion()[0])')"
+    echo "confluent-kafka: $("$py" -c 'import confluent_kafka as c, importlib.metadata as m; print(m.version("confluent-kafka"), "with librdkafka", c.libversion()[0])')"
     echo "tansu: $("$tansu" --version 2>&1 | head -1)"
 } >"$out/machine.txt"
 
