@@ -16,6 +16,7 @@ For every file of the corpus (`DIR/data/<category>/<file>.csv`, labels in `DIR/l
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -59,7 +60,11 @@ REPORTS = {
     "novelty": "on rows whose event is `firing`, x / (1 + x) where x is the row's score (reconstruction "
                "error) over the largest score of every earlier row of the file (x > 1: the largest error "
                "the key has ever produced); 0 elsewhere",
+    "rarity": "on rows whose event is `firing`, x / (1 + x) where x is the row's score over the 99th "
+              "percentile of the scores of every earlier row of the file (an empirical tail that, unlike "
+              "the threshold's, keeps learning from anomalous rows too); 0 elsewhere",
 }
+RARITY_QUANTILE = 0.99
 
 THRESHOLD_METHODS = ("spot", "dspot", "quantile", "ewma")
 
@@ -361,6 +366,17 @@ def report(mode: str, anomaly_score: np.ndarray, firing: np.ndarray, score: np.n
         before = np.maximum.accumulate(np.r_[0.0, score[:-1]])  # largest score of the earlier rows
         x = score / np.maximum(before, 1e-300)
         return np.where(firing, x / (1.0 + x), 0.0)
+    if mode == "rarity":
+        out = np.zeros(len(score))
+        past: list[float] = []
+        for i, s in enumerate(score):
+            if firing[i] and past:
+                q = past[min(int(RARITY_QUANTILE * len(past)), len(past) - 1)]
+                x = s / max(q, 1e-300)
+                out[i] = x / (1.0 + x)
+            if s > 0:  # rows still filling a sequence window have no score
+                bisect.insort(past, s)
+        return out
     raise ns.NabError(f"unknown report mode {mode!r}")
 
 
