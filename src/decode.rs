@@ -151,7 +151,9 @@ impl Decoder {
         if self.per_field != 1 {
             return None;
         }
-        let mut p = Scan { b, i: 0 };
+        // One UTF-8 check of the whole record; the scanner then slices it at ASCII delimiters.
+        let text = std::str::from_utf8(b).ok()?;
+        let mut p = Scan { s: text, b, i: 0 };
         p.ws();
         p.eat(b'{')?;
         let mut key = None;
@@ -169,9 +171,9 @@ impl Decoder {
             p.eat(b':')?;
             p.ws();
             if same(name, &self.key_field) {
-                key = Some(p.string()?);
+                key = Some(p.scalar()?);
             } else if same(name, &self.timestamp_field) {
-                timestamp = Some(p.string()?);
+                timestamp = Some(p.scalar()?);
             } else if let Some(i) = self.fields.iter().position(|f| same(name, f)) {
                 let v = p.number()? as f32;
                 if !v.is_finite() {
@@ -317,6 +319,8 @@ fn same(a: &str, b: &str) -> bool {
 /// A cursor over JSON bytes for [`Decoder::decode_flat`]; every method returns `None` where
 /// the fast path gives up.
 struct Scan<'a> {
+    s: &'a str,
+    /// `s` as bytes.
     b: &'a [u8],
     i: usize,
 }
@@ -353,7 +357,31 @@ impl<'a> Scan<'a> {
             return None;
         }
         self.i = start + len + 1;
-        std::str::from_utf8(&self.b[start..start + len]).ok()
+        self.s.get(start..start + len)
+    }
+
+    /// A key or timestamp: a string, or an integer kept as its text, which is what the complete
+    /// path's `to_string` of it gives when the integer is canonical (no `-0`) and fits 64 bits
+    /// (beyond, serde_json reads a float). Anything else is left to the complete path.
+    fn scalar(&mut self) -> Option<&'a str> {
+        if self.peek()? == b'"' {
+            return self.string();
+        }
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let from = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        let digits = &self.b[from..self.i];
+        let leading_zero = digits.first() == Some(&b'0') && (digits.len() > 1 || from > start);
+        if digits.is_empty() || leading_zero || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        let text = self.s.get(start..self.i)?;
+        (text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok()).then_some(text)
     }
 
     /// A number in JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
@@ -393,10 +421,7 @@ impl<'a> Scan<'a> {
         }
         // The grammar checked above is ASCII; Rust's parser rounds correctly, as serde_json
         // does with `float_roundtrip`.
-        std::str::from_utf8(&self.b[start..self.i])
-            .ok()?
-            .parse()
-            .ok()
+        self.s.get(start..self.i)?.parse().ok()
     }
 
     /// Skips a scalar value of a field the record does not need; nested values are left to the
@@ -759,7 +784,20 @@ mod tests {
                 number(),
                 "[+-]?[0-9]{0,3}\\.?[0-9]{0,3}",
                 prop::sample::select(vec![
-                    "1e39", "-1e400", "NaN", "inf", "01", "1.", ".5", "-", "-0"
+                    "1e39",
+                    "-1e400",
+                    "NaN",
+                    "inf",
+                    "01",
+                    "1.",
+                    ".5",
+                    "-",
+                    "-0",
+                    "18446744073709551615",
+                    "18446744073709551616",
+                    "-9223372036854775808",
+                    "-9223372036854775809",
+                    "1712000000123"
                 ])
                 .prop_map(String::from),
                 // Strings, with and without escapes, and non-ASCII.
@@ -825,9 +863,16 @@ mod tests {
                     .is_none(),
                 "escapes go the complete way"
             );
+            let r = d.decode_flat(br#"{"host":7,"ts":1712000000,"a":1,"b":2}"#);
+            assert_eq!(
+                r.map(|r| (r.key, r.timestamp)),
+                Some(("7".into(), Some("1712000000".into()))),
+                "integer keys and timestamps are kept as their text"
+            );
             assert!(
-                d.decode_flat(br#"{"host":7,"a":1,"b":2}"#).is_none(),
-                "numeric keys too"
+                d.decode_flat(br#"{"host":"h","ts":1.5,"a":1,"b":2}"#)
+                    .is_none(),
+                "a float timestamp goes the complete way"
             );
         }
     }
