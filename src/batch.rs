@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 
 /// Collects items into batches by size and age.
@@ -46,8 +47,25 @@ impl<T> MicroBatcher<T> {
 
     /// Waits for the next batch from `rx`: full, or aged `max_wait`, or the last items once the
     /// channel is closed. `None` when the channel is closed and nothing is left.
+    ///
+    /// What is already queued is taken without a timer: under load batches fill from the queue
+    /// alone, and a timer (registering it wakes the runtime's driver) is armed only when the
+    /// queue runs dry with a batch open.
     pub async fn next(&mut self, rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
         loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(item) => {
+                        if let Some(full) = self.push(item) {
+                            return Some(full);
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        return (!self.pending.is_empty()).then(|| self.take())
+                    }
+                }
+            }
             let item = match self.deadline {
                 Some(deadline) => tokio::select! {
                     item = rx.recv() => item,

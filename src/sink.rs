@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::{Histogram, IntCounter};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -69,6 +70,27 @@ impl<'a> ScoreRow<'a> {
     }
 }
 
+/// The series [`Outputs::emit`] updates for every record.
+struct Series {
+    scored: IntCounter,
+    warming: IntCounter,
+    anomalies: IntCounter,
+    reconstruction_error: Histogram,
+    anomaly_score: Histogram,
+}
+
+impl Series {
+    fn of(m: &Metrics, pipeline: &str) -> Series {
+        Series {
+            scored: m.records.with_label_values(&[pipeline, "scored"]),
+            warming: m.records.with_label_values(&[pipeline, "warming"]),
+            anomalies: m.anomalies.with_label_values(&[pipeline]),
+            reconstruction_error: m.reconstruction_error.with_label_values(&[pipeline]),
+            anomaly_score: m.anomaly_score.with_label_values(&[pipeline]),
+        }
+    }
+}
+
 /// The outputs of one pipeline.
 pub struct Outputs {
     pub pipeline: String,
@@ -80,6 +102,9 @@ pub struct Outputs {
     stdout: bool,
     features: Vec<String>,
     metrics: Metrics,
+    /// This pipeline's per-record series, looked up once: a labelled lookup per record costs a
+    /// hash and a lock.
+    series: Series,
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Cancelled when the daemon stops retrying failed deliveries (end of the grace period).
     give_up: CancellationToken,
@@ -108,6 +133,7 @@ impl Outputs {
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             stdout: cfg.stdout,
             features,
+            series: Series::of(&metrics, pipeline),
             metrics,
             tracker,
             give_up,
@@ -121,27 +147,18 @@ impl Outputs {
 
     /// Counts an outcome, sends its outputs, and releases its offset once they are acknowledged.
     pub fn emit(self: &Arc<Self>, outcome: Outcome) {
-        let p = self.pipeline.as_str();
+        let m = &self.series;
         match outcome {
             Outcome::Warming { origin, .. } => {
-                self.metrics
-                    .records
-                    .with_label_values(&[p, "warming"])
-                    .inc();
+                m.warming.inc();
                 self.finish(&origin);
             }
             Outcome::Scored(s) => {
-                self.metrics.records.with_label_values(&[p, "scored"]).inc();
-                self.metrics
-                    .reconstruction_error
-                    .with_label_values(&[p])
-                    .observe(s.score);
-                self.metrics
-                    .anomaly_score
-                    .with_label_values(&[p])
-                    .observe(s.verdict.anomaly_score);
+                m.scored.inc();
+                m.reconstruction_error.observe(s.score);
+                m.anomaly_score.observe(s.verdict.anomaly_score);
                 if s.verdict.is_anomaly {
-                    self.metrics.anomalies.with_label_values(&[p]).inc();
+                    m.anomalies.inc();
                 }
                 let messages = self.messages_for(&s);
                 self.send_then_finish(s.origin.clone(), messages);
