@@ -121,6 +121,9 @@ pub struct Inference {
 pub struct Model {
     pub path: PathBuf,
     pub contract: Contract,
+    /// Each call runs in a fresh state of the plan (≈ 1.4 µs). Reusing states would save that,
+    /// but a reused state of a recurrent model keeps the batch size of its first call
+    /// (tract 0.23: "Clashing resolution for expression. batch=1 != 2" in the `Scan`).
     plan: Arc<TypedRunnableModel>,
 }
 
@@ -285,7 +288,10 @@ fn read_output(value: &TValue, expected_len: usize, name: &str) -> Result<Vec<f3
             view.shape()
         ));
     }
-    Ok(view.iter().copied().collect())
+    Ok(match view.as_slice() {
+        Some(contiguous) => contiguous.to_vec(),
+        None => view.iter().copied().collect(),
+    })
 }
 
 fn join(dims: &[usize]) -> String {
@@ -372,4 +378,36 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
             .and_then(|s| serde_json::from_str(s).ok()),
         calibration,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call sees nothing of the one before (the recurrent model's hidden state included),
+    /// whatever the batch sizes.
+    #[test]
+    fn a_reused_run_state_remembers_nothing_of_the_last_call() {
+        for name in ["demo-dense.onnx", "demo-lstm.onnx"] {
+            let model = Model::load(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("models")
+                    .join(name),
+            )
+            .unwrap();
+            let per = model.contract.sample_len();
+            let sample = |seed: f32| -> Vec<f32> {
+                (0..per)
+                    .map(|i| ((i as f32 + seed) * 0.37).sin() * 3.0)
+                    .collect()
+            };
+            let (a, b) = (sample(0.0), sample(11.0));
+            let first = model.infer(&a, 1).unwrap();
+            let two = [b.clone(), b].concat();
+            model.infer(&two, 2).unwrap();
+            let again = model.infer(&a, 1).unwrap();
+            assert_eq!(first.errors, again.errors, "{name}");
+            assert_eq!(first.reconstructions, again.reconstructions, "{name}");
+        }
+    }
 }
