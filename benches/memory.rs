@@ -68,28 +68,69 @@ fn fill(d: &mut Detector, keys: usize, rows: usize) {
     }
 }
 
+/// One measurement, in a process of its own: memory freed by an earlier one would otherwise be
+/// reused and hide the growth.
+fn measure(model: &str, method: &str, keys: usize, rows: usize) {
+    let before = rss_bytes();
+    let mut d = detector(model, method, keys);
+    fill(&mut d, keys, rows);
+    assert_eq!(d.keys(), keys);
+    let after = rss_bytes();
+    let growth = after.saturating_sub(before);
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "bench": "memory",
+            "model": model,
+            "threshold": method,
+            "keys": keys,
+            "rows_per_key": rows,
+            "rss_mb": after as f64 / (1 << 20) as f64,
+            "growth_mb": growth as f64 / (1 << 20) as f64,
+            "bytes_per_key": growth as f64 / keys as f64,
+        })
+    );
+}
+
 fn main() {
-    println!("| model | threshold | keys | rows per key | RSS growth | bytes per key |");
-    println!("|---|---|---|---|---|---|");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, model, method, keys, rows] = args.as_slice() {
+        if flag == "--one" {
+            measure(model, method, keys.parse().unwrap(), rows.parse().unwrap());
+            return;
+        }
+    }
+    println!("| model | threshold | keys | rows per key | RSS | RSS growth | bytes per key |");
+    println!("|---|---|---|---|---|---|---|");
+    let me = std::env::current_exe().expect("own path");
     for (model, method, keys, rows) in [
         ("demo-dense.onnx", "quantile", 200_000, 1),
+        ("demo-dense.onnx", "ewma", 200_000, 1),
         ("demo-dense.onnx", "spot", 200_000, 1),
         ("demo-dense.onnx", "dspot", 200_000, 1),
-        ("demo-dense.onnx", "ewma", 200_000, 1),
         ("demo-lstm.onnx", "quantile", 200_000, 16),
         ("demo-dense.onnx", "quantile", 1_000_000, 1),
+        ("demo-dense.onnx", "spot", 1_000_000, 1),
     ] {
-        let before = rss_bytes();
-        let mut d = detector(model, method, keys);
-        fill(&mut d, keys, rows);
-        assert_eq!(d.keys(), keys);
-        let growth = rss_bytes().saturating_sub(before);
-        println!(
-            "| {model} | {method} | {keys} | {rows} | {} MB | {} |",
-            growth >> 20,
-            growth / keys as u64
+        let out = std::process::Command::new(&me)
+            .args(["--one", model, method, &keys.to_string(), &rows.to_string()])
+            .output()
+            .expect("run a measurement");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        drop(d);
+        let line = String::from_utf8(out.stdout).expect("utf-8");
+        let line = line.trim();
+        eprintln!("{line}");
+        let r: serde_json::Value =
+            serde_json::from_str(line.trim_start_matches("BENCH ")).expect("a BENCH line");
+        println!(
+            "| {model} | {method} | {keys} | {rows} | {:.0} MB | {:.0} MB | {:.0} |",
+            r["rss_mb"].as_f64().unwrap(),
+            r["growth_mb"].as_f64().unwrap(),
+            r["bytes_per_key"].as_f64().unwrap()
+        );
     }
-    println!("\nresident memory now: {} MB", rss_bytes() >> 20);
 }

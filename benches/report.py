@@ -25,6 +25,8 @@ def runs(values, digits=0):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", type=Path)
+    ap.add_argument("--command-replay", default="")
+    ap.add_argument("--command-memory", default="")
     ap.add_argument("--command-tract", default="")
     ap.add_argument("--command-kafka", default="")
     a = ap.parse_args()
@@ -41,6 +43,48 @@ def main() -> None:
         "(other builds and tests run on the same two cores): compare the ratios, which were "
         "measured side by side, rather than absolute times across runs.\n"
     )
+
+    rep = [r for r in results if r["bench"] == "replay"]
+    if rep:
+        print("### Replay throughput: `anomalyd score`, 8 features, dense model, one core\n")
+        print(f"`{a.command_replay}`\n")
+        print(
+            f"{rep[0]['rows']:,} NDJSON rows (8 features, 1000 keys), the quantile threshold, CSV output; "
+            "time from the first row read to the last row written, as `anomalyd score` reports it. "
+            "Target: 1,000,000 records/s/core.\n"
+        )
+        print("| binary | runs, records/s | median records/s | target |")
+        print("|---|---|---|---|")
+        medians = {}
+        for binary in ("before", "after"):
+            rs = [r["rows"] / r["seconds"] for r in rep if r["binary"] == binary]
+            if not rs:
+                continue
+            medians[binary] = statistics.median(rs)
+            met = "met" if medians[binary] >= 1e6 else "**not met**"
+            label = "this commit" if binary == "after" else "baseline (`BENCH_BASELINE`)"
+            print(f"| {label} | {runs(rs)} | {fmt(medians[binary])} | {met} |")
+        if len(medians) == 2:
+            print(f"\nafter/before: **{medians['after'] / medians['before']:.2f}×** (runs interleaved).")
+        print()
+
+    mem = [r for r in results if r["bench"] == "memory"]
+    if mem:
+        print("### Memory per tracked key\n")
+        print(f"`{a.command_memory}`\n")
+        print(
+            "Keys created through the detector (window, threshold and alert state, the LRU entry); "
+            "each row in a fresh process: RSS after, and its growth over the process before the "
+            "keys, divided by the keys.\n"
+        )
+        print("| model | threshold | keys | rows per key | RSS MB | growth MB | bytes per key |")
+        print("|---|---|---|---|---|---|---|")
+        for r in mem:
+            print(
+                f"| {r['model']} | {r['threshold']} | {r['keys']:,} | {r['rows_per_key']} | "
+                f"{fmt(r['rss_mb'], 0)} | {fmt(r['growth_mb'], 0)} | {fmt(r['bytes_per_key'], 0)} |"
+            )
+        print()
 
     tvo = [r for r in results if r["bench"] == "tract_vs_ort"]
     if tvo:

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Performance comparisons of issue 5, measured side by side in one run, printed as markdown:
+# Performance figures of issue 5, measured side by side in one run, printed as markdown:
+#   0. replay throughput: `anomalyd score` on 1M NDJSON rows of 8 features through a dense model
+#      on one core (and, with BENCH_BASELINE=path/to/an/older/anomalyd, that binary interleaved
+#      with this one: before and after), and memory per tracked key and with 1M keys;
 #   1. tract vs onnxruntime on each shipped model (batch 1 and 256, one thread each, one process);
 #   2. Kafka end to end on the tansu broker: the release `anomalyd run` binary's throughput, and
 #      p50/p99 record-to-alert latency at half that rate;
@@ -9,6 +12,7 @@
 #   scripts/bench.sh                 # everything (~5-8 minutes after the builds)
 #   scripts/bench.sh --quick         # smaller runs, to check that it works (~2 minutes)
 #   BENCH_OUT=DIR scripts/bench.sh   # where raw outputs go (default target/bench)
+#   BENCH_BASELINE=BIN scripts/bench.sh   # replay also with BIN, an anomalyd built from an older commit
 #
 # Needs: tansu (TANSU_BIN, or ~/.cargo/bin/tansu: scripts/test.sh installs it), the toolkit venv
 # (scripts/python-env.sh, run here; cached) for onnxruntime's shared library, and installs
@@ -59,7 +63,8 @@ else
 fi
 
 log "building the benches and anomalyd in release mode"
-cargo bench --no-run --bench tract_vs_ort --bench kafka_e2e --message-format=json-render-diagnostics \
+cargo build --release --bin anomalyd
+cargo bench --no-run --bench tract_vs_ort --bench kafka_e2e --bench memory --message-format=json-render-diagnostics \
     >"$out/build.jsonl"
 exe() {
     "$py" -c 'import json,sys
@@ -70,12 +75,17 @@ for l in open(sys.argv[1]):
 }
 tract_vs_ort="$(exe tract_vs_ort)"
 kafka_e2e="$(exe kafka_e2e)"
-[[ -x "$tract_vs_ort" && -x "$kafka_e2e" ]] || die "bench executables not found in $out/build.jsonl"
+memory="$(exe memory)"
+[[ -x "$tract_vs_ort" && -x "$kafka_e2e" && -x "$memory" ]] || die "bench executables not found in $out/build.jsonl"
 
 if [[ -n "$quick" ]]; then
+    replay_rows=200000
+    replay_runs=1
     tvo_args=(--rounds 5 --round-ms 100)
     e2e_args=(--records 200000 --python-records 100000 --repeats 1 --latency-seconds 5 --latency-repeats 1)
 else
+    replay_rows=1000000
+    replay_runs=5
     tvo_args=(--rounds 15 --round-ms 150)
     e2e_args=(--records 1000000 --python-records 300000 --repeats 3 --latency-seconds 10 --latency-repeats 3)
 fi
@@ -91,10 +101,39 @@ fi
     echo "tansu: $("$tansu" --version 2>&1 | head -1)"
 } >"$out/machine.txt"
 
+# Replay: the data (8 features driven by 2 latent factors, 1000 keys), a dense model trained on
+# its first 20k rows with the toolkit, and `anomalyd score` timed by its own summary line
+# (decode to output, the process start and model load excluded). Cached between runs.
+replay_data="$out/replay-$replay_rows.ndjson"
+[[ -s "$replay_data" ]] || "$py" benches/replay_data.py --rows "$replay_rows" --keys 1000 --out "$replay_data"
+[[ -s "$out/train8.csv" ]] || "$py" benches/replay_data.py --rows 20000 --keys 1000 --csv --out "$out/train8.csv"
+[[ -s "$out/dense8.onnx" ]] || "$venv/bin/anomalyd-train" fit --kind dense --data "$out/train8.csv" \
+    --features f0,f1,f2,f3,f4,f5,f6,f7 --key key --out "$out/dense8.onnx" --no-plot --quiet
+printf '[pipelines.bench]\ntopics = ["bench"]\nmodel = "dense8.onnx"\nkey_field = "key"\ntimestamp_field = "ts"\n' >"$out/replay.toml"
+replay_cmd="$single target/release/anomalyd score -c $out/replay.toml --pipeline bench --input $replay_data --output $out/replay-out.csv"
+: >"$out/results.jsonl"
+replay() { # BINARY LABEL: one run, one BENCH line
+    local line
+    line="$($single "$1" score -c "$out/replay.toml" --pipeline bench --input "$replay_data" --output "$out/replay-out.csv" 2>&1 | grep '^scored')"
+    echo "$line" >&2
+    "$py" -c 'import json, re, sys
+m = re.search(r"scored (\d+) of (\d+) rows in ([0-9.]+)s", sys.argv[2])
+print(json.dumps({"bench": "replay", "binary": sys.argv[1], "rows": int(m.group(2)), "seconds": float(m.group(3))}))' "$2" "$line" >>"$out/results.jsonl"
+}
+log "replay throughput: $replay_runs runs of anomalyd score on $replay_rows rows${single:+, pinned to CPU 0}${BENCH_BASELINE:+, interleaved with $BENCH_BASELINE}"
+for ((i = 0; i < replay_runs; i++)); do
+    replay target/release/anomalyd after
+    [[ -z "${BENCH_BASELINE:-}" ]] || replay "$BENCH_BASELINE" before
+done
+
+log "memory per tracked key (each measurement in a process of its own)"
+"$memory" >"$out/memory.md" 2>"$out/memory.txt"
+grep '^BENCH ' "$out/memory.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
+
 log "tract vs onnxruntime (one thread each${single:+, pinned to CPU 0})"
 cmd1="$single $tract_vs_ort ${tvo_args[*]} --profile"
 $cmd1 >"$out/tract_vs_ort.txt"
-grep '^BENCH ' "$out/tract_vs_ort.txt" | sed 's/^BENCH //' >"$out/results.jsonl"
+grep '^BENCH ' "$out/tract_vs_ort.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 
 log "Kafka end to end and the Python baseline (tansu; consumer ${consumer_cpus:+on CPU $consumer_cpus, the rest on CPU 1})"
 cmd2="$others $kafka_e2e ${e2e_args[*]} --consumer-cpus '$consumer_cpus' --python $py"
@@ -103,6 +142,7 @@ $others "$kafka_e2e" "${e2e_args[@]}" --consumer-cpus "$consumer_cpus" --python 
 grep '^BENCH ' "$out/kafka_e2e.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 
 "$py" benches/report.py "$out" \
+    --command-replay "$replay_cmd" --command-memory "cargo bench --bench memory" \
     --command-tract "ORT_DYLIB_PATH=$ort_dylib $cmd1" \
     --command-kafka "TANSU_BIN=$tansu $cmd2" | tee "$out/report.md"
 log "raw outputs in $out (tract profile: $out/tract_vs_ort.txt)"
