@@ -19,6 +19,7 @@ commands:
   check     check ONNX files against the model contract
   synth     write a synthetic dataset (normal data, optionally with labelled anomalies)
   nab       run the Numenta Anomaly Benchmark through the daemon and score it (NAB's rules)
+  nab-plot  plot one file of a finished NAB run: value, score, threshold, labelled windows
 
 Run `anomalyd-train COMMAND --help` for a command's options.
 """
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command == "nab":
+        if args.command in ("nab", "nab-plot"):
             from .nab_cli import run as run_nab
 
             return run_nab(args)

@@ -14,8 +14,9 @@ Run the Numenta Anomaly Benchmark (NAB) through the daemon and score it by NAB's
 
 For every file of the corpus (DIR/data/<category>/<file>.csv, labels in DIR/labels/):
   1. features are computed causally from each row and the rows before it;
-  2. a model of --kind is trained on the file's probationary rows only (the first 15%, at most
-     750): its normalisation, weights and calibration see nothing later;
+  2. a model of --kind (--ensemble of them, one graph) is trained on the file's probationary rows
+     only (the first 15%, at most 750): its normalisation, weights and calibration see nothing
+     later;
   3. the whole file is streamed through `anomalyd score` (the daemon's own decode, window,
      inference, adaptive threshold and alert code) with a generated one-pipeline config;
   4. each row's NAB anomaly score is read from the daemon's output (--report) and written to
@@ -28,16 +29,24 @@ The last line printed is `NAB standard=S low_fp=S low_fn=S`.
 """
 
 EPILOG = """\
-reports (--report):
-  firing   the daemon's anomaly_score on the rows whose alert event is `firing` (the row that
-           opened an alert episode under --fire-after / --resolve-after), 0 elsewhere: one
-           report per episode, as an operator would be paged
-  score    the daemon's calibrated anomaly_score on every row
+reports (--report; each is causal, computed from the daemon's per-row output):
+  escalation  (default) rarity on the row that opens an alert episode, and again on any anomalous
+              row of the open episode whose rarity has grown --escalate-fold over the largest
+              reported in it (a re-notification: the anomaly got worse)
+  rarity      on the rows that open an episode only: x / (1 + x), x = the row's score over the
+              99th percentile of every earlier score of the file
+  novelty     as rarity, over the largest earlier score
+  firing      the daemon's anomaly_score on the rows that open an episode, 0 elsewhere
+  score       the daemon's calibrated anomaly_score on every row
+
+the defaults are the parameter set of docs/BENCHMARKS.md (NAB); --kind changes the kind only.
 
 examples:
+  anomalyd-train nab --nab-dir ../shared/nab --out target/nab            # the headline (kind conv)
   anomalyd-train nab --nab-dir ../shared/nab --out target/nab --kind dense
-  anomalyd-train nab --nab-dir ../shared/nab --out target/nab --kind lstm \\
+  anomalyd-train nab --nab-dir ../shared/nab --out target/nab --ensemble 1 \\
       --files realKnownCause/nyc_taxi.csv,realTweets/Twitter_volume_AAPL.csv
+  anomalyd-train nab-plot --out target/nab --file realKnownCause/nyc_taxi.csv --png nyc_taxi.png
   anomalyd-train nab --score-only --nab-dir ../shared/nab --out ../shared/nab/results \\
       --detector numenta          # score existing results in NAB's layout
 """
@@ -51,6 +60,11 @@ def _list(text: str) -> list[str]:
 
 
 def add_parser(sub) -> None:
+    add_nab_parser(sub)
+    add_plot_parser(sub)
+
+
+def add_nab_parser(sub) -> None:
     d = nb.NabOptions(nab_dir="", out="")
     p = sub.add_parser("nab", help="run and score the Numenta Anomaly Benchmark through the daemon",
                        description=DESCRIPTION, epilog=EPILOG,
@@ -69,10 +83,12 @@ def add_parser(sub) -> None:
     g.add_argument("--jobs", type=int, default=d.jobs, metavar="N",
                    help=f"files processed in parallel (default {d.jobs}); each trains on one thread")
     g.add_argument("--anomalyd", metavar="PATH",
-                   help="the daemon binary (default $ANOMALYD_BIN, else target/debug/anomalyd)")
+                   help="the daemon binary (default $ANOMALYD_BIN, else the newest of this checkout's "
+                        "target/release/anomalyd and target/debug/anomalyd (or under $CARGO_TARGET_DIR), "
+                        "else anomalyd on the PATH)")
     g.add_argument("--reuse-models", action="store_true",
-                   help="keep a file's model from an earlier run into the same --out when its "
-                        "training data and options are unchanged (to try threshold settings)")
+                   help="keep the models (each ensemble member) of an earlier run into the same --out "
+                        "when their training data and options are unchanged (to try daemon settings)")
     g.add_argument("--score-only", action="store_true",
                    help="do not run anything: score the results already in OUT/<detector>")
     g.add_argument("--plot", metavar="C/F.csv",
@@ -95,6 +111,9 @@ def add_parser(sub) -> None:
     m.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="X",
                    help=f"share of the probationary windows held back for calibration (default {d.val_fraction})")
     m.add_argument("--seed", type=int, default=d.seed, metavar="N", help=f"default {d.seed}")
+    m.add_argument("--ensemble", type=int, default=d.ensemble, metavar="K",
+                   help="models per file, seeds SEED .. SEED+K-1, exported as one graph whose error is "
+                        f"the mean of theirs (default {d.ensemble}; 1: a single model)")
     m.add_argument("--calibration", default=d.calibration, choices=("val", "probation"),
                    help="the warm start of the daemon's threshold: the scores of the toolkit's held-back "
                         "validation windows (val), or of every probationary window (probation: every "
@@ -118,16 +137,59 @@ def add_parser(sub) -> None:
                    help=f"default {d.resolve_after}")
     t.add_argument("--report", default=d.report, choices=tuple(nb.REPORTS),
                    help=f"how a row's NAB score is read from the daemon's output (default {d.report}; below)")
+    t.add_argument("--escalate", type=float, default=d.escalate, metavar="X",
+                   help=f"report escalation: the growth of an open episode's rarity that is reported again "
+                        f"(default {d.escalate})")
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("nab-plot", help="plot one file of a finished NAB run",
+                       description="Plot one file of a finished `anomalyd-train nab` run: the value with the "
+                                   "alerts, the daemon's score and adaptive threshold (log scale), and the NAB "
+                                   "anomaly score, with the labelled anomaly windows shaded and the probation "
+                                   "marked. Reads OUT/<detector>/ and OUT/.work/<detector>/ of the run.")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run's --out")
+    p.add_argument("--file", required=True, metavar="C/F.csv", help="the corpus file, e.g. realKnownCause/nyc_taxi.csv")
+    p.add_argument("--png", required=True, metavar="FILE.png", help="where to write the plot")
+    p.add_argument("--nab-dir", default=None, metavar="DIR",
+                   help="the NAB checkout (default: the run's, from OUT/<detector>/<detector>_scores.json)")
+    p.add_argument("--detector", default="anomalyd-conv", metavar="NAME", help="the run's detector (default anomalyd-conv)")
+    p.add_argument("--title", default=None, help="the plot's title")
+
+
+def run_plot(args) -> int:
+    import json
+    from pathlib import Path
+
+    nab_dir = args.nab_dir
+    if nab_dir is None:
+        summary = Path(args.out) / args.detector / f"{args.detector}_scores.json"
+        if not summary.is_file():
+            print(f"anomalyd-train nab-plot: error: {summary} does not exist (pass --nab-dir, or check --out "
+                  "and --detector)", file=sys.stderr)
+            return 2
+        nab_dir = json.loads(summary.read_text())["options"]["nab_dir"]
+    try:
+        png = nb.plot_file(args.out, args.detector, args.file, nab_dir, args.png, args.title)
+    except ns.NabError as e:
+        print(f"anomalyd-train nab-plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {png}")
+    return 0
 
 
 def run(args) -> int:
+    if args.command == "nab-plot":
+        return run_plot(args)
     opts = nb.NabOptions(
         nab_dir=args.nab_dir, out=args.out, kind=args.kind, detector=args.detector, features=args.features,
         window=args.window, epochs=args.epochs, hidden=args.hidden, latent=args.latent, lr=args.lr,
-        batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, calibration=args.calibration, threshold=args.threshold,
+        batch_size=args.batch_size, seed=args.seed, ensemble=args.ensemble, val_fraction=args.val_fraction,
+        calibration=args.calibration, threshold=args.threshold,
         q=args.q, level=args.level, max_peaks=args.max_peaks, depth=args.depth, exclude=args.exclude,
         alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
-        resolve_after=args.resolve_after, report=args.report, jobs=args.jobs, files=args.files,
+        resolve_after=args.resolve_after, report=args.report, escalate=args.escalate, jobs=args.jobs,
+        files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )
     try:

@@ -1,0 +1,152 @@
+"""The NAB harness (`anomalyd-train nab`): the ensemble graph, the escalation report, and a run on
+two small corpus files through the daemon."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from anomalyd_train import export
+from anomalyd_train import nab as nb
+from anomalyd_train import nab_score as ns
+from anomalyd_train.fit import FitOptions, fit
+
+from conftest import anomalyd_bin, tract_verify
+
+REPO = Path(__file__).resolve().parents[2]
+NAB = REPO.parent / "shared" / "nab"
+FILES = ["realKnownCause/rogue_agent_key_hold.csv", "artificialWithAnomaly/art_daily_jumpsup.csv"]
+
+
+def nab_dir() -> Path:
+    if not (NAB / "labels" / "combined_windows.json").is_file():
+        pytest.skip(f"NAB data not found at {NAB} (a NAB checkout beside the repository)")
+    return NAB
+
+
+def daemon_rows(score, is_anomaly, events) -> nb.DaemonRows:
+    score = np.asarray(score, dtype=float)
+    return nb.DaemonRows(
+        anomaly_score=np.zeros(len(score)), score=score, is_anomaly=np.asarray(is_anomaly, dtype=bool),
+        firing=np.array([e == "f" for e in events]), resolved=np.array([e == "r" for e in events]),
+    )
+
+
+def test_escalation_reports_the_opening_row_and_each_doubling_only():
+    # 1000 normal rows of score 1, then an episode: the 99th percentile of the earlier scores
+    # stays 1 throughout, so a row's rarity x is its score.
+    n = 1000
+    score = [1.0] * n + [3.0, 4.0, 7.0, 13.0, 20.0, 1.0, 30.0]
+    anomalous = [False] * n + [True, True, True, True, True, False, True]
+    events = [""] * n + ["f", "", "", "", "", "r", ""]
+    out = nb.report("escalation", daemon_rows(score, anomalous, events), escalate=2.0)
+    x = np.array(score[n:])
+    expected = np.zeros(7)
+    expected[0] = x[0] / (1 + x[0])  # opens the episode (x = 3)
+    expected[2] = x[2] / (1 + x[2])  # 7 >= 2 * 3 (4 was not: 4 < 6)
+    expected[4] = x[4] / (1 + x[4])  # 20 >= 2 * 7 (13 was not: 13 < 14)
+    # After `resolved`, an anomalous row (30) is not reported without a new `firing`.
+    np.testing.assert_allclose(out[n:], expected)
+    assert np.all(out[:n] == 0)
+    # The rarity report is the same without the re-notifications.
+    rarity = nb.report("rarity", daemon_rows(score, anomalous, events))
+    np.testing.assert_allclose(rarity[n:], [expected[0], 0, 0, 0, 0, 0, 0])
+
+
+def test_reports_are_causal():
+    rng = np.random.default_rng(3)
+    n = 400
+    score = rng.lognormal(size=n)
+    anomalous = score > 4
+    events = np.where(rng.random(n) < 0.05, "f", np.where(rng.random(n) < 0.05, "r", ""))
+    full = nb.report("escalation", daemon_rows(score, anomalous, events))
+    cut = 250
+    changed = score.copy()
+    changed[cut:] = rng.lognormal(size=n - cut) * 50
+    again = nb.report("escalation", daemon_rows(changed, changed > 4, events))
+    np.testing.assert_array_equal(full[:cut], again[:cut])
+
+
+@pytest.fixture(scope="module")
+def two_members(tmp_path_factory):
+    """Two small conv models (different seeds) on one series of a value and its time of day."""
+    d = tmp_path_factory.mktemp("ensemble")
+    t = np.arange(600)
+    value = np.sin(2 * np.pi * t / 96) + 0.1 * np.random.default_rng(0).normal(size=len(t))
+    rows = np.stack([value, np.sin(2 * np.pi * t / 288), np.cos(2 * np.pi * t / 288)], axis=1)
+    data = d / "train.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["value", "tod_sin", "tod_cos"])
+        w.writerows(rows.tolist())
+    paths = []
+    for seed in (0, 1):
+        out = d / f"m{seed}.onnx"
+        fit(FitOptions(kind="conv", data=str(data), features=["value", "tod_sin", "tod_cos"], out=str(out),
+                       window=8, epochs=2, seed=seed, quiet=True, plot=False))
+        paths.append(out)
+    return d, rows, paths
+
+
+def test_ensemble_graph_is_the_mean_of_its_members(two_members, tmp_path):
+    d, rows, paths = two_members
+    protos = [onnx.load(str(p)) for p in paths]
+    combined = nb.combine(protos)
+    x = nb.probation_windows(rows, 8)[::7]
+    (r0, e0), (r1, e1) = (export.run(export.session(p), x) for p in protos)
+    rec, err = export.run(export.session(combined), x)
+    assert not np.allclose(e0, e1), "two seeds should give two different models"
+    np.testing.assert_allclose(err, (e0 + e1) / 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rec, (r0 + r1) / 2, rtol=1e-5, atol=1e-6)
+    # The daemon's runtime (tract) computes the same graph.
+    path = tmp_path / "ensemble.onnx"
+    combined.metadata_props.extend(protos[0].metadata_props)
+    export.save(combined, str(path))
+    code, output = tract_verify(str(path), x[:3], rec[:3], err[:3], tmp_path)
+    assert code == 0, output
+
+
+def test_probation_windows_are_every_window_in_order():
+    rows = np.arange(20, dtype=float).reshape(10, 2)
+    w = nb.probation_windows(rows, 4)
+    assert w.shape == (7, 4, 2)
+    np.testing.assert_array_equal(w[0], rows[:4])
+    np.testing.assert_array_equal(w[-1], rows[-4:])
+
+
+def test_harness_on_two_files(tmp_path):
+    """Two members per file (~10 s): NAB's layout, labels from the windows, the ensemble and its
+    probation calibration in the model, and the jump of art_daily_jumpsup found."""
+    nab = nab_dir()
+    opts = nb.NabOptions(nab_dir=str(nab), out=str(tmp_path), files=FILES, ensemble=2,
+                         anomalyd=str(anomalyd_bin()), quiet=True)
+    run = nb.run(opts)
+    lines: list[str] = []
+    nb.print_summary(run, opts, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert lines[-1].startswith("NAB standard=") and " low_fp=" in lines[-1] and " low_fn=" in lines[-1]
+
+    windows = ns.load_windows(nab)
+    for name in FILES:
+        path = ns.result_path(tmp_path, "anomalyd-conv", name)
+        cols = ns.read_columns(path, ["timestamp", "value", "anomaly_score", "label"])
+        data = ns.read_columns(nab / "data" / name, ["timestamp", "value"])
+        assert cols["timestamp"] == data["timestamp"] and cols["value"] == data["value"]
+        score = np.array([float(v) for v in cols["anomaly_score"]])
+        assert np.all((score >= 0) & (score <= 1))
+        rows = ns.file_rows(name, ns.parse_times(data["timestamp"]), windows[name])
+        np.testing.assert_array_equal(np.array(cols["label"], dtype=int), (rows.window >= 0).astype(int))
+
+        model = tmp_path / ".work" / "anomalyd-conv" / name.replace(".csv", "") / "model.onnx"
+        meta = export.metadata(str(model))
+        assert json.loads(meta["anomalyd.training"])["ensemble"]["members"] == 2
+        probation = ns.probation_rows(len(data["timestamp"]))
+        assert json.loads(meta["anomalyd.calibration"])["count"] == probation - opts.window + 1
+
+    assert run.results["standard"].tp >= 1
+    jumps = run.results["standard"].per_file["artificialWithAnomaly/art_daily_jumpsup.csv"]
+    assert jumps > 0, "the jump of art_daily_jumpsup should be detected inside its window"
