@@ -132,17 +132,21 @@ def fit_pca(spec: Spec, train: torch.Tensor, val: torch.Tensor) -> tuple[PCA, li
     center = x.mean(dim=0)
     _, s, vt = torch.linalg.svd(x - center, full_matrices=False)
     explained = (s**2).cumsum(0) / (s**2).sum()
+    # Fewer training windows than dimensions (a short series, a wide window) leave only
+    # len(s) = min(n, D) components to choose from.
+    r = len(s)
     if spec.latent is not None:
         k = spec.latent
-        if not 1 <= k <= d:
-            raise ValueError(f"pca --latent must be between 1 and {d}, got {k}")
+        if not 1 <= k <= r:
+            raise ValueError(f"pca --latent must be between 1 and {r} (the components of {x.shape[0]} "
+                             f"training windows of {d} values), got {k}")
     else:
         k = int(torch.searchsorted(explained, torch.tensor(spec.variance, dtype=explained.dtype)).item()) + 1
-        k = max(1, min(k, d - 1 if d > 1 else 1))
+        k = max(1, min(k, r, d - 1 if d > 1 else 1))
     spec.latent = k
     flat_val = torch.flatten(val, 1).double()
     history = []
-    for j in range(1, d + 1):
+    for j in range(1, r + 1):
         w = vt[:j].T
         rec_t = (x - center) @ w @ w.T + center
         rec_v = (flat_val - center) @ w @ w.T + center

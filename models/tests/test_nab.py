@@ -150,3 +150,18 @@ def test_harness_on_two_files(tmp_path):
     assert run.results["standard"].tp >= 1
     jumps = run.results["standard"].per_file["artificialWithAnomaly/art_daily_jumpsup.csv"]
     assert jumps > 0, "the jump of art_daily_jumpsup should be detected inside its window"
+
+
+def test_pca_trains_on_fewer_windows_than_dimensions(tmp_path):
+    """A short probation: 200 rows of 8 features cut into windows of 16 rows (128 values) give
+    at most 113 training windows, so fewer components than dimensions; fit used to index past
+    them."""
+    t = np.arange(200)[:, None]
+    rows = np.sin(t / (3 + np.arange(8))) + 0.01 * np.random.default_rng(0).normal(size=(200, 8))
+    names = [f"f{i}" for i in range(8)]
+    data = tmp_path / "short.csv"
+    np.savetxt(data, rows, delimiter=",", header=",".join(names), comments="")
+    res = fit(FitOptions(kind="pca", data=str(data), features=names, out=str(tmp_path / "pca.onnx"),
+                         window=16, quiet=True, plot=False))
+    assert len(res.train) < 16 * 8
+    assert 1 <= res.core.components.shape[1] <= len(res.train)
