@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import bisect
 import csv
-import dataclasses
 import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -434,8 +432,8 @@ def train_member(fit_opts, seed: int, work: Path, reuse: bool) -> Path:
     from .fit import fit
 
     path, stamp = work / f"member-{seed}.onnx", work / f"member-{seed}.json"
-    member = dataclasses.replace(fit_opts, seed=seed, out=str(path))
-    recipe = {k: v for k, v in dataclasses.asdict(member).items() if k not in ("data", "out")}
+    member = replace(fit_opts, seed=seed, out=str(path))
+    recipe = {k: v for k, v in asdict(member).items() if k not in ("data", "out")}
     recipe = json.dumps({"fit": recipe, "train_sha256": file_sha256(member.data)}, sort_keys=True)
     if reuse and path.is_file() and stamp.is_file() and stamp.read_text() == recipe:
         return path
