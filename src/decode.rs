@@ -148,7 +148,8 @@ impl Decoder {
     /// only ever accepts what the complete path accepts, with the same values (a property test
     /// holds the two to that).
     fn decode_flat(&self, b: &[u8]) -> Option<Record> {
-        if self.per_field != 1 {
+        // One value per field, and few enough fields for the bit set of those seen.
+        if self.per_field != 1 || self.fields.len() > 63 {
             return None;
         }
         // One UTF-8 check of the whole record; the scanner then slices it at ASCII delimiters.
@@ -159,7 +160,7 @@ impl Decoder {
         let mut key = None;
         let mut timestamp = None;
         let mut values = vec![0.0f32; self.fields.len()];
-        let mut seen = 0usize;
+        let mut seen = 0u64;
         p.ws();
         if p.peek()? == b'}' {
             return None;
@@ -180,7 +181,7 @@ impl Decoder {
                     return None;
                 }
                 values[i] = v;
-                seen |= 1 << i.min(63);
+                seen |= 1 << i;
             } else {
                 p.skip_value()?;
             }
@@ -192,7 +193,7 @@ impl Decoder {
             }
         }
         p.ws();
-        if p.i != b.len() || self.fields.len() > 63 || seen != (1 << self.fields.len()) - 1 {
+        if p.i != b.len() || seen != (1 << self.fields.len()) - 1 {
             return None;
         }
         let key = key.filter(|k| !k.is_empty())?;
@@ -367,25 +368,20 @@ impl<'a> Scan<'a> {
         if self.peek()? == b'"' {
             return self.string();
         }
-        let start = self.i;
-        if self.peek() == Some(b'-') {
-            self.i += 1;
-        }
-        let from = self.i;
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-        let digits = &self.b[from..self.i];
-        let leading_zero = digits.first() == Some(&b'0') && (digits.len() > 1 || from > start);
-        if digits.is_empty() || leading_zero || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
-            return None;
-        }
-        let text = self.s.get(start..self.i)?;
-        (text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok()).then_some(text)
+        let text = self.number_text()?;
+        let integer = !text.contains(['.', 'e', 'E']) && text != "-0";
+        (integer && (text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok())).then_some(text)
     }
 
-    /// A number in JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+    /// A number.
     fn number(&mut self) -> Option<f64> {
+        // The grammar checked by `number_text` is ASCII; Rust's parser rounds correctly, as
+        // serde_json does with `float_roundtrip`.
+        self.number_text()?.parse().ok()
+    }
+
+    /// The text of a number in JSON's grammar: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+    fn number_text(&mut self) -> Option<&'a str> {
         let start = self.i;
         let digits = |s: &mut Self| {
             let from = s.i;
@@ -419,9 +415,7 @@ impl<'a> Scan<'a> {
                 return None;
             }
         }
-        // The grammar checked above is ASCII; Rust's parser rounds correctly, as serde_json
-        // does with `float_roundtrip`.
-        self.s.get(start..self.i)?.parse().ok()
+        self.s.get(start..self.i)
     }
 
     /// Skips a scalar value of a field the record does not need; nested values are left to the
@@ -429,7 +423,7 @@ impl<'a> Scan<'a> {
     fn skip_value(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(drop),
-            b'-' | b'0'..=b'9' => self.number().map(drop),
+            b'-' | b'0'..=b'9' => self.number_text().map(drop),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
