@@ -555,6 +555,11 @@ impl Top {
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.idx[..self.len as usize].iter().map(|&i| i as usize)
     }
+
+    /// Their names, given the model's features.
+    pub fn names<'a>(&'a self, features: &'a [String]) -> impl Iterator<Item = &'a str> + 'a {
+        self.iter().map(|i| features[i].as_str())
+    }
 }
 
 #[cfg(test)]

@@ -84,15 +84,9 @@ struct TopNames<'a> {
     names: &'a [String],
 }
 
-impl TopNames<'_> {
-    fn names(&self) -> impl Iterator<Item = &str> + '_ {
-        self.top.iter().map(|i| self.names[i].as_str())
-    }
-}
-
 impl Serialize for TopNames<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.names())
+        s.collect_seq(self.top.names(self.names))
     }
 }
 
@@ -150,7 +144,8 @@ impl<W: Write> RowSink<W> {
         match self {
             RowSink::Csv { out, scratch } => {
                 scratch.clear();
-                for (i, name) in row.top_features.names().enumerate() {
+                let TopNames { top, names } = &row.top_features;
+                for (i, name) in top.names(names).enumerate() {
                     if i > 0 {
                         scratch.push(';');
                     }

@@ -58,11 +58,7 @@ impl<'a> ScoreRow<'a> {
             threshold: s.verdict.threshold,
             anomaly_score: s.verdict.anomaly_score,
             is_anomaly: s.verdict.is_anomaly,
-            top_features: s
-                .top
-                .iter()
-                .map(|i| s.model.contract.features[i].as_str())
-                .collect(),
+            top_features: s.top.names(&s.model.contract.features).collect(),
             partition: s.origin.partition,
             offset: s.origin.offset,
             model_version: &s.model.contract.version,
@@ -202,7 +198,8 @@ impl Outputs {
                 headers: Vec::new(),
             });
         }
-        if let (false, Some(values)) = (self.denoised_topic.is_empty(), &s.reconstruction) {
+        // The detector keeps reconstructions only when the pipeline has a denoised topic.
+        if let Some(values) = &s.reconstruction {
             out.push(OutMessage {
                 sink: "denoised",
                 topic: self.denoised_topic.clone(),
