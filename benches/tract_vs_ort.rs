@@ -144,13 +144,6 @@ fn normalisation(path: &Path) -> Option<(Vec<f64>, Vec<f64>)> {
     Some((list("mean")?, list("std")?))
 }
 
-/// The daemon's plan, built as `src/model.rs` builds it, for the reused-state and profile runs.
-fn tract_plan(path: &Path) -> TractResult<Arc<TypedRunnableModel>> {
-    let mut model = tract_onnx::onnx().model_for_path(path)?;
-    model.select_outputs_by_name(["error", "reconstruction"])?;
-    model.into_optimized()?.into_runnable()
-}
-
 fn ort_session(path: &Path) -> ort::Result<Session> {
     Session::builder()?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
@@ -331,7 +324,8 @@ fn main() {
             eprintln!("{e}");
             std::process::exit(1)
         });
-        let plan = tract_plan(path).expect("tract plan");
+        // The daemon's own plan, for the reused-state and profile runs.
+        let plan = model.plan().clone();
         let mut session = ort_session(path).unwrap_or_else(|e| {
             eprintln!("onnxruntime cannot load {}: {e}", path.display());
             std::process::exit(1)

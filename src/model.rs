@@ -244,6 +244,11 @@ impl Model {
         Ok(model)
     }
 
+    /// The optimised tract plan, for tools that time or profile it directly (benches/).
+    pub fn plan(&self) -> &Arc<TypedRunnableModel> {
+        &self.plan
+    }
+
     /// Runs `n` samples (`input.len() == n * sample_len`) through the model.
     pub fn infer(&self, input: &[f32], n: usize) -> Result<Inference, ModelError> {
         let fail = |reason: String| ModelError::Inference {
@@ -387,7 +392,7 @@ mod tests {
     /// A call sees nothing of the one before (the recurrent model's hidden state included),
     /// whatever the batch sizes.
     #[test]
-    fn a_reused_run_state_remembers_nothing_of_the_last_call() {
+    fn a_call_sees_nothing_of_the_one_before() {
         for name in ["demo-dense.onnx", "demo-lstm.onnx"] {
             let model = Model::load(
                 Path::new(env!("CARGO_MANIFEST_DIR"))
