@@ -74,6 +74,18 @@ impl Tansu {
         })
     }
 
+    /// The topics of `config_toml`'s pipeline: input (3 partitions), alerts, dead letters, scores.
+    pub fn create_pipeline_topics(&self) {
+        for (t, p) in [
+            ("metrics", 3),
+            ("alerts", 1),
+            ("dead-letters", 1),
+            ("scores", 1),
+        ] {
+            self.create_topic(t, p);
+        }
+    }
+
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let status = Command::new(&self.bin)
             .args([
@@ -154,14 +166,7 @@ impl Drop for Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss() {
     let Some(tansu) = Tansu::start() else { return };
-    for (t, p) in [
-        ("metrics", 3),
-        ("alerts", 1),
-        ("dead-letters", 1),
-        ("scores", 1),
-    ] {
-        tansu.create_topic(t, p);
-    }
+    tansu.create_pipeline_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("anomalyd.toml");
     std::fs::write(&config, config_toml(&tansu.bootstrap, "e2e", "")).unwrap();
@@ -304,14 +309,7 @@ fn consumed_by(addr: std::net::SocketAddr) -> u64 {
 async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
     use rand::{Rng, SeedableRng};
     let Some(tansu) = Tansu::start() else { return };
-    for (t, p) in [
-        ("metrics", 3),
-        ("alerts", 1),
-        ("dead-letters", 1),
-        ("scores", 1),
-    ] {
-        tansu.create_topic(t, p);
-    }
+    tansu.create_pipeline_topics();
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
