@@ -225,31 +225,31 @@ def features(times: np.ndarray, values: np.ndarray, groups: list[str], probation
             d = np.r_[0.0, np.diff(values)]
             out["rdiff"] = _robust(d, d[1:p])
         elif g == "dev":
-            w = 32
-            c = np.r_[0.0, np.cumsum(values)]
-            i = np.arange(len(values))
-            lo = np.maximum(i - w, 0)
-            prev_mean = np.where(i > 0, (c[i] - c[lo]) / np.maximum(i - lo, 1), values[0])
-            d = values - prev_mean
+            mean, _ = _trailing_moments(values, 32)
+            d = values - np.where(np.arange(len(values)) > 0, mean, values[0])
             out["dev"] = _robust(d, d[1:p])
         elif g == "z":
             out["z"] = rolling_z(values, ZWIN, values[:p])
     return out
 
 
-def rolling_z(values: np.ndarray, w: int, ref: np.ndarray) -> np.ndarray:
-    """asinh((x_t - mean(x_{t-w..t-1})) / std(x_{t-w..t-1})): causal, from the row's past only."""
-    n = len(values)
+def _trailing_moments(values: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the previous `w` values (x_{t-w..t-1}) for each row t; 0 on row 0."""
     c1 = np.r_[0.0, np.cumsum(values)]
     c2 = np.r_[0.0, np.cumsum(values * values)]
-    i = np.arange(n)
+    i = np.arange(len(values))
     lo = np.maximum(i - w, 0)
     cnt = np.maximum(i - lo, 1)
     mean = (c1[i] - c1[lo]) / cnt
-    var = np.maximum((c2[i] - c2[lo]) / cnt - mean * mean, 0.0)
+    return mean, np.maximum((c2[i] - c2[lo]) / cnt - mean * mean, 0.0)
+
+
+def rolling_z(values: np.ndarray, w: int, ref: np.ndarray) -> np.ndarray:
+    """asinh((x_t - mean(x_{t-w..t-1})) / std(x_{t-w..t-1})): causal, from the row's past only."""
+    mean, var = _trailing_moments(values, w)
     floor = 0.05 * max(float(np.std(ref)), 1e-9)
     sd = np.maximum(np.sqrt(var), floor)
-    z = np.where(i > 0, (values - mean) / sd, 0.0)
+    z = np.where(np.arange(len(values)) > 0, (values - mean) / sd, 0.0)
     return np.arcsinh(z)
 
 
