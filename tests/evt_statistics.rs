@@ -95,21 +95,33 @@ fn dspot_follows_a_drifting_level_without_alarming_on_it() {
     );
 }
 
-/// Thresholds warm-started from calibration do not alarm on the first normal points of a key,
-/// where a cold start (no calibration) does.
+/// Thresholds warm-started from calibration judge a key from its first point: they neither
+/// alarm on its first normal points nor miss an anomaly among them. A cold start (no
+/// calibration) fails one of the two: it alarms on normal points until it has seen enough, or
+/// it cannot judge and lets the anomaly through.
 #[test]
-fn warm_started_thresholds_do_not_alarm_on_first_normal_points() {
-    let first_points = |template: &dyn Threshold, dist: &str| {
+fn warm_started_thresholds_judge_a_new_key_from_its_first_point() {
+    // 1000 new keys, each judging 10 normal points with an outlier (1.5 times the largest
+    // calibration error) at the 6th: (alarms on the 9 normal points, outliers caught).
+    let first_points = |template: &dyn Threshold, dist: &str, outlier: f64| {
         let mut points = stream(dist, 11);
-        // 1000 new keys, each judging its first 10 normal points.
-        (0..1000)
-            .map(|_| {
-                let mut t = template.clone_box();
-                (0..10)
-                    .filter(|_| t.judge(points.next().unwrap()).is_anomaly)
-                    .count()
-            })
-            .sum::<usize>()
+        let (mut false_alarms, mut caught) = (0, 0);
+        for _ in 0..1000 {
+            let mut t = template.clone_box();
+            for i in 0..10 {
+                let x = if i == 5 {
+                    outlier
+                } else {
+                    points.next().unwrap()
+                };
+                match (i == 5, t.judge(x).is_anomaly) {
+                    (true, true) => caught += 1,
+                    (false, true) => false_alarms += 1,
+                    _ => {}
+                }
+            }
+        }
+        (false_alarms, caught)
     };
     for dist in ["gaussian", "exponential", "pareto"] {
         let methods: &[&str] = match dist {
@@ -117,17 +129,28 @@ fn warm_started_thresholds_do_not_alarm_on_first_normal_points() {
             "gaussian" => &["spot", "dspot", "quantile", "ewma"],
             _ => &["spot", "dspot", "quantile"],
         };
+        let calibration = calibration(dist, 2000);
+        let outlier = 1.5 * calibration.sample.last().unwrap();
         for method in methods {
             let cfg = toml_threshold(&format!("method = \"{method}\""));
-            let warm = first_points(&*cfg.build(&calibration(dist, 2000)), dist);
-            let cold = first_points(&*cfg.build(&Calibration::default()), dist);
+            let (warm, warm_caught) = first_points(&*cfg.build(&calibration), dist, outlier);
+            let (cold, cold_caught) =
+                first_points(&*cfg.build(&Calibration::default()), dist, outlier);
             eprintln!(
-                "{dist:12} {method:9} alarms in 10,000 first points: warm {warm}, cold {cold}"
+                "{dist:12} {method:9} in 9,000 first normal points: alarms warm {warm}, cold {cold}; outliers caught warm {warm_caught}, cold {cold_caught} of 1000"
             );
             // At most 0.4 %: the nominal rates are 1e-4 (SPOT) and 1e-3 (quantile).
             assert!(
-                warm <= 40,
-                "{dist} {method}: {warm} alarms in 10,000 first normal points"
+                warm <= 36,
+                "{dist} {method}: {warm} alarms in 9,000 first normal points"
+            );
+            assert_eq!(
+                warm_caught, 1000,
+                "{dist} {method}: outliers missed when warm"
+            );
+            assert!(
+                cold > 5 * warm.max(1) || cold_caught < 1000,
+                "{dist} {method}: a cold start did as well as the warm one ({cold} alarms, {cold_caught} outliers caught), so the warm start is not what this test shows"
             );
         }
     }

@@ -8,11 +8,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::ports::spawn_listening;
 use common::*;
 
 fn tansu_binary() -> Option<PathBuf> {
@@ -42,31 +42,23 @@ impl Tansu {
             );
             return None;
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://tansu/",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let (child, port) = spawn_listening("tansu", Duration::from_secs(60), |port| {
+            let url = format!("tcp://127.0.0.1:{port}");
+            Command::new(&bin)
+                .args([
+                    "broker",
+                    "--storage-engine",
+                    "memory://tansu/",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tansu")
+        });
         Some(Tansu {
             child,
             bin,
@@ -113,11 +105,15 @@ impl Drop for Tansu {
 
 struct Daemon {
     child: Child,
+    log: PathBuf,
+    /// Where this daemon's lines start in the log (daemons of one test append to one file).
+    log_from: usize,
 }
 
 impl Daemon {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> Daemon {
-        let log = std::fs::OpenOptions::new()
+    fn start(config: &Path, log: &Path) -> Daemon {
+        let log_from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
@@ -129,10 +125,47 @@ impl Daemon {
                 std::env::var("ANOMALYD_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(file)
             .spawn()
             .expect("start anomalyd");
-        Daemon { child }
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+            log_from,
+        }
+    }
+
+    /// This daemon's log lines so far.
+    fn log(&self) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(&text[self.log_from.min(text.len())..]).into_owned()
+    }
+
+    /// The address its HTTP endpoint bound (configured as port 0), from its log.
+    fn http_addr(&self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            let addr = log
+                .lines()
+                .filter(|l| l.contains("Serving /metrics"))
+                .find_map(|l| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+            if let Some(addr) = addr {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no \"Serving /metrics\" line in the daemon's log within 60 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then the exit status (within 30 s).
@@ -169,7 +202,9 @@ async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss()
     tansu.create_pipeline_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("anomalyd.toml");
-    std::fs::write(&config, config_toml(&tansu.bootstrap, "e2e", "")).unwrap();
+    let toml = config_toml(&tansu.bootstrap, "e2e", "")
+        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
+    std::fs::write(&config, toml).unwrap();
     let log = dir.path().join("anomalyd.log");
 
     let stream = fleet_stream(8, 720, 4, 21);
@@ -179,33 +214,58 @@ async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss()
     let first = Daemon::start(&config, &log);
     offsets.extend(produce(&tansu.bootstrap, "metrics", &stream.records[..half]).await);
     let scores = read_topic(&tansu.bootstrap, "scores", Duration::from_secs(90), |got| {
-        got.len() >= half
+        scored_offsets(got).0.len() >= half
     });
-    assert!(
-        scores.len() >= half,
-        "only {} of {half} scored before SIGTERM; log:\n{}",
-        scores.len(),
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    if scored_offsets(&scores).0.len() < half {
+        let why = diagnosis(&tansu.bootstrap, "e2e.fleet", &first, &offsets);
+        panic!("only some of {half} records scored before SIGTERM\n{why}");
+    }
     let status = first.terminate();
     assert!(status.success(), "exit status {status:?} after SIGTERM");
 
+    // A daemon stopped in the middle of its backlog (SIGTERM or a crash mid-stream, a
+    // rebalance) has committed a position inside a producer's batch. Rewind the group to such
+    // positions, the middle of each partition's first half, so that the restarted daemon has to
+    // resume there and score everything from there on again.
+    let resume = rewind_to_the_middle(&tansu.bootstrap, "e2e.fleet", &offsets);
+    let rescore: BTreeSet<(i32, i64)> = offsets
+        .iter()
+        .filter(|(p, o)| *o >= resume[p])
+        .copied()
+        .collect();
     // The rest arrives while the daemon is down.
     offsets.extend(produce(&tansu.bootstrap, "metrics", &stream.records[half..]).await);
-    let second = Daemon::start(&config, &log);
     let total = offsets.len();
+    let scored_before = scores.iter().map(|s| s.offset).max().map_or(0, |o| o + 1);
+    let by_second = |got: &[Got]| {
+        let after: Vec<Got> = got
+            .iter()
+            .filter(|s| s.offset >= scored_before)
+            .cloned()
+            .collect();
+        scored_offsets(&after).0
+    };
+    let second = Daemon::start(&config, &log);
     let scores = read_topic(&tansu.bootstrap, "scores", Duration::from_secs(90), |got| {
-        scored_offsets(got).0.len() >= total
+        scored_offsets(got).0.len() >= total && rescore.is_subset(&by_second(got))
     });
+    let (scored, duplicates) = scored_offsets(&scores);
+    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
+    if !missing.is_empty() {
+        let why = diagnosis(&tansu.bootstrap, "e2e.fleet", &second, &offsets);
+        panic!("records never scored, e.g. {missing:?}\n{why}");
+    }
+    let rescored = by_second(&scores);
+    let skipped: Vec<_> = rescore.difference(&rescored).take(10).collect();
+    if !skipped.is_empty() {
+        let why = diagnosis(&tansu.bootstrap, "e2e.fleet", &second, &offsets);
+        panic!("resuming from {resume:?}, the restarted daemon skipped e.g. {skipped:?}\n{why}");
+    }
     let status = second.terminate();
     assert!(
         status.success(),
         "exit status {status:?} after the second SIGTERM"
     );
-
-    let (scored, duplicates) = scored_offsets(&scores);
-    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
-    assert!(missing.is_empty(), "records never scored, e.g. {missing:?}");
     eprintln!("tansu e2e: {total} records scored, {duplicates} scored twice across the restart");
     let alerts = drain_topic(
         &tansu.bootstrap,
@@ -220,6 +280,167 @@ async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss()
         2,
         "{log_text}"
     );
+}
+
+/// Commits, for `group`, the middle offset of each partition's records in `produced` (as a
+/// consumer stopped there would have); returns those positions.
+fn rewind_to_the_middle(
+    bootstrap: &str,
+    group: &str,
+    produced: &BTreeSet<(i32, i64)>,
+) -> std::collections::BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<i64>> = Default::default();
+    for (p, o) in produced {
+        by_partition.entry(*p).or_default().push(*o);
+    }
+    let resume: std::collections::BTreeMap<i32, i64> = by_partition
+        .iter()
+        .map(|(p, os)| (*p, os[os.len() / 2]))
+        .collect();
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, o) in &resume {
+        tpl.add_partition_offset("metrics", *p, rdkafka::Offset::Offset(*o))
+            .unwrap();
+    }
+    client
+        .commit(&tpl, CommitMode::Sync)
+        .expect("committing the rewound positions");
+    let committed = client
+        .committed_offsets(tpl.clone(), Duration::from_secs(10))
+        .expect("reading the committed positions back");
+    assert_eq!(committed, tpl, "the rewound positions were not committed");
+    resume
+}
+
+/// tansu 0.6 hands a consumer that fetches from inside a record batch the next batch, never the
+/// rest of its own: the quirk `common::produce` works around by making every record a batch.
+/// The day this fails, tansu serves fetches as Kafka does and the workaround can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_still_skips_the_rest_of_a_batch_when_fetching_from_inside_it() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Some(tansu) = Tansu::start() else { return };
+    tansu.create_topic("batches", 1);
+    let records: Vec<(String, String)> = (0..20).map(|i| ("k".into(), i.to_string())).collect();
+    let offsets = produce_batched(&tansu.bootstrap, "batches", &records, 10).await;
+    assert_eq!(offsets.last(), Some(&(0, 19)));
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &tansu.bootstrap)
+        .set("group.id", "quirk")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("batches", 0, rdkafka::Offset::Offset(5))
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.last() != Some(&19) && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            got.push(rdkafka::message::Message::offset(&m));
+        }
+    }
+    assert_eq!(
+        got,
+        (10..20).collect::<Vec<i64>>(),
+        "fetching from offset 5 of the batches 0..=9 and 10..=19: tansu no longer skips to the next batch (Kafka would give 5..=19); drop the one-record batches of common::produce"
+    );
+}
+
+/// What an engineer needs when records went unscored, per input partition: the records
+/// produced, the broker's high watermark, the group's committed offset, the daemon's consumer
+/// lag and the records a fresh read of the scores topic finds scored; then the daemon's
+/// counters and log.
+fn diagnosis(
+    bootstrap: &str,
+    group: &str,
+    daemon: &Daemon,
+    produced: &BTreeSet<(i32, i64)>,
+) -> String {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let metrics = scrape(daemon.http_addr());
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let partitions: BTreeSet<i32> = produced.iter().map(|(p, _)| *p).collect();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition("metrics", *p);
+    }
+    let committed = client.committed_offsets(tpl, Duration::from_secs(10));
+    let rescored = scored_offsets(&drain_topic(
+        bootstrap,
+        "scores",
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    ))
+    .0;
+    let mut out = String::from("partition: produced (first..last) | high watermark | committed | daemon's lag | scored on a fresh read (first unscored)\n");
+    for p in &partitions {
+        let mine: Vec<i64> = produced
+            .iter()
+            .filter(|(q, _)| q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        let high = client.fetch_watermarks("metrics", *p, Duration::from_secs(10));
+        let done = rescored.iter().filter(|(q, _)| q == p).count();
+        let first_missing = mine.iter().find(|o| !rescored.contains(&(*p, **o)));
+        let committed = committed
+            .as_ref()
+            .ok()
+            .and_then(|c| c.find_partition("metrics", *p))
+            .map(|e| format!("{:?}", e.offset()));
+        let lag = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("anomalyd_consumer_lag{") && l.contains(&format!("partition=\"{p}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("-");
+        out += &format!(
+            "{p}: {} ({:?}..{:?}) | {high:?} | {committed:?} | {lag} | {done} ({first_missing:?})\n",
+            mine.len(),
+            mine.first(),
+            mine.last(),
+        );
+    }
+    let counters: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("anomalyd_") && !l.contains("_bucket") && !l.starts_with("anomalyd_build")
+        })
+        .collect();
+    format!(
+        "{out}--- the daemon's counters ---\n{}\n--- the daemon's log ---\n{}",
+        counters.join("\n"),
+        daemon.log()
+    )
+}
+
+/// The text of a daemon's /metrics (empty if it does not answer).
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    drop(s.set_read_timeout(Some(Duration::from_secs(5))));
+    use std::io::{Read, Write};
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
 }
 
 /// Collects the (partition, offset) of every record on a topic, in the background.
@@ -288,18 +509,8 @@ impl Daemon {
 
 /// Records taken in by the running daemon, from its /metrics.
 fn consumed_by(addr: std::net::SocketAddr) -> u64 {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    drop(s.set_read_timeout(Some(Duration::from_secs(2))));
-    use std::io::{Read, Write};
-    let _ = write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
+    scrape(addr)
+        .lines()
         .filter(|l| l.starts_with("anomalyd_records_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
@@ -311,19 +522,13 @@ async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
     let Some(tansu) = Tansu::start() else { return };
     tansu.create_pipeline_topics();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // A shorter session, so a killed member's partitions move on after 6 s rather than 10.
     let toml = config_toml(&tansu.bootstrap, "crash", "")
         .replace(
             "[kafka.properties]",
             "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"",
         )
-        .replace("listen = \"\"", &format!("listen = \"{addr}\""))
+        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"")
         .replace(
             "[runtime]",
             &format!(
@@ -354,6 +559,7 @@ async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
     let mut kills = Vec::new();
     for _ in 0..5 {
         let daemon = Daemon::start(&config, &log);
+        let addr = daemon.http_addr();
         // Killed at a random moment once it is consuming.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while consumed_by(addr) == 0 && std::time::Instant::now() < deadline {
@@ -371,14 +577,15 @@ async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
     while collector.distinct().len() < total && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let scored = collector.distinct();
+    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
+    if !missing.is_empty() {
+        let why = diagnosis(&tansu.bootstrap, "crash.fleet", &daemon, &offsets);
+        panic!("records never scored, e.g. {missing:?}\n{why}");
+    }
     let status = daemon.terminate();
     assert!(status.success(), "exit status {status:?} after SIGTERM");
-    std::thread::sleep(Duration::from_millis(500));
-
-    let scored = collector.distinct();
     let deliveries = collector.seen.lock().unwrap().len();
-    let missing: Vec<_> = offsets.difference(&scored).take(10).collect();
-    assert!(missing.is_empty(), "records never scored, e.g. {missing:?}");
     eprintln!(
         "SIGKILL ×5 after {kills:?} records each: {total} records all scored, {} scored again after a kill ({:.1} %)",
         deliveries - scored.len(),
