@@ -204,10 +204,13 @@ fn run(path: &Path) -> ExitCode {
         };
         tokio::spawn(signals(shutdown.clone(), daemon.reload_handle()));
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let watchdog = sd_notify::watchdog_enabled().map(|every| {
+        let watchdog = sd_notify::watchdog_enabled().map(|timeout| {
+            // Twice per watchdog period, as systemd recommends, so one late tick is not fatal.
+            let every = timeout / 2;
+            tracing::info!(every_ms = every.as_millis() as u64, "The systemd watchdog is on: pinging it twice per period.");
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every / 2);
+                let mut tick = tokio::time::interval(every);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }

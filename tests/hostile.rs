@@ -1,15 +1,12 @@
-//! Hostile input: property tests of the record decoder and the config loader (bounded runs), and
-//! a flood of a million distinct keys.
+//! Hostile input: property tests of the record decoder and the config loader (bounded runs).
+//! The flood of a million distinct keys is in tests/key_flood.rs.
 
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use anomalyd::config::Config;
 use anomalyd::decode::{DecodeError, Decoder};
-use anomalyd::detect::{Detector, Origin};
-use anomalyd::model::Model;
 use common::*;
 use proptest::prelude::*;
 
@@ -112,7 +109,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_config_trees_are_accepted_or_every_problem_named(
+    fn arbitrary_config_trees_are_accepted_or_refused_with_problems(
         sections in prop::collection::vec(
             (prop::sample::select(vec!["kafka", "http", "log", "runtime", "pipelines.p", "pipelines.p.batch", "pipelines.p.threshold", "pipelines.p.alert", "bogus"]),
              prop::collection::vec(("[a-z_]{1,12}", prop_oneof!["\"[a-z0-9:._]{0,10}\"", "-?[0-9]{1,6}", "true", "[0-9]\\.[0-9]{1,3}"]), 0..5)),
@@ -144,68 +141,61 @@ proptest! {
             Err(e) => prop_assert!(!e.problems.is_empty()),
         }
     }
-}
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
-/// A million distinct keys through the detector with a cap of 10,000: the cap holds, every
-/// eviction is counted, and memory stays flat once the cap is reached.
-#[test]
-fn a_flood_of_a_million_distinct_keys_stays_under_the_key_cap() {
-    let cap = 10_000;
-    let toml = format!(
-        "[pipelines.p]\ntopics = [\"in\"]\nmodel = \"{}\"\nkey_field = \"host\"\nmax_keys = {cap}\n",
-        demo_model().display()
-    );
-    let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
-    let p = &cfg.pipelines["p"];
-    let mut d = Detector::new("p", p, Arc::new(Model::load(&p.model).unwrap()));
-    let topic: Arc<str> = Arc::from("in");
-    let total = 1_000_000usize;
-    let mut rss_at_cap = 0;
-    for chunk in 0..total / 1000 {
-        let records = (0..1000).map(|i| {
-            let n = chunk * 1000 + i;
-            (
-                Origin {
-                    topic: topic.clone(),
-                    partition: 0,
-                    offset: n as i64,
-                },
-                anomalyd::decode::Record {
-                    key: format!("flood-{n}"),
-                    timestamp: None,
-                    values: vec![50.0, 300.0, 35.0, 30.0],
-                },
-            )
-        });
-        let mut batch = d.prepare(records);
-        let samples = std::mem::take(&mut batch.samples);
-        let inference = batch.model.infer(&samples, batch.sample_count()).unwrap();
-        d.judge(batch, &inference);
-        assert!(d.keys() <= cap);
-        if (chunk + 1) * 1000 == 4 * cap {
-            rss_at_cap = rss_bytes();
+    /// Misspelt keys anywhere in a working configuration are all refused at once, each by its
+    /// full path, so an operator fixes them in one go.
+    #[test]
+    fn every_unknown_key_is_named_by_its_path(
+        extra in prop::collection::btree_map(
+            ("[a-z_]{1,10}", prop::sample::select(vec!["kafka", "http", "runtime", "pipelines.fleet", "pipelines.fleet.batch"])),
+            prop_oneof!["\"[a-z0-9:._]{0,10}\"", "-?[1-9][0-9]{0,5}", "true"],
+            1..6),
+    ) {
+        let mut text = config_toml("127.0.0.1:9092", "hostile", "");
+        for ((key, section), value) in &extra {
+            let header = format!("\n[{section}]\n");
+            prop_assert!(text.contains(&header), "the base config has no [{}]", section);
+            text = text.replacen(&header, &format!("{header}zz_{key} = {value}\n"), 1);
         }
+        let problems = Config::from_toml(&text, Some(HashMap::new()))
+            .err()
+            .map(|e| e.problems)
+            .unwrap_or_default();
+        for (key, section) in extra.keys() {
+            let path = format!("{section}.zz_{key}: unknown key");
+            prop_assert!(
+                problems.contains(&path),
+                "{} not reported; problems: {:?}", path, problems
+            );
+        }
+        prop_assert_eq!(problems.len(), extra.len(), "{:?}", problems);
     }
-    assert_eq!(d.keys(), cap);
-    assert_eq!(d.evictions(), (total - cap) as u64);
-    let growth = rss_bytes().saturating_sub(rss_at_cap);
-    eprintln!(
-        "key flood: {total} keys, {} kept, {} evicted; RSS {} MB at 4x the cap, grew {} MB over the next {} keys",
-        d.keys(),
-        d.evictions(),
-        rss_at_cap >> 20,
-        growth >> 20,
-        total - 4 * cap
-    );
-    assert!(
-        growth < 64 << 20,
-        "memory grew by {} MB after the cap was reached",
-        growth >> 20
-    );
+}
+
+/// A value of the wrong type is refused naming its key, whichever section it is in.
+#[test]
+fn a_wrongly_typed_value_is_refused_by_its_key() {
+    for (section, key, value) in [
+        ("kafka", "drain_timeout", "true"),
+        ("runtime", "checkpoint_interval", "5"),
+        ("pipelines.fleet", "reload_check", "[1]"),
+        ("pipelines.fleet", "max_keys", "\"many\""),
+        ("pipelines.fleet", "max_record_bytes", "-1"),
+    ] {
+        let header = format!("\n[{section}]\n");
+        let text = config_toml("127.0.0.1:9092", "hostile", "").replacen(
+            &header,
+            &format!("{header}{key} = {value}\n"),
+            1,
+        );
+        let problems = Config::from_toml(&text, Some(HashMap::new()))
+            .err()
+            .map(|e| e.problems)
+            .unwrap_or_default();
+        let path = format!("{section}.{key}");
+        assert!(
+            problems.iter().any(|p| p.contains(&path)),
+            "{path} = {value} not refused by name: {problems:?}"
+        );
+    }
 }
