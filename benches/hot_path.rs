@@ -24,7 +24,7 @@ fn detector(model: &str, method: &str) -> Detector {
     );
     let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
     let p = &cfg.pipelines["p"];
-    Detector::new("p", p, Arc::new(Model::load(&p.model).unwrap()))
+    Detector::new("p", &p.detector(), Arc::new(Model::load(&p.model).unwrap()))
 }
 
 /// 20 hosts' records, as the JSON the daemon consumes.

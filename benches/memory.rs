@@ -29,7 +29,7 @@ fn detector(model: &str, method: &str, keys: usize) -> Detector {
     let p = &cfg.pipelines["p"];
     Detector::new(
         "p",
-        p,
+        &p.detector(),
         Arc::new(Model::load(&p.model).expect("shipped model")),
     )
 }

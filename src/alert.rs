@@ -6,7 +6,57 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::AlertConfig;
+/// `[pipelines.NAME.alert]`: when an episode fires, resolves, and how severe it is.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+pub struct AlertConfig {
+    /// Consecutive anomalous points of a key before an episode fires.
+    #[serde(default = "default_fire_after")]
+    pub fire_after: u32,
+    /// Consecutive normal points before a firing episode resolves.
+    #[serde(default = "default_resolve_after")]
+    pub resolve_after: u32,
+    /// Anomaly score (0..1) from which an alert's severity is `critical` rather than `warning`;
+    /// the default, 0.99999, is a tail probability of 1e-5.
+    #[serde(default = "default_critical_above")]
+    pub critical_above: f64,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        AlertConfig {
+            fire_after: default_fire_after(),
+            resolve_after: default_resolve_after(),
+            critical_above: default_critical_above(),
+        }
+    }
+}
+
+impl AlertConfig {
+    /// What is wrong with these settings, each as `field: reason`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.fire_after == 0 {
+            problems.push("fire_after: must be at least 1".to_string());
+        }
+        if self.resolve_after == 0 {
+            problems.push("resolve_after: must be at least 1".to_string());
+        }
+        if !(0.0..=1.0).contains(&self.critical_above) {
+            problems.push("critical_above: must be in [0, 1]".to_string());
+        }
+        problems
+    }
+}
+
+fn default_fire_after() -> u32 {
+    3
+}
+fn default_resolve_after() -> u32 {
+    5
+}
+fn default_critical_above() -> f64 {
+    0.99999
+}
 
 /// The alert state of one key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

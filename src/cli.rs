@@ -1,6 +1,6 @@
 //! The command line: `run`, `demo`, `score`, `check`, `inspect`. The only place `anyhow` is used.
 
-use std::io::{BufReader, IsTerminal};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::daemon;
 use crate::model::Model;
 use crate::replay::{self, Format};
@@ -113,22 +113,6 @@ fn parse_format(s: &str) -> Result<Format, String> {
     }
 }
 
-/// Sets up logging on stderr. `RUST_LOG` wins over the configured level.
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-    };
-}
-
 /// The entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -158,25 +142,13 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-/// A multi-threaded runtime with room for the blocking rebalance callbacks beside the tasks.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .max(4);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("anomalyd")
-        .enable_all()
-        .build()
-}
-
 fn run(path: &Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log.format, &config.log.level);
-    let rt = match runtime() {
+    crate::log::init(config.log.format, &config.log.level);
+    let rt = match daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

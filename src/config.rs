@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::AlertConfig;
 use crate::alertmanager::AlertmanagerConfig;
+use crate::detect::DetectorConfig;
+use crate::kafka::KafkaConfig;
+use crate::log::LogConfig;
 use crate::threshold::ThresholdConfig;
 
 /// Every problem found in a configuration.
@@ -50,44 +54,6 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct KafkaConfig {
-    /// Comma-separated `host:port` list (librdkafka `bootstrap.servers`).
-    #[serde(default = "default_brokers")]
-    pub brokers: String,
-    /// Consumer group prefix; pipeline `P` consumes as group `<group_id>.<P>`.
-    #[serde(default = "default_group_id")]
-    pub group_id: String,
-    /// Where a group with no committed offset starts: `earliest` or `latest`.
-    #[serde(default = "default_offset_reset")]
-    pub auto_offset_reset: String,
-    /// How often stored offsets are committed.
-    #[serde(default = "default_commit_interval", with = "humantime_serde")]
-    pub commit_interval: Duration,
-    /// How long to wait for outputs to be acknowledged before giving up a batch of partitions on
-    /// revoke. Records still in flight then are processed again by the partition's next owner.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    /// Extra librdkafka properties passed as they are to every client (SASL/SSL, tuning), e.g.
-    /// `"security.protocol" = "SASL_SSL"`. They override anomalyd's own defaults, except the
-    /// offset-management ones that at-least-once delivery depends on.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: default_brokers(),
-            group_id: default_group_id(),
-            auto_offset_reset: default_offset_reset(),
-            commit_interval: default_commit_interval(),
-            drain_timeout: default_drain_timeout(),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
     /// Listen address; empty disables the endpoint.
     #[serde(default = "default_listen")]
@@ -98,33 +64,6 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct LogConfig {
-    /// `text` (for people) or `json` (for log shippers).
-    #[serde(default)]
-    pub format: LogFormat,
-    /// A tracing filter, e.g. `info` or `anomalyd=debug,rdkafka=warn`; `RUST_LOG` wins if set.
-    #[serde(default = "default_log_level")]
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: default_log_level(),
         }
     }
 }
@@ -223,6 +162,22 @@ pub struct PipelineConfig {
     pub alertmanager: Option<AlertmanagerConfig>,
 }
 
+impl PipelineConfig {
+    /// The detection settings of this pipeline.
+    pub fn detector(&self) -> DetectorConfig {
+        DetectorConfig {
+            field_map: self.field_map.clone(),
+            key_field: self.key_field.clone(),
+            timestamp_field: self.timestamp_field.clone(),
+            max_record_bytes: self.max_record_bytes,
+            max_keys: self.max_keys,
+            threshold: self.threshold.clone(),
+            alert: self.alert,
+            keep_reconstructions: !self.denoised_topic.is_empty(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BatchConfig {
     /// Most samples per inference call.
@@ -242,50 +197,8 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
-pub struct AlertConfig {
-    /// Consecutive anomalous points of a key before an episode fires.
-    #[serde(default = "default_fire_after")]
-    pub fire_after: u32,
-    /// Consecutive normal points before a firing episode resolves.
-    #[serde(default = "default_resolve_after")]
-    pub resolve_after: u32,
-    /// Anomaly score (0..1) from which an alert's severity is `critical` rather than `warning`;
-    /// the default, 0.99999, is a tail probability of 1e-5.
-    #[serde(default = "default_critical_above")]
-    pub critical_above: f64,
-}
-
-impl Default for AlertConfig {
-    fn default() -> Self {
-        AlertConfig {
-            fire_after: default_fire_after(),
-            resolve_after: default_resolve_after(),
-            critical_above: default_critical_above(),
-        }
-    }
-}
-
-fn default_brokers() -> String {
-    "localhost:9092".into()
-}
-fn default_group_id() -> String {
-    "anomalyd".into()
-}
-fn default_offset_reset() -> String {
-    "earliest".into()
-}
-fn default_commit_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_drain_timeout() -> Duration {
-    Duration::from_secs(10)
-}
 fn default_listen() -> String {
     "0.0.0.0:9898".into()
-}
-fn default_log_level() -> String {
-    "info".into()
 }
 fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(30)
@@ -319,15 +232,6 @@ fn default_batch_size() -> usize {
 }
 fn default_batch_wait() -> Duration {
     Duration::from_millis(20)
-}
-fn default_fire_after() -> u32 {
-    3
-}
-fn default_resolve_after() -> u32 {
-    5
-}
-fn default_critical_above() -> f64 {
-    0.99999
 }
 
 fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -415,22 +319,12 @@ impl Config {
         if self.pipelines.is_empty() {
             problems.push("pipelines: no pipeline is configured".to_string());
         }
-        if self.kafka.brokers.trim().is_empty() {
-            problems.push("kafka.brokers: must name at least one broker".into());
-        }
-        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
-            problems.push(format!(
-                "kafka.auto_offset_reset: {:?} is neither `earliest` nor `latest`",
-                self.kafka.auto_offset_reset
-            ));
-        }
-        for key in self.kafka.properties.keys() {
-            if crate::kafka::RESERVED_PROPERTIES.contains(&key.as_str()) {
-                problems.push(format!(
-                    "kafka.properties.{key}: anomalyd manages this property itself (at-least-once delivery depends on it)"
-                ));
-            }
-        }
+        problems.extend(
+            self.kafka
+                .problems()
+                .into_iter()
+                .map(|e| format!("kafka.{e}")),
+        );
         if self.runtime.checkpoint_interval < Duration::from_secs(1) {
             problems.push("runtime.checkpoint_interval: must be at least 1s".into());
         }
@@ -441,9 +335,7 @@ impl Config {
                 self.http.listen
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push(format!("log.level: {e}"));
-        }
+        problems.extend(self.log.problems().into_iter().map(|e| format!("log.{e}")));
         for (name, p) in &self.pipelines {
             let at = |field: &str| format!("pipelines.{name}.{field}");
             if !name
@@ -489,15 +381,12 @@ impl Config {
             if p.batch.max_size == 0 {
                 problems.push(format!("{}: must be at least 1", at("batch.max_size")));
             }
-            if p.alert.fire_after == 0 || p.alert.resolve_after == 0 {
-                problems.push(format!(
-                    "{}: fire_after and resolve_after must be at least 1",
-                    at("alert")
-                ));
-            }
-            if !(0.0..=1.0).contains(&p.alert.critical_above) {
-                problems.push(format!("{}: must be in [0, 1]", at("alert.critical_above")));
-            }
+            problems.extend(
+                p.alert
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("{}.{e}", at("alert"))),
+            );
             if let Some(am) = &p.alertmanager {
                 problems.extend(
                     am.problems()

@@ -192,3 +192,15 @@ impl Daemon {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     Daemon::start(config, shutdown).await?.wait().await
 }
+
+/// A multi-threaded runtime with room for the blocking rebalance callbacks beside the tasks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(4);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("anomalyd")
+        .enable_all()
+        .build()
+}

@@ -15,16 +15,17 @@
 //! exhausting memory; an evicted key that comes back starts again from the warm-started
 //! threshold and an empty window.
 
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use lru::LruCache;
 
+use crate::alert::AlertConfig;
 use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
 use crate::checkpoint::{Checkpoint, KeyCheckpoint, ModelIdentity};
-use crate::config::{AlertConfig, PipelineConfig};
 use crate::decode::{Decoder, Record};
 use crate::model::{Inference, Model};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
@@ -132,6 +133,24 @@ pub struct Scored {
     pub model: Arc<Model>,
 }
 
+/// What a detector is built from: the detection settings of its pipeline's section
+/// (`config::PipelineConfig::detector`), so that this module does not depend on the file's
+/// layout.
+#[derive(Debug, Clone)]
+pub struct DetectorConfig {
+    /// Record field names of the model's features, where they differ.
+    pub field_map: BTreeMap<String, String>,
+    pub key_field: String,
+    pub timestamp_field: String,
+    pub max_record_bytes: usize,
+    /// Keys kept (least recently seen evicted beyond).
+    pub max_keys: usize,
+    pub threshold: ThresholdConfig,
+    pub alert: AlertConfig,
+    /// Whether scored records keep their reconstruction (for a denoised output).
+    pub keep_reconstructions: bool,
+}
+
 /// Per-pipeline detection state.
 #[derive(Debug)]
 pub struct Detector {
@@ -152,7 +171,7 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(name: &str, cfg: &PipelineConfig, model: Arc<Model>) -> Detector {
+    pub fn new(name: &str, cfg: &DetectorConfig, model: Arc<Model>) -> Detector {
         let c = &model.contract;
         let fields = c
             .features
@@ -180,7 +199,7 @@ impl Detector {
             windows: LruCache::new(cap),
             keys: LruCache::new(cap),
             evictions: 0,
-            keep_reconstructions: !cfg.denoised_topic.is_empty(),
+            keep_reconstructions: cfg.keep_reconstructions,
             model,
         }
     }
@@ -574,7 +593,7 @@ mod tests {
         );
         let cfg = Config::from_toml(&toml, Some(Default::default())).unwrap();
         let p = &cfg.pipelines["p"];
-        Detector::new("p", p, Arc::new(Model::load(&p.model).unwrap()))
+        Detector::new("p", &p.detector(), Arc::new(Model::load(&p.model).unwrap()))
     }
 
     fn record(key: &str, values: Vec<f32>) -> (Origin, Record) {

@@ -5,6 +5,7 @@
 //! records to finish, commits their contiguous-prefix positions synchronously, and drops their
 //! keys' state: the partition's next owner starts from the committed position and rebuilds it.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,12 +14,91 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::KeyCheckpoint;
-use crate::config::KafkaConfig;
 use crate::detect::Detector;
 use crate::metrics::{Health, Metrics};
 use crate::offsets::{OffsetTracker, Partition};
+
+/// `[kafka]`: the brokers and the consumer group, shared by every pipeline.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list (librdkafka `bootstrap.servers`).
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group prefix; pipeline `P` consumes as group `<group_id>.<P>`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Where a group with no committed offset starts: `earliest` or `latest`.
+    #[serde(default = "default_offset_reset")]
+    pub auto_offset_reset: String,
+    /// How often stored offsets are committed.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long to wait for outputs to be acknowledged before giving up a batch of partitions on
+    /// revoke. Records still in flight then are processed again by the partition's next owner.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Extra librdkafka properties passed as they are to every client (SASL/SSL, tuning), e.g.
+    /// `"security.protocol" = "SASL_SSL"`. They override anomalyd's own defaults, except the
+    /// offset-management ones that at-least-once delivery depends on.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            group_id: default_group_id(),
+            auto_offset_reset: default_offset_reset(),
+            commit_interval: default_commit_interval(),
+            drain_timeout: default_drain_timeout(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// What is wrong with these settings, each as `field: reason`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.brokers.trim().is_empty() {
+            problems.push("brokers: must name at least one broker".into());
+        }
+        if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
+            problems.push(format!(
+                "auto_offset_reset: {:?} is neither `earliest` nor `latest`",
+                self.auto_offset_reset
+            ));
+        }
+        for key in self.properties.keys() {
+            if RESERVED_PROPERTIES.contains(&key.as_str()) {
+                problems.push(format!(
+                    "properties.{key}: anomalyd manages this property itself (at-least-once delivery depends on it)"
+                ));
+            }
+        }
+        problems
+    }
+}
+
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_group_id() -> String {
+    "anomalyd".into()
+}
+fn default_offset_reset() -> String {
+    "earliest".into()
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
 /// librdkafka properties anomalyd sets itself; at-least-once delivery depends on them.
 pub const RESERVED_PROPERTIES: &[&str] = &[

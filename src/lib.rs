@@ -9,14 +9,14 @@
 //!
 //! | module | stage |
 //! |---|---|
-//! | [`config`] | the TOML configuration and its environment overrides |
+//! | [`config`] | the configuration file: loading, environment overrides, unknown keys, validation (each section's type lives with its component) |
+//! | [`log`] | the log's format and level |
 //! | [`model`] | loading ONNX models under the model contract; batched inference |
 //! | [`decode`] | JSON / CSV records → typed records, or a dead-letter reason |
 //! | [`window`] | per-key ring buffers for sequence models |
 //! | [`batch`] | micro-batching by size and age |
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
-//! | [`threshold`] | adaptive per-key thresholds |
-//! | [`evt`] | extreme-value thresholds: SPOT and DSPOT |
+//! | [`threshold`] | adaptive per-key thresholds; [`threshold::evt`]: the extreme-value ones, SPOT and DSPOT |
 //! | [`alert`] | hysteresis and alert events |
 //! | [`sink`] | output topics, dead letters and stdout |
 //! | [`alertmanager`] | pushing episodes to Alertmanager |
@@ -44,8 +44,8 @@ pub mod daemon;
 pub mod decode;
 pub mod demo;
 pub mod detect;
-pub mod evt;
 pub mod kafka;
+pub mod log;
 pub mod metrics;
 pub mod model;
 pub mod offsets;

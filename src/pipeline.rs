@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 use crate::alertmanager::AlertmanagerSink;
 use crate::batch::MicroBatcher;
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{KafkaConfig, PipelineConfig};
+use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
 use crate::kafka::{
-    consumer_config, producer_config, PendingRestore, PipelineContext, ProducerContext,
+    consumer_config, producer_config, KafkaConfig, PendingRestore, PipelineContext, ProducerContext,
 };
 use crate::metrics::{Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
@@ -80,7 +80,11 @@ pub async fn run(
         what,
         source,
     };
-    let detector = Arc::new(Mutex::new(Detector::new(&name, &cfg, model.clone())));
+    let detector = Arc::new(Mutex::new(Detector::new(
+        &name,
+        &cfg.detector(),
+        model.clone(),
+    )));
     let decoder = detector.lock().expect("detector lock").decoder().clone();
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let checkpoint_path = shared

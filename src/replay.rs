@@ -282,7 +282,7 @@ pub fn replay(
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
-    let detector = Detector::new(name, cfg, model);
+    let detector = Detector::new(name, &cfg.detector(), model);
     let decoder = detector.decoder().clone();
     let batch_size = cfg.batch.max_size.max(1);
     let mut r = Replayer {

@@ -9,8 +9,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::evt::{Dspot, Spot, SpotConfig};
+pub mod evt;
+
 use crate::model::Calibration;
+use evt::{Dspot, Spot, SpotConfig};
 
 /// The judgement of one score.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,7 +1,7 @@
 //! Statistical properties of the extreme-value thresholds on synthetic score streams.
 
-use anomalyd::evt::{Dspot, Spot, SpotConfig};
 use anomalyd::model::Calibration;
+use anomalyd::threshold::evt::{Dspot, Spot, SpotConfig};
 use anomalyd::threshold::{Threshold, ThresholdConfig};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;

@@ -89,8 +89,8 @@ pub fn main(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         );
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    crate::cli::init_logging(crate::config::LogFormat::Text, &args.log_level);
-    let rt = crate::cli::runtime()?;
+    crate::log::init(crate::log::LogFormat::Text, &args.log_level);
+    let rt = crate::daemon::runtime()?;
     rt.block_on(run(args))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
