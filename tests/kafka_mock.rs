@@ -308,12 +308,16 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
         "{:?}",
         http_get(addr, "/readyz")
     );
-    // Lag comes from librdkafka's statistics, every 300 ms here.
+    // Lag comes from librdkafka's statistics, every 300 ms here: wait until they say the
+    // partition is consumed to its end (a report from before that can still be the latest).
+    let caught_up = r#"anomalyd_consumer_lag{partition="0",pipeline="fleet",topic="metrics"} 0"#;
     assert!(
-        wait_for(Duration::from_secs(10), || http_get(addr, "/metrics")
+        wait_for(Duration::from_secs(30), || http_get(addr, "/metrics")
             .1
-            .contains("anomalyd_consumer_lag{"))
-        .await
+            .contains(caught_up))
+        .await,
+        "{}",
+        http_get(addr, "/metrics").1
     );
     let (status, body) = http_get(addr, "/metrics");
     assert_eq!(status, 200);
@@ -328,7 +332,6 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
         "anomalyd_reconstruction_error_bucket{",
         "anomalyd_anomaly_score_bucket{",
         "anomalyd_ready 1",
-        r#"anomalyd_consumer_lag{partition="0",pipeline="fleet",topic="metrics"} 0"#,
     ] {
         assert!(body.contains(needle), "/metrics lacks {needle}:\n{body}");
     }
