@@ -24,7 +24,9 @@ fn detector(model: &str, method: &str) -> Detector {
     );
     let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
     let p = &cfg.pipelines["p"];
-    Detector::new("p", &p.detector(), Arc::new(Model::load(&p.model).unwrap()))
+    p.detector()
+        .build("p", Arc::new(Model::load(&p.model).unwrap()))
+        .unwrap()
 }
 
 /// 20 hosts' records, as the JSON the daemon consumes.

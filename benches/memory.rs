@@ -27,11 +27,9 @@ fn detector(model: &str, method: &str, keys: usize) -> Detector {
     );
     let cfg = Config::from_toml(&toml, Some(HashMap::new())).expect("bench config");
     let p = &cfg.pipelines["p"];
-    Detector::new(
-        "p",
-        &p.detector(),
-        Arc::new(Model::load(&p.model).expect("shipped model")),
-    )
+    p.detector()
+        .build("p", Arc::new(Model::load(&p.model).expect("shipped model")))
+        .expect("the bench's settings fit the model")
 }
 
 /// Feeds `rows` rows to each of `keys` keys; returns the detector.

@@ -297,6 +297,10 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
+    if let Err(e) = pipeline.detector().fits(&model) {
+        eprintln!("{}: pipelines.{}.{e}", args.config.display(), args.pipeline);
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     let (reader, input_format): (Box<dyn std::io::BufRead>, Format) = if args.input == "-" {
         let mut stdin = BufReader::with_capacity(1 << 16, std::io::stdin());
         let format = match args.input_format {

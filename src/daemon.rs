@@ -43,22 +43,12 @@ pub fn load_models(config: &Config) -> Result<BTreeMap<String, Arc<Model>>, Vec<
                 .map_err(|e| e.to_string())
         });
         match loaded {
-            Ok(model) => {
-                let unknown: Vec<&String> = p
-                    .field_map
-                    .keys()
-                    .filter(|f| !model.contract.features.contains(f))
-                    .collect();
-                if unknown.is_empty() {
+            Ok(model) => match p.detector().fits(model) {
+                Ok(()) => {
                     models.insert(name.clone(), model.clone());
-                } else {
-                    problems.push(format!(
-                        "pipelines.{name}.field_map: {unknown:?} are not features of model {} (its features: {:?})",
-                        p.model.display(),
-                        model.contract.features
-                    ));
                 }
-            }
+                Err(e) => problems.push(format!("pipelines.{name}.{e}")),
+            },
             Err(e) => problems.push(format!("pipelines.{name}.model: {e}")),
         }
     }

@@ -151,6 +151,48 @@ pub struct DetectorConfig {
     pub keep_reconstructions: bool,
 }
 
+/// Why a detector cannot be built for a model.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error(
+        "field_map: {unknown:?} are not features of model {path} (its features: {features:?})"
+    )]
+    UnknownFields {
+        unknown: Vec<String>,
+        path: String,
+        features: Vec<String>,
+    },
+}
+
+impl DetectorConfig {
+    /// Checks that these settings fit `model`: every mapped feature is one of its features.
+    pub fn fits(&self, model: &Model) -> Result<(), DetectorError> {
+        let features = &model.contract.features;
+        let unknown: Vec<String> = self
+            .field_map
+            .keys()
+            .filter(|f| !features.contains(f))
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(DetectorError::UnknownFields {
+                unknown,
+                path: model.path.display().to_string(),
+                features: features.clone(),
+            })
+        }
+    }
+
+    /// The detector of pipeline `name` serving `model`: the one build step that `run`, `score`,
+    /// `check` and `demo` share.
+    pub fn build(&self, name: &str, model: Arc<Model>) -> Result<Detector, DetectorError> {
+        self.fits(&model)?;
+        Ok(Detector::new(name, self, model))
+    }
+}
+
 /// Per-pipeline detection state.
 #[derive(Debug)]
 pub struct Detector {
@@ -171,7 +213,7 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(name: &str, cfg: &DetectorConfig, model: Arc<Model>) -> Detector {
+    fn new(name: &str, cfg: &DetectorConfig, model: Arc<Model>) -> Detector {
         let c = &model.contract;
         let fields = c
             .features
@@ -593,7 +635,9 @@ mod tests {
         );
         let cfg = Config::from_toml(&toml, Some(Default::default())).unwrap();
         let p = &cfg.pipelines["p"];
-        Detector::new("p", &p.detector(), Arc::new(Model::load(&p.model).unwrap()))
+        p.detector()
+            .build("p", Arc::new(Model::load(&p.model).unwrap()))
+            .unwrap()
     }
 
     fn record(key: &str, values: Vec<f32>) -> (Origin, Record) {

@@ -39,6 +39,11 @@ use crate::sink::Outputs;
 /// What can stop a pipeline from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    #[error("pipelines.{pipeline}.{source}")]
+    Detector {
+        pipeline: String,
+        source: crate::detect::DetectorError,
+    },
     #[error("pipeline {pipeline}: cannot create the Kafka {what}: {source}")]
     Client {
         pipeline: String,
@@ -80,11 +85,14 @@ pub async fn run(
         what,
         source,
     };
-    let detector = Arc::new(Mutex::new(Detector::new(
-        &name,
-        &cfg.detector(),
-        model.clone(),
-    )));
+    let detector = cfg
+        .detector()
+        .build(&name, model.clone())
+        .map_err(|source| PipelineError::Detector {
+            pipeline: name.clone(),
+            source,
+        })?;
+    let detector = Arc::new(Mutex::new(detector));
     let decoder = detector.lock().expect("detector lock").decoder().clone();
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let checkpoint_path = shared

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::decode::{CsvColumns, DecodeError, Record};
-use crate::detect::{Detector, Origin, Outcome, Top};
+use crate::detect::{Detector, DetectorError, Origin, Outcome, Top};
 use crate::model::{Model, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,11 @@ pub enum ReplayError {
     Header(String),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("pipelines.{pipeline}.{source}")]
+    Detector {
+        pipeline: String,
+        source: DetectorError,
+    },
 }
 
 /// Record formats of files.
@@ -282,7 +287,13 @@ pub fn replay(
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
-    let detector = Detector::new(name, &cfg.detector(), model);
+    let detector = cfg
+        .detector()
+        .build(name, model)
+        .map_err(|source| ReplayError::Detector {
+            pipeline: name.to_string(),
+            source,
+        })?;
     let decoder = detector.decoder().clone();
     let batch_size = cfg.batch.max_size.max(1);
     let mut r = Replayer {

@@ -114,6 +114,23 @@ q = 2.0
         "{err}"
     );
     assert!(err.contains("pipelines.good.field_map"), "{err}");
+
+    // `score` builds its detector the same way: the field map is refused there too.
+    let o = anomalyd(&[
+        "score",
+        "-c",
+        path.to_str().unwrap(),
+        "--pipeline",
+        "good",
+        "--input",
+        "unread.csv",
+    ]);
+    assert_eq!(o.status.code(), Some(64));
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("pipelines.good.field_map: [\"no_such_feature\"] are not features"),
+        "{err}"
+    );
 }
 
 #[test]

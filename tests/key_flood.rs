@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anomalyd::config::Config;
-use anomalyd::detect::{Detector, Origin};
+use anomalyd::detect::Origin;
 use anomalyd::model::Model;
 use common::*;
 
@@ -29,7 +29,10 @@ fn a_flood_of_a_million_distinct_keys_stays_under_the_key_cap() {
     );
     let cfg = Config::from_toml(&toml, Some(HashMap::new())).unwrap();
     let p = &cfg.pipelines["p"];
-    let mut d = Detector::new("p", &p.detector(), Arc::new(Model::load(&p.model).unwrap()));
+    let mut d = p
+        .detector()
+        .build("p", Arc::new(Model::load(&p.model).unwrap()))
+        .unwrap();
     let topic: Arc<str> = Arc::from("in");
     let total = 1_000_000usize;
     let mut rss_at_cap = 0;
