@@ -298,6 +298,16 @@ async fn the_binary_on_a_real_broker_survives_sigterm_and_restart_without_loss()
     );
 }
 
+/// A client of `group`'s committed offsets (and for assigned reads) that never joins the group.
+fn offsets_client(bootstrap: &str, group: &str) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a Kafka client")
+}
+
 /// Commits, for `group`, the middle offset of each partition's records in `produced` (as a
 /// consumer stopped there would have); returns those positions.
 fn rewind_to_the_middle(
@@ -305,7 +315,7 @@ fn rewind_to_the_middle(
     group: &str,
     produced: &BTreeSet<(i32, i64)>,
 ) -> std::collections::BTreeMap<i32, i64> {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::consumer::{CommitMode, Consumer};
     let mut by_partition: std::collections::BTreeMap<i32, Vec<i64>> = Default::default();
     for (p, o) in produced {
         by_partition.entry(*p).or_default().push(*o);
@@ -314,12 +324,7 @@ fn rewind_to_the_middle(
         .iter()
         .map(|(p, os)| (*p, os[os.len() / 2]))
         .collect();
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let client = offsets_client(bootstrap, group);
     let mut tpl = rdkafka::TopicPartitionList::new();
     for (p, o) in &resume {
         tpl.add_partition_offset("metrics", *p, rdkafka::Offset::Offset(*o))
@@ -340,18 +345,13 @@ fn rewind_to_the_middle(
 /// The day this fails, tansu serves fetches as Kafka does and the workaround can go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_still_skips_the_rest_of_a_batch_when_fetching_from_inside_it() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     let Some(tansu) = Tansu::start() else { return };
     tansu.create_topic("batches", 1);
     let records: Vec<(String, String)> = (0..20).map(|i| ("k".into(), i.to_string())).collect();
     let offsets = produce_batched(&tansu.bootstrap, "batches", &records, 10).await;
     assert_eq!(offsets.last(), Some(&(0, 19)));
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &tansu.bootstrap)
-        .set("group.id", "quirk")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer = offsets_client(&tansu.bootstrap, "quirk");
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition_offset("batches", 0, rdkafka::Offset::Offset(5))
         .unwrap();
@@ -380,14 +380,9 @@ fn diagnosis(
     daemon: &Daemon,
     produced: &BTreeSet<(i32, i64)>,
 ) -> String {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     let metrics = scrape(daemon.http_addr());
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let client = offsets_client(bootstrap, group);
     let partitions: BTreeSet<i32> = produced.iter().map(|(p, _)| *p).collect();
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in &partitions {
