@@ -302,7 +302,7 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
         .await
     );
     assert!(
-        wait_for(Duration::from_secs(10), || http_get(addr, "/readyz").0
+        wait_for(Duration::from_secs(60), || http_get(addr, "/readyz").0
             == 200)
         .await,
         "{:?}",
@@ -376,18 +376,25 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
     );
     let cfg = anomalyd::config::Config::from_toml(&toml, Some(Default::default())).unwrap();
 
+    // Streamed in three parts: before the bad files, between them and the good one, and after
+    // it, so that each step has records to show what it did whatever the machine's speed.
     let stream = fleet_stream(10, 600, 0, 15);
     let total = stream.records.len() as u64;
-    let bootstrap = kafka.bootstrap.clone();
-    let records = stream.records.clone();
-    let producer = tokio::spawn(async move {
-        let mut offsets = BTreeSet::new();
-        for chunk in records.chunks(300) {
-            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        offsets
-    });
+    let (first, rest) = stream.records.split_at(stream.records.len() / 2);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    let streaming = |records: &[(String, String)]| {
+        let bootstrap = kafka.bootstrap.clone();
+        let records = records.to_vec();
+        tokio::spawn(async move {
+            let mut offsets = BTreeSet::new();
+            for chunk in records.chunks(300) {
+                offsets.extend(produce(&bootstrap, "metrics", chunk).await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            offsets
+        })
+    };
+    let producer = streaming(first);
     let shutdown = CancellationToken::new();
     let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
     let m = daemon.metrics.clone();
@@ -401,22 +408,26 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
     );
     // A corrupt file, then a model reading other features (the sequence model): both refused.
     replace(&model_path, b"not an onnx model");
-    assert!(wait_for(Duration::from_secs(10), || failures() == 1).await);
+    assert!(wait_for(Duration::from_secs(60), || failures() == 1).await);
     replace(
         &model_path,
         &std::fs::read(repo().join("models/demo-lstm.onnx")).unwrap(),
     );
-    assert!(wait_for(Duration::from_secs(10), || failures() == 2).await);
+    assert!(wait_for(Duration::from_secs(60), || failures() == 2).await);
+    let mut offsets = producer.await.unwrap();
     let before = consumed(&m, "fleet");
+    let producer = streaming(second);
     assert!(
-        wait_for(Duration::from_secs(10), || consumed(&m, "fleet") > before).await,
+        wait_for(Duration::from_secs(60), || consumed(&m, "fleet") > before).await,
         "the old model keeps serving"
     );
     // A real new version of the model: swapped in.
     replace(&model_path, &with_version(&original, "1.0.0", "1.0.1"));
-    assert!(wait_for(Duration::from_secs(10), || reloads() == 1).await);
+    assert!(wait_for(Duration::from_secs(60), || reloads() == 1).await);
+    offsets.extend(producer.await.unwrap());
+    let producer = streaming(third);
     daemon.reload_models(); // SIGHUP with nothing new: nothing happens
-    let offsets = producer.await.unwrap();
+    offsets.extend(producer.await.unwrap());
     assert!(wait_for(Duration::from_secs(60), || consumed(&m, "fleet") >= total).await);
     shutdown.cancel();
     daemon.wait().await.unwrap();
