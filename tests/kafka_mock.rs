@@ -205,17 +205,23 @@ async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_ale
     let stream = fleet_stream(10, 720, 4, 13);
     let total = stream.records.len() as u64;
 
-    // The stream keeps arriving while the pipeline is stopped and restarted.
-    let bootstrap = kafka.bootstrap.clone();
-    let records = stream.records.clone();
-    let producer = tokio::spawn(async move {
-        let mut offsets = BTreeSet::new();
-        for chunk in records.chunks(200) {
-            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-            tokio::time::sleep(Duration::from_millis(40)).await;
-        }
-        offsets
-    });
+    // The stream keeps arriving while the pipeline is stopped and restarted: its first half
+    // during the first run, its second half from the stop on (so the first run stops
+    // mid-stream whatever the machine's speed).
+    let (first_half, second_half) = stream.records.split_at(stream.records.len() / 2);
+    let streaming = |records: &[(String, String)]| {
+        let bootstrap = kafka.bootstrap.clone();
+        let records = records.to_vec();
+        tokio::spawn(async move {
+            let mut offsets = BTreeSet::new();
+            for chunk in records.chunks(200) {
+                offsets.extend(produce(&bootstrap, "metrics", chunk).await);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            offsets
+        })
+    };
+    let producer = streaming(first_half);
 
     // First run: stopped mid-stream, with records in flight.
     let shutdown = CancellationToken::new();
@@ -232,6 +238,7 @@ async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_ale
         .await
     );
     shutdown.cancel();
+    let rest = streaming(second_half);
     first.wait().await.unwrap();
     let first_run = consumed(&m1, "fleet");
     assert!(first_run < total, "the first run must stop mid-stream");
@@ -244,7 +251,8 @@ async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_ale
     )
     .await
     .unwrap();
-    let offsets = producer.await.unwrap();
+    let mut offsets = producer.await.unwrap();
+    offsets.extend(rest.await.unwrap());
     let m2 = second.metrics.clone();
     assert!(
         wait_for(Duration::from_secs(60), || first_run
