@@ -4,6 +4,14 @@
 //! Loading reports every problem at once: unknown keys (anywhere in the tree), then the checks
 //! of [`Config::validate`]. A key-value map can stand in for the environment, so tests build
 //! configs without touching the process environment.
+//!
+//! A section's type lives with the component it configures and says what is wrong with itself
+//! (`problems()`, each `field: reason`): `[kafka]` in [`crate::kafka`], `[log]` in [`crate::log`],
+//! `[pipelines.P.alert]` in [`crate::alert`], `[pipelines.P.threshold]` in [`crate::threshold`],
+//! `[pipelines.P.alertmanager]` in [`crate::alertmanager`]. This module composes them, prefixes
+//! each problem with its section, and holds the pipeline section, where the components meet and
+//! which the pipeline's runtime (pipeline, sink, replay) reads. The sections' components do not
+//! depend on this module, so there is no import cycle through it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
