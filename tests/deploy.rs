@@ -177,9 +177,10 @@ impl Proc {
     /// race (`ports::spawn_listening`); returns it and its port.
     fn spawn_listening(name: &str, dir: &Path, mut cmd: impl FnMut(u16) -> Command) -> (Proc, u16) {
         let log = dir.join(format!("{name}.log"));
-        let (child, port) = ports::spawn_listening(name, Duration::from_secs(60), |port| {
-            spawn_logged(name, &mut cmd(port), &log)
-        });
+        let (child, port) =
+            ports::spawn_listening(name, Duration::from_secs(60), Some(&log), |port| {
+                spawn_logged(name, &mut cmd(port), &log)
+            });
         let proc = Proc {
             name: name.into(),
             child,

@@ -42,7 +42,7 @@ impl Tansu {
             );
             return None;
         };
-        let (child, port) = spawn_listening("tansu", Duration::from_secs(60), |port| {
+        let (child, port) = spawn_listening("tansu", Duration::from_secs(60), None, |port| {
             let url = format!("tcp://127.0.0.1:{port}");
             Command::new(&bin)
                 .args([

@@ -8,6 +8,7 @@
 //! `127.0.0.1:0` and logs the address it got.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -48,12 +49,21 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
 }
 
 /// Starts a server with `spawn(port)` until it listens on its port (up to five ports, each
-/// given `deadline` to come up); returns the child and the port.
+/// given `deadline` to come up); returns the child and the port. `log`, where the server writes
+/// its output, is quoted if it never comes up.
 pub fn spawn_listening(
     what: &str,
     deadline: Duration,
+    log: Option<&Path>,
     mut spawn: impl FnMut(u16) -> Child,
 ) -> (Child, u16) {
+    let tail = || {
+        let text = log
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
     for _ in 0..5 {
         let port = free_port();
         let mut child = spawn(port);
@@ -68,10 +78,16 @@ pub fn spawn_listening(
             if Instant::now() > until {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{what} did not listen on port {port} within {deadline:?}");
+                panic!(
+                    "{what} did not listen on port {port} within {deadline:?}\n{}",
+                    tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    panic!("{what} exited before listening, on five ports in a row")
+    panic!(
+        "{what} exited before listening, on five ports in a row\n{}",
+        tail()
+    )
 }
