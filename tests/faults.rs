@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anomalyd::daemon::Daemon;
@@ -26,17 +25,14 @@ async fn the_broker_down_for_ten_seconds_then_back_loses_nothing() {
     let kafka = MockKafka::start(TOPICS).unwrap();
     let stream = fleet_stream(6, 1000, 2, 31);
     let total = stream.records.len();
-    let bootstrap = kafka.bootstrap.clone();
-    let records = stream.records.clone();
-    let producer = tokio::spawn(async move {
-        let mut offsets = BTreeSet::new();
-        // About ten seconds of traffic, so the outage falls in the middle of it.
-        for chunk in records.chunks(60) {
-            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        offsets
-    });
+    // About ten seconds of traffic, so the outage falls in the middle of it.
+    let producer = produce_paced(
+        &kafka.bootstrap,
+        "metrics",
+        &stream.records,
+        60,
+        Duration::from_millis(100),
+    );
     let shutdown = CancellationToken::new();
     let daemon = Daemon::start(config(&kafka.bootstrap, "down-test", ""), shutdown.clone())
         .await

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anomalyd::daemon::Daemon;
@@ -210,16 +209,13 @@ async fn a_restarted_pipeline_scores_every_record_at_least_once_and_loses_no_ale
     // mid-stream whatever the machine's speed).
     let (first_half, second_half) = stream.records.split_at(stream.records.len() / 2);
     let streaming = |records: &[(String, String)]| {
-        let bootstrap = kafka.bootstrap.clone();
-        let records = records.to_vec();
-        tokio::spawn(async move {
-            let mut offsets = BTreeSet::new();
-            for chunk in records.chunks(200) {
-                offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            offsets
-        })
+        produce_paced(
+            &kafka.bootstrap,
+            "metrics",
+            records,
+            200,
+            Duration::from_millis(40),
+        )
     };
     let producer = streaming(first_half);
 
@@ -391,16 +387,13 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
     let (first, rest) = stream.records.split_at(stream.records.len() / 2);
     let (second, third) = rest.split_at(rest.len() / 2);
     let streaming = |records: &[(String, String)]| {
-        let bootstrap = kafka.bootstrap.clone();
-        let records = records.to_vec();
-        tokio::spawn(async move {
-            let mut offsets = BTreeSet::new();
-            for chunk in records.chunks(300) {
-                offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            offsets
-        })
+        produce_paced(
+            &kafka.bootstrap,
+            "metrics",
+            records,
+            300,
+            Duration::from_millis(100),
+        )
     };
     let producer = streaming(first);
     let shutdown = CancellationToken::new();

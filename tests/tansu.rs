@@ -555,16 +555,13 @@ async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
     // 100,000 records (20 hosts × 5000 ticks, 10 incidents), streamed at about 4,000 a second
     // while the daemon is killed at five random moments and restarted.
     let stream = fleet_stream(20, 5000, 10, 41);
-    let bootstrap = tansu.bootstrap.clone();
-    let records = stream.records.clone();
-    let producer = tokio::spawn(async move {
-        let mut offsets = BTreeSet::new();
-        for chunk in records.chunks(400) {
-            offsets.extend(produce(&bootstrap, "metrics", chunk).await);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        offsets
-    });
+    let producer = produce_paced(
+        &tansu.bootstrap,
+        "metrics",
+        &stream.records,
+        400,
+        Duration::from_millis(100),
+    );
     let collector = Collector::scores(&tansu.bootstrap);
 
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);

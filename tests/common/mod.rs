@@ -66,6 +66,26 @@ pub async fn produce(
     produce_batched(bootstrap, topic, records, 1).await
 }
 
+/// Streams records in the background, `chunk` at a time with `pause` between chunks (a live
+/// topic rather than a backlog); the task returns each record's (partition, offset).
+pub fn produce_paced(
+    bootstrap: &str,
+    topic: &str,
+    records: &[(String, String)],
+    chunk: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<BTreeSet<(i32, i64)>> {
+    let (bootstrap, topic, records) = (bootstrap.to_string(), topic.to_string(), records.to_vec());
+    tokio::spawn(async move {
+        let mut offsets = BTreeSet::new();
+        for part in records.chunks(chunk) {
+            offsets.extend(produce(&bootstrap, &topic, part).await);
+            tokio::time::sleep(pause).await;
+        }
+        offsets
+    })
+}
+
 /// Produces records in batches of up to `batch` records per partition; returns each one's
 /// (partition, offset).
 pub async fn produce_batched(
