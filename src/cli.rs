@@ -165,10 +165,6 @@ fn run(path: &Path) -> ExitCode {
                 }
                 return ExitCode::from(EXIT_CONFIG);
             }
-            Err(e @ daemon::DaemonError::State(_)) => {
-                tracing::error!("{e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
             Err(e) => {
                 tracing::error!("{e}");
                 return ExitCode::FAILURE;

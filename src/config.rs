@@ -84,12 +84,6 @@ pub struct RuntimeConfig {
     /// On SIGTERM/SIGINT: how long to drain in-flight records and commit before exiting anyway.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Directory of the per-key state checkpoints; absent: state is not checkpointed.
-    #[serde(default)]
-    pub state_dir: Option<PathBuf>,
-    /// How often state is checkpointed (also at shutdown).
-    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
-    pub checkpoint_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -97,8 +91,6 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             inference_threads: 0,
             shutdown_grace: default_grace(),
-            state_dir: None,
-            checkpoint_interval: default_checkpoint_interval(),
         }
     }
 }
@@ -168,9 +160,23 @@ pub struct PipelineConfig {
     /// Push episodes to Alertmanager as well (absent: no push).
     #[serde(default)]
     pub alertmanager: Option<AlertmanagerConfig>,
+    /// The compacted topic holding every key's state (see `changelog`), so that it follows its
+    /// partition across restarts and replicas. Absent: `<group_id>.<pipeline>.state`; empty:
+    /// state is kept in memory only.
+    #[serde(default)]
+    pub state_topic: Option<String>,
 }
 
 impl PipelineConfig {
+    /// The state topic of this pipeline consuming as `group`, if state is kept in Kafka.
+    pub fn state_topic(&self, group: &str) -> Option<String> {
+        match &self.state_topic {
+            None => Some(format!("{group}.state")),
+            Some(t) if t.is_empty() => None,
+            Some(t) => Some(t.clone()),
+        }
+    }
+
     /// The detection settings of this pipeline.
     pub fn detector(&self) -> DetectorConfig {
         DetectorConfig {
@@ -207,9 +213,6 @@ impl Default for BatchConfig {
 
 fn default_listen() -> String {
     "0.0.0.0:9898".into()
-}
-fn default_checkpoint_interval() -> Duration {
-    Duration::from_secs(30)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
@@ -270,14 +273,6 @@ impl Config {
             .map_err(|e| ConfigError::one(format!("cannot read config {}: {e}", path.display())))?;
         let mut config = Self::from_toml(&text, env)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(dir) = config
-            .runtime
-            .state_dir
-            .as_mut()
-            .filter(|d| d.is_relative())
-        {
-            *dir = base.join(&*dir);
-        }
         for p in config.pipelines.values_mut() {
             if p.model.is_relative() {
                 p.model = base.join(&p.model);
@@ -333,9 +328,6 @@ impl Config {
                 .into_iter()
                 .map(|e| format!("kafka.{e}")),
         );
-        if self.runtime.checkpoint_interval < Duration::from_secs(1) {
-            problems.push("runtime.checkpoint_interval: must be at least 1s".into());
-        }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {
             problems.push(format!(
@@ -367,6 +359,30 @@ impl Config {
                     problems.push(format!(
                         "{}: topic {out:?} is both an input and an output of the pipeline",
                         at("topics")
+                    ));
+                }
+            }
+            let group = format!("{}.{name}", self.kafka.group_id);
+            if let Some(state) = p.state_topic(&group) {
+                let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+                if state.len() > 249 || !state.chars().all(legal) {
+                    problems.push(format!(
+                        "{}: {state:?} is not a Kafka topic name (letters, digits, '.', '_' and '-', at most 249)",
+                        at("state_topic")
+                    ));
+                }
+                if p.topics.contains(&state)
+                    || [
+                        &p.alerts_topic,
+                        &p.scores_topic,
+                        &p.denoised_topic,
+                        &p.dead_letter_topic,
+                    ]
+                    .contains(&&state)
+                {
+                    problems.push(format!(
+                        "{}: topic {state:?} is also an input or an output of the pipeline",
+                        at("state_topic")
                     ));
                 }
             }

@@ -24,8 +24,6 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("runtime.state_dir: {0}")]
-    State(String),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
 }
@@ -85,9 +83,6 @@ impl Daemon {
                 return Err(DaemonError::Models(problems));
             }
         };
-        if let Some(dir) = &config.runtime.state_dir {
-            crate::checkpoint::prepare_dir(dir).map_err(|e| DaemonError::State(e.to_string()))?;
-        }
         health.set_models_loaded();
         let (http_addr, http) = if config.http.listen.is_empty() {
             (None, None)
@@ -114,8 +109,6 @@ impl Daemon {
             inference: Arc::new(Semaphore::new(config.runtime.threads())),
             grace: config.runtime.shutdown_grace,
             reload: reload.clone(),
-            state_dir: config.runtime.state_dir.clone(),
-            checkpoint_interval: config.runtime.checkpoint_interval,
         };
         let mut pipelines = JoinSet::new();
         for (name, p) in config.pipelines {

@@ -25,7 +25,7 @@ use crate::alert::AlertConfig;
 use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
-use crate::checkpoint::{Checkpoint, KeyCheckpoint, ModelIdentity};
+use crate::changelog::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::decode::{Decoder, Record};
 use crate::model::{Inference, Model};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
@@ -69,6 +69,15 @@ struct KeyState {
     threshold: Box<dyn Threshold>,
     alert: AlertState,
     source: Source,
+    /// Changed since the last [`Detector::take_changes`].
+    dirty: bool,
+}
+
+#[derive(Debug)]
+struct WindowState {
+    ring: Ring,
+    source: Source,
+    dirty: bool,
 }
 
 /// A prepared batch: the model it was prepared for, the samples to run through it, and every
@@ -204,12 +213,14 @@ pub struct Detector {
     /// The warm-started threshold every new key is cloned from.
     template: Box<dyn Threshold>,
     /// Windows of sequence models (step 1).
-    windows: LruCache<String, (Ring, Source)>,
+    windows: LruCache<String, WindowState>,
     /// Thresholds and alert states (step 3).
     keys: LruCache<String, KeyState>,
     evictions: u64,
     /// Whether scored records keep their reconstruction (for the denoised topic).
     keep_reconstructions: bool,
+    /// Keys evicted since the last [`Detector::take_changes`], when changes are recorded.
+    evicted: Option<Vec<(Source, String)>>,
 }
 
 impl Detector {
@@ -242,6 +253,7 @@ impl Detector {
             keys: LruCache::new(cap),
             evictions: 0,
             keep_reconstructions: cfg.keep_reconstructions,
+            evicted: None,
             model,
         }
     }
@@ -273,6 +285,7 @@ impl Detector {
         self.template = self.threshold.build(&new.calibration);
         for (_, state) in self.keys.iter_mut() {
             state.threshold = self.template.clone();
+            state.dirty = true;
         }
         self.model = model;
         Ok(())
@@ -308,10 +321,15 @@ impl Detector {
                 }
                 Some(t) => {
                     // Evictions are counted once, on the threshold map, which every key has.
-                    let (ring, _) = self.windows.get_or_insert_mut_ref(record.key.as_str(), || {
-                        (Ring::new(t, features), Source::of(&origin))
-                    });
-                    ring.push(&record.values, &mut batch.samples)
+                    let w =
+                        self.windows
+                            .get_or_insert_mut_ref(record.key.as_str(), || WindowState {
+                                ring: Ring::new(t, features),
+                                source: Source::of(&origin),
+                                dirty: false,
+                            });
+                    w.dirty = true;
+                    w.ring.push(&record.values, &mut batch.samples)
                 }
             };
             let sample = ready.then(|| {
@@ -331,6 +349,15 @@ impl Detector {
     /// key if full): one hash lookup for a known key.
     fn state(&mut self, key: &str, origin: &Origin) -> &mut KeyState {
         let full = self.keys.len() == self.keys.cap().get();
+        // Who goes if this key is new, for its tombstone (only when the map is full and
+        // changes are recorded: a key flood, not the steady state).
+        let lru = match (&self.evicted, full) {
+            (Some(_), true) => self
+                .keys
+                .peek_lru()
+                .map(|(k, s)| (s.source.clone(), k.clone())),
+            _ => None,
+        };
         let template = &self.template;
         let mut created = false;
         let state = self.keys.get_or_insert_mut_ref(key, || {
@@ -339,11 +366,16 @@ impl Detector {
                 threshold: template.clone(),
                 alert: AlertState::default(),
                 source: Source::of(origin),
+                dirty: false,
             }
         });
         if created && full {
             self.evictions += 1;
+            if let (Some(evicted), Some(gone)) = (&mut self.evicted, lru) {
+                evicted.push(gone);
+            }
         }
+        state.dirty = true;
         state
     }
 
@@ -448,7 +480,7 @@ impl Detector {
         doomed.extend(
             self.windows
                 .iter()
-                .filter(|(_, (_, source))| source.is_in(partitions))
+                .filter(|(_, w)| w.source.is_in(partitions))
                 .map(|(k, _)| k.clone()),
         );
         for k in &doomed {
@@ -458,24 +490,36 @@ impl Detector {
         doomed.len()
     }
 
-    /// A snapshot of every key's state.
-    pub fn checkpoint(&self) -> Checkpoint {
-        let mut by_key: std::collections::HashMap<&str, KeyCheckpoint> = Default::default();
-        for (key, (ring, source)) in self.windows.iter() {
-            by_key.insert(
+    /// From now on, remember which keys change, for [`Detector::take_changes`].
+    pub fn record_changes(&mut self) {
+        self.evicted.get_or_insert_with(Vec::new);
+    }
+
+    /// The keys changed (their new state) or evicted (a tombstone) since the last call, in
+    /// key order per partition. Only when [`Detector::record_changes`] is on.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        if self.evicted.is_none() {
+            return Vec::new();
+        }
+        let (model, method) = (self.identity(), self.threshold.method().to_string());
+        let mut changed: BTreeMap<&str, KeySnapshot> = BTreeMap::new();
+        for (key, w) in self.windows.iter_mut().filter(|(_, w)| w.dirty) {
+            w.dirty = false;
+            changed.insert(
                 key,
-                KeyCheckpoint {
+                KeySnapshot {
                     key: key.clone(),
-                    topic: source.topic.to_string(),
-                    partition: source.partition,
-                    window: Some(ring.clone()),
+                    topic: w.source.topic.to_string(),
+                    partition: w.source.partition,
+                    window: Some(w.ring.clone()),
                     threshold: None,
                     alert: None,
                 },
             );
         }
-        for (key, state) in self.keys.iter() {
-            let entry = by_key.entry(key).or_insert_with(|| KeyCheckpoint {
+        for (key, state) in self.keys.iter_mut().filter(|(_, s)| s.dirty) {
+            state.dirty = false;
+            let snapshot = changed.entry(key).or_insert_with(|| KeySnapshot {
                 key: key.clone(),
                 topic: state.source.topic.to_string(),
                 partition: state.source.partition,
@@ -483,18 +527,34 @@ impl Detector {
                 threshold: None,
                 alert: None,
             });
-            entry.threshold = Some(state.threshold.snapshot());
-            entry.alert = Some(state.alert.clone());
+            snapshot.threshold = Some(state.threshold.snapshot());
+            snapshot.alert = Some(state.alert.clone());
         }
-        let mut keys: Vec<KeyCheckpoint> = by_key.into_values().collect();
-        keys.sort_by(|a, b| a.key.cmp(&b.key));
-        Checkpoint {
-            pipeline: self.pipeline.clone(),
-            model: self.identity(),
-            method: self.threshold.method().to_string(),
-            written_at: crate::time::now_rfc3339(),
-            keys,
-        }
+        let evicted = self
+            .evicted
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let mut changes: Vec<Change> = evicted
+            .into_iter()
+            .map(|(source, key)| Change {
+                topic: source.topic,
+                partition: source.partition,
+                key,
+                state: None,
+            })
+            .collect();
+        changes.extend(changed.into_values().map(|snapshot| Change {
+            topic: Arc::from(snapshot.topic.as_str()),
+            partition: snapshot.partition,
+            key: snapshot.key.clone(),
+            state: Some(StateRecord {
+                model: model.clone(),
+                method: method.clone(),
+                state: snapshot,
+            }),
+        }));
+        changes
     }
 
     fn identity(&self) -> ModelIdentity {
@@ -507,34 +567,33 @@ impl Detector {
         }
     }
 
-    /// What of a checkpoint can be restored under the running model and threshold method:
-    /// everything for the same model and method; windows and alert states only for another
-    /// version of it (its scores are on another scale) or another method; nothing for a model
-    /// reading other features. Returns (keep windows and alerts, keep thresholds) and why not.
-    pub fn restorable(&self, c: &Checkpoint) -> (bool, bool, Option<String>) {
+    /// What of a key's state learned under `model` and `method` can be restored under the
+    /// running model and method: everything for the same model and method; the window and the
+    /// alert state for another version of it (its scores are on another scale) or another
+    /// method; nothing for a model reading other features. Returns (keep the window and alert
+    /// state, keep the threshold) and why not everything.
+    fn restorable(&self, model: &ModelIdentity, method: &str) -> (bool, bool, Option<String>) {
         let me = self.identity();
-        if (c.model.features.as_slice(), c.model.window) != (me.features.as_slice(), me.window) {
-            return (false, false, Some(format!("it was taken with a model reading {:?} over {} rows; the running one reads {:?} over {}", c.model.features, c.model.window, me.features, me.window)));
+        if (model.features.as_slice(), model.window) != (me.features.as_slice(), me.window) {
+            return (false, false, Some(format!("it was learned with a model reading {:?} over {} rows; the running one reads {:?} over {}", model.features, model.window, me.features, me.window)));
         }
-        if (c.model.name.as_str(), c.model.version.as_str())
-            != (me.name.as_str(), me.version.as_str())
+        if (model.name.as_str(), model.version.as_str()) != (me.name.as_str(), me.version.as_str())
         {
             return (
                 true,
                 false,
                 Some(format!(
-                    "it was taken with model {} {}; thresholds restart from {} {}'s calibration",
-                    c.model.name, c.model.version, me.name, me.version
+                    "it was learned with model {} {}; thresholds restart from {} {}'s calibration",
+                    model.name, model.version, me.name, me.version
                 )),
             );
         }
-        if c.method != self.threshold.method() {
+        if method != self.threshold.method() {
             return (
                 true,
                 false,
                 Some(format!(
-                    "it holds {} thresholds; the pipeline now uses {}",
-                    c.method,
+                    "it holds {method} thresholds; the pipeline now uses {}",
                     self.threshold.method()
                 )),
             );
@@ -542,19 +601,32 @@ impl Detector {
         (true, true, None)
     }
 
-    /// Restores keys from a checkpoint (see [`Detector::restorable`]); returns how many.
-    pub fn restore(&mut self, keys: Vec<KeyCheckpoint>, thresholds: bool) -> usize {
+    /// Restores keys' states (see [`Detector::restorable`] for what of each is kept).
+    pub fn restore(&mut self, records: Vec<StateRecord>) -> Restored {
         let c = &self.model.contract;
         let (window, features) = (c.window, c.features.len());
         let sequence = c.is_sequence();
-        let mut restored = 0;
-        for k in keys {
+        let mut done = Restored::default();
+        for r in records {
+            let (usable, thresholds, why) = self.restorable(&r.model, &r.method);
+            if let Some(why) = why {
+                done.partly = Some(why);
+            }
+            if !usable {
+                continue;
+            }
+            let k = r.state;
             let source = Source {
                 topic: Arc::from(k.topic.as_str()),
                 partition: k.partition,
             };
             if let Some(ring) = k.window.filter(|r| sequence && r.fits(window, features)) {
-                let _ = self.windows.push(k.key.clone(), (ring, source.clone()));
+                let w = WindowState {
+                    ring,
+                    source: source.clone(),
+                    dirty: false,
+                };
+                let _ = self.windows.push(k.key.clone(), w);
             }
             if k.threshold.is_some() || k.alert.is_some() {
                 let mut threshold = self.template.clone();
@@ -567,12 +639,13 @@ impl Detector {
                     threshold,
                     alert: k.alert.unwrap_or_default(),
                     source,
+                    dirty: false,
                 };
                 let _ = self.keys.push(k.key, state);
             }
-            restored += 1;
+            done.keys += 1;
         }
-        restored
+        done
     }
 
     /// Number of keys currently firing.
@@ -582,6 +655,15 @@ impl Detector {
             .filter(|(_, s)| s.alert.is_firing())
             .count()
     }
+}
+
+/// What [`Detector::restore`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Restored {
+    /// Keys restored (in part or whole).
+    pub keys: usize,
+    /// Why some state was restored only in part, or not at all.
+    pub partly: Option<String>,
 }
 
 /// The `TOP_FEATURES` features with the largest error, largest first, as indices into the

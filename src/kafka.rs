@@ -1,25 +1,14 @@
-//! Kafka plumbing: client configuration, and the consumer context that keeps offsets and
-//! per-key state right across rebalances.
-//!
-//! On revoke, the context waits (up to `drain_timeout`) for the revoked partitions' in-flight
-//! records to finish, commits their contiguous-prefix positions synchronously, and drops their
-//! keys' state: the partition's next owner starts from the committed position and rebuilds it.
+//! Kafka plumbing: the `[kafka]` section and the client configurations built from it, the same
+//! for every client of every pipeline (the consumer of `ingest`, the producers of `sink` and
+//! `changelog`).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-
-use crate::checkpoint::KeyCheckpoint;
-use crate::detect::Detector;
-use crate::metrics::{Health, Metrics};
-use crate::offsets::{OffsetTracker, Partition};
 
 /// `[kafka]`: the brokers and the consumer group, shared by every pipeline.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -122,6 +111,12 @@ fn with_user_properties(mut c: ClientConfig, kafka: &KafkaConfig) -> ClientConfi
     c
 }
 
+/// A plain client's configuration (admin, metadata, reading the state topic): the brokers and
+/// the user's properties (SASL/SSL).
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    with_user_properties(base_config(kafka), kafka)
+}
+
 /// The consumer's configuration: offsets are stored by anomalyd only once a record's outputs are
 /// acknowledged, and committed from the stored positions.
 pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
@@ -184,169 +179,4 @@ impl ClientContext for ProducerContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "Kafka producer error: {error}: {reason}");
     }
-}
-
-/// The consumer context of one pipeline.
-pub struct PipelineContext {
-    pub pipeline: String,
-    /// Checkpointed key states waiting for their partition to be assigned.
-    pub restore: Mutex<PendingRestore>,
-    pub tracker: Arc<Mutex<OffsetTracker>>,
-    pub detector: Arc<Mutex<Detector>>,
-    pub metrics: Metrics,
-    pub health: Arc<Health>,
-    pub drain_timeout: Duration,
-}
-
-impl ClientContext for PipelineContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log_kafka(level, fac, message);
-    }
-
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        self.metrics.set_lag(&self.pipeline, &statistics);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", pipeline = %self.pipeline, "Kafka consumer error: {error}: {reason}");
-    }
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
-}
-
-impl PipelineContext {
-    /// Waits until no record of `partitions` is in flight, or the drain timeout passes.
-    fn drain(&self, partitions: &[Partition]) -> usize {
-        let deadline = Instant::now() + self.drain_timeout;
-        loop {
-            let left = self
-                .tracker
-                .lock()
-                .expect("tracker lock")
-                .in_flight(Some(partitions));
-            if left == 0 || Instant::now() >= deadline {
-                return left;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// The commit positions of `partitions`, as a list librdkafka takes.
-    pub fn positions(&self, partitions: &[Partition]) -> TopicPartitionList {
-        let tracker = self.tracker.lock().expect("tracker lock");
-        let mut tpl = TopicPartitionList::new();
-        for (topic, p) in partitions {
-            if let Some(pos) = tracker.position(topic, *p) {
-                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(pos));
-            }
-        }
-        tpl
-    }
-
-    /// Restores the checkpointed keys of newly assigned partitions.
-    fn restore_state(&self, partitions: &[Partition]) -> usize {
-        let mut pending = self.restore.lock().expect("restore lock");
-        let keys: Vec<KeyCheckpoint> = partitions
-            .iter()
-            .filter_map(|p| pending.keys.remove(p))
-            .flatten()
-            .collect();
-        if keys.is_empty() {
-            return 0;
-        }
-        let restored = self
-            .detector
-            .lock()
-            .expect("detector lock")
-            .restore(keys, pending.thresholds);
-        self.metrics
-            .keys_restored
-            .with_label_values(&[&self.pipeline])
-            .inc_by(restored as u64);
-        restored
-    }
-
-    fn update_assignment(&self, consumer: &BaseConsumer<Self>) {
-        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        self.metrics
-            .partitions_assigned
-            .with_label_values(&[&self.pipeline])
-            .set(assigned as i64);
-        self.health.set_assigned(&self.pipeline, assigned > 0);
-    }
-}
-
-impl ConsumerContext for PipelineContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
-        let partitions = partitions_of(tpl);
-        if partitions.is_empty() {
-            return;
-        }
-        if consumer.assignment_lost() {
-            tracing::warn!(pipeline = %self.pipeline, ?partitions, "Partitions were lost (the group moved on without us); their in-flight records will be processed again by their new owner.");
-        } else {
-            let left = self.drain(&partitions);
-            if left > 0 {
-                tracing::warn!(pipeline = %self.pipeline, in_flight = left, "Drain timeout on revoke: records still in flight will be processed again by the partitions' next owner.");
-            }
-            let tpl = self.positions(&partitions);
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.store_offsets(&tpl) {
-                    tracing::debug!(pipeline = %self.pipeline, "Storing offsets on revoke: {e}");
-                }
-                match consumer.commit(&tpl, CommitMode::Sync) {
-                    Ok(()) => self
-                        .metrics
-                        .offsets_committed
-                        .with_label_values(&[&self.pipeline])
-                        .inc_by(tpl.count() as u64),
-                    Err(e) => {
-                        tracing::warn!(pipeline = %self.pipeline, "Committing offsets of revoked partitions failed: {e}; their records since the last commit will be processed again.")
-                    }
-                }
-            }
-        }
-        self.tracker
-            .lock()
-            .expect("tracker lock")
-            .remove(&partitions);
-        let dropped = self
-            .detector
-            .lock()
-            .expect("detector lock")
-            .forget_partitions(&partitions);
-        self.metrics.drop_lag(&self.pipeline, &partitions);
-        tracing::info!(pipeline = %self.pipeline, ?partitions, keys_dropped = dropped, "Partitions revoked.");
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let partitions = partitions_of(tpl);
-                let restored = self.restore_state(&partitions);
-                tracing::info!(pipeline = %self.pipeline, ?partitions, keys_restored = restored, "Partitions assigned.");
-            }
-            Rebalance::Error(e) => {
-                tracing::warn!(pipeline = %self.pipeline, "Rebalance error: {e}");
-            }
-            Rebalance::Revoke(_) => {}
-        }
-        self.update_assignment(consumer);
-    }
-}
-
-/// Key states from a checkpoint, by partition, until the partition is assigned.
-#[derive(Debug, Default)]
-pub struct PendingRestore {
-    pub keys: std::collections::HashMap<Partition, Vec<KeyCheckpoint>>,
-    /// Whether their thresholds still apply (same model and method).
-    pub thresholds: bool,
 }

@@ -37,13 +37,14 @@
 pub mod alert;
 pub mod alertmanager;
 pub mod batch;
-pub mod checkpoint;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod demo;
 pub mod detect;
+pub mod ingest;
 pub mod kafka;
 pub mod log;
 pub mod metrics;

@@ -38,7 +38,9 @@ pub struct Metrics {
     pub model_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub alertmanager_pushes: IntCounterVec,
-    pub checkpoints: IntCounterVec,
+    pub state_writes: IntCounterVec,
+    pub state_records: IntCounterVec,
+    pub state_restore_failures: IntCounterVec,
     pub keys_restored: IntCounterVec,
     pub ready: IntGauge,
 }
@@ -97,8 +99,10 @@ impl Metrics {
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
             alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
-            checkpoints: counter(&r, "anomalyd_checkpoints_total", "State checkpoints written, by result: ok or error.", &["pipeline", "result"]),
-            keys_restored: counter(&r, "anomalyd_keys_restored_total", "Keys whose state was restored from a checkpoint.", &["pipeline"]),
+            state_writes: counter(&r, "anomalyd_state_writes_total", "Writes of changed key states to the state topic, by result: ok or error.", &["pipeline", "result"]),
+            state_records: counter(&r, "anomalyd_state_records_total", "Key states (and tombstones of evicted keys) written to the state topic.", &["pipeline"]),
+            state_restore_failures: counter(&r, "anomalyd_state_restore_failures_total", "Assignments whose keys' state could not be read from the state topic (they start from the calibration).", &["pipeline"]),
+            keys_restored: counter(&r, "anomalyd_keys_restored_total", "Keys whose state was restored from the state topic as their partitions were assigned.", &["pipeline"]),
             build_info: gauge(&r, "anomalyd_build_info", "anomalyd's version (value 1).", &["version"]),
             ready: IntGauge::new("anomalyd_ready", "1 when models are loaded and every pipeline has partitions assigned.").expect("valid metric"),
             registry: r,
@@ -139,7 +143,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             self.alertmanager_pushes
                 .with_label_values(&[pipeline, result]);
-            self.checkpoints.with_label_values(&[pipeline, result]);
+            self.state_writes.with_label_values(&[pipeline, result]);
         }
         for c in [
             &self.anomalies,
@@ -148,6 +152,8 @@ impl Metrics {
             &self.model_load_failures,
             &self.model_reloads,
             &self.keys_restored,
+            &self.state_records,
+            &self.state_restore_failures,
         ] {
             c.with_label_values(&[pipeline]);
         }

@@ -20,8 +20,8 @@ struct PartitionState {
     in_flight: BTreeSet<Offset>,
     /// Highest offset finished so far.
     highest_finished: Option<Offset>,
-    /// The position last handed out by [`OffsetTracker::take_committable`].
-    taken: Option<Offset>,
+    /// One past the highest offset begun: where the next record is expected.
+    front: Offset,
 }
 
 impl PartitionState {
@@ -47,7 +47,9 @@ impl OffsetTracker {
 
     /// Registers a record as in flight.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: Offset) {
-        self.entry(topic, partition).in_flight.insert(offset);
+        let p = self.entry(topic, partition);
+        p.in_flight.insert(offset);
+        p.front = p.front.max(offset + 1);
     }
 
     /// Marks a record as done: all its outputs are acknowledged.
@@ -63,26 +65,23 @@ impl OffsetTracker {
             .or_default()
     }
 
-    /// The commit position of every partition whose position moved since the last call.
-    pub fn take_committable(&mut self) -> Vec<(Partition, Offset)> {
-        let mut out = Vec::new();
-        for (tp, state) in &mut self.partitions {
-            if let Some(pos) = state.position() {
-                if state.taken != Some(pos) {
-                    state.taken = Some(pos);
-                    out.push((tp.clone(), pos));
-                }
-            }
-        }
-        out.sort();
-        out
-    }
-
     /// The commit position of one partition, if any record of it has been seen.
     pub fn position(&self, topic: &str, partition: i32) -> Option<Offset> {
         self.partitions
             .get(&(topic.to_string(), partition))
             .and_then(PartitionState::position)
+    }
+
+    /// Per partition, one past the highest offset begun: once [`OffsetTracker::position`]
+    /// reaches it, everything received before is finished.
+    pub fn fronts(&self) -> Vec<(Partition, Offset)> {
+        let mut out: Vec<_> = self
+            .partitions
+            .iter()
+            .map(|(tp, s)| (tp.clone(), s.front))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Records in flight on the given partitions (all partitions if `None`).
@@ -126,18 +125,16 @@ mod tests {
     }
 
     #[test]
-    fn partitions_are_independent_and_reported_once_per_move() {
+    fn partitions_are_independent() {
         let mut t = OffsetTracker::new();
         t.begin("in", 0, 5);
         t.begin("in", 1, 7);
         t.finish("in", 1, 7);
         assert_eq!(
-            t.take_committable(),
-            vec![(("in".into(), 0), 5), (("in".into(), 1), 8)]
+            (t.position("in", 0), t.position("in", 1)),
+            (Some(5), Some(8))
         );
-        assert_eq!(t.take_committable(), vec![]);
-        t.finish("in", 0, 5);
-        assert_eq!(t.take_committable(), vec![(("in".into(), 0), 6)]);
+        assert_eq!(t.position("other", 0), None);
     }
 
     #[test]
@@ -150,6 +147,19 @@ mod tests {
         assert_eq!(t.position("in", 0), Some(3));
         t.finish("in", 0, 3);
         assert_eq!(t.position("in", 0), Some(10));
+    }
+
+    #[test]
+    fn the_front_is_past_everything_received_and_reached_once_it_is_finished() {
+        let mut t = OffsetTracker::new();
+        t.begin("in", 0, 4);
+        t.begin("in", 0, 7);
+        let front = t.fronts();
+        assert_eq!(front, vec![(("in".into(), 0), 8)]);
+        t.finish("in", 0, 7);
+        assert!(t.position("in", 0) < Some(8));
+        t.finish("in", 0, 4);
+        assert_eq!(t.position("in", 0), Some(8));
     }
 
     #[test]

@@ -1,40 +1,56 @@
 //! Pipeline: one configured flow, Kafka topic(s) → decode → window → batch → infer → score →
-//! threshold → alert → sinks, as four tasks joined by bounded channels:
+//! threshold → alert → sinks, as a few owners joined by channels:
 //!
 //! ```text
-//! ingest (consumer, decode) ─▶ batcher (window, micro-batch) ─▶ inference threads ─▶ judge (in order) ─▶ sinks
-//!                                                                                    committer (stored offsets)
+//! ingest thread ──Input──▶ detector task ──▶ inference threads (spawn_blocking, in parallel)
+//! (consumer, decode,       (Detector, offsets,      │
+//!  rebalances, commits)     barriers)  ◀── judged in order ──┘
+//!        ▲                      │ emit ──▶ deliveries (tasks) ──▶ finished offsets
+//!        └──── positions ───────┘ state ──▶ changelog
 //! ```
 //!
-//! Inference runs on blocking threads (at most `runtime.inference_threads` batches at once,
-//! across all pipelines); the judge takes finished batches strictly in the order they were
-//! prepared, so per-key state always sees a key's records in partition order. Bounded channels
-//! make a slow model slow the consumer down rather than buffer without limit.
+//! The detector task owns the [`Detector`] (windows, thresholds, alert states) and the
+//! [`OffsetTracker`]; nothing else touches them, so there is no lock. Everything that changes
+//! them reaches it as an [`Input`] in stream order: records, assignments with their restored
+//! state, revocations, model reloads. Inference runs on blocking threads (at most
+//! `runtime.inference_threads` batches at once, across all pipelines) while the task prepares
+//! the next batch; finished batches are judged strictly in the order they were prepared, so
+//! per-key state sees a key's records in partition order.
+//!
+//! # Barriers
+//! Every `kafka.commit_interval`, a barrier enters the queue of batches behind the last one
+//! prepared. When it reaches the front (everything before it judged), it takes the state of
+//! the keys changed since the previous barrier and the position of every partition. Once every
+//! output of the records before those positions is acknowledged, the state is written to the
+//! changelog; once that is acknowledged, the positions are committed (see [`crate::changelog`]
+//! for why this order). Without a changelog a barrier simply commits. A revocation (and the
+//! shutdown) runs one last barrier and answers with the positions it reached.
+//!
+//! Completion is a channel closing: the ingest thread drops its sender after its final
+//! revocation, and the detector task then ends, aborting deliveries still retrying.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::producer::Producer;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::AlertmanagerSink;
 use crate::batch::MicroBatcher;
-use crate::checkpoint::{self, Checkpoint};
+use crate::changelog::{Change, Changelog, ChangelogError};
 use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
-use crate::kafka::{
-    consumer_config, producer_config, KafkaConfig, PendingRestore, PipelineContext, ProducerContext,
-};
+use crate::ingest::{Ingest, Input, Positions};
+use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
-use crate::offsets::OffsetTracker;
-use crate::sink::Outputs;
+use crate::offsets::{OffsetTracker, Partition};
+use crate::sink::{Outputs, Sent};
 
 /// What can stop a pipeline from starting.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +66,11 @@ pub enum PipelineError {
         what: &'static str,
         source: rdkafka::error::KafkaError,
     },
+    #[error("pipelines.{pipeline}.state_topic: {source}")]
+    State {
+        pipeline: String,
+        source: ChangelogError,
+    },
 }
 
 /// What every pipeline of a daemon shares.
@@ -64,15 +85,15 @@ pub struct Shared {
     pub grace: Duration,
     /// Notified (SIGHUP) to check every model file for a new version at once.
     pub reload: Arc<Notify>,
-    /// Where per-key state is checkpointed, if anywhere.
-    pub state_dir: Option<std::path::PathBuf>,
-    pub checkpoint_interval: Duration,
 }
 
 type Inferred = (Result<Inference, ModelError>, Duration);
 
+/// Batches being inferred, and barriers, in stream order.
+const MAX_QUEUED: usize = 4;
+
 /// Runs one pipeline until `shutdown` is cancelled, then drains it: stops consuming, finishes
-/// the records in flight, commits, and returns (within the grace period).
+/// the records in flight, writes their state, commits, and returns (within the grace period).
 pub async fn run(
     name: String,
     cfg: PipelineConfig,
@@ -85,53 +106,35 @@ pub async fn run(
         what,
         source,
     };
-    let detector = cfg
+    let mut detector = cfg
         .detector()
         .build(&name, model.clone())
         .map_err(|source| PipelineError::Detector {
             pipeline: name.clone(),
             source,
         })?;
-    let detector = Arc::new(Mutex::new(detector));
-    let decoder = detector.lock().expect("detector lock").decoder().clone();
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let checkpoint_path = shared
-        .state_dir
-        .as_ref()
-        .map(|dir| checkpoint::path(dir, &name));
-    let restore = match &checkpoint_path {
-        Some(path) => pending_restore(&name, path, &detector.lock().expect("detector lock")),
-        None => PendingRestore::default(),
-    };
-    let context = PipelineContext {
-        pipeline: name.clone(),
-        restore: Mutex::new(restore),
-        tracker: tracker.clone(),
-        detector: detector.clone(),
-        metrics: shared.metrics.clone(),
-        health: shared.health.clone(),
-        drain_timeout: shared.kafka.drain_timeout,
-    };
     let group = format!("{}.{}", shared.kafka.group_id, name);
-    let consumer: Arc<StreamConsumer<PipelineContext>> = Arc::new(
-        consumer_config(&shared.kafka, &group)
-            .create_with_context(context)
-            .map_err(|e| client_err("consumer", e))?,
-    );
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|e| client_err("consumer", e))?;
+    let state_topic = cfg.state_topic(&group);
+    let changelog = state_topic
+        .map(|topic| Changelog::new(&shared.kafka, &topic))
+        .transpose()
+        .map_err(|source| PipelineError::State {
+            pipeline: name.clone(),
+            source,
+        })?;
+    if changelog.is_some() {
+        detector.record_changes();
+    }
     let producer = producer_config(&shared.kafka)
         .create_with_context::<_, rdkafka::producer::FutureProducer<ProducerContext>>(
             ProducerContext,
         )
         .map_err(|e| client_err("producer", e))?;
-    let give_up = CancellationToken::new();
+    let stop_alertmanager = CancellationToken::new();
     let alertmanager = cfg.alertmanager.clone().map(|am| {
         let (tx, rx) = mpsc::channel(1024);
         let sink = AlertmanagerSink::new(am, &name, shared.metrics.clone());
-        (tx, tokio::spawn(sink.run(rx, give_up.clone())))
+        (tx, tokio::spawn(sink.run(rx, stop_alertmanager.clone())))
     });
     let (alertmanager_tx, alertmanager_task) = alertmanager.unzip();
     let outputs = Arc::new(Outputs::new(
@@ -140,329 +143,536 @@ pub async fn run(
         model.contract.features.clone(),
         producer,
         shared.metrics.clone(),
-        tracker.clone(),
-        give_up.clone(),
         alertmanager_tx,
     ));
-    shared.metrics.init_pipeline(&name);
-    set_model_info(&shared.metrics, &name, &model, true);
-    let checkpointer = checkpoint_path.clone().map(|path| {
-        tokio::spawn(checkpoint_loop(
-            name.clone(),
-            path,
-            shared.checkpoint_interval,
-            detector.clone(),
-            shared.metrics.clone(),
-            give_up.clone(),
-        ))
-    });
+
+    let (input_tx, input_rx) = mpsc::channel::<Input>(cfg.batch.max_size * 4);
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let ingest = Ingest {
+        pipeline: name.clone(),
+        group: group.clone(),
+        topics: cfg.topics.clone(),
+        kafka: shared.kafka.clone(),
+        decoder: detector.decoder().clone(),
+        changelog: changelog.clone(),
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        grace: shared.grace,
+    }
+    .start(input_tx.clone(), commit_rx, shutdown.clone())
+    .map_err(|e| client_err("consumer", e))?;
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
         cfg.model.clone(),
         cfg.reload_check,
-        detector.clone(),
+        input_tx,
         shared.clone(),
-        give_up.clone(),
+        shutdown,
     ));
-    tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), "Pipeline started.");
+    shared.metrics.init_pipeline(&name);
+    set_model_info(&shared.metrics, &name, &model, true);
+    tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), state_topic = changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
 
-    let (record_tx, record_rx) = mpsc::channel::<(Origin, Record)>(cfg.batch.max_size * 4);
-    let (judge_tx, judge_rx) = mpsc::channel::<(Batch, JoinHandle<Inferred>)>(4);
-    let batcher = tokio::spawn(batch_loop(
-        record_rx,
-        judge_tx,
-        detector.clone(),
-        cfg.clone(),
-        shared.clone(),
-        name.clone(),
-    ));
-    let judge = tokio::spawn(judge_loop(
-        judge_rx,
-        detector.clone(),
-        outputs.clone(),
-        shared.metrics.clone(),
-    ));
-    let stop_committer = CancellationToken::new();
-    let committer = tokio::spawn(commit_loop(
-        consumer.clone(),
-        tracker.clone(),
-        shared.kafka.commit_interval,
-        shared.metrics.clone(),
-        name.clone(),
-        stop_committer.clone(),
-    ));
-
-    // Ingest: consume, decode, hand over. Nothing here waits on inference except through the
-    // bounded channel (backpressure).
-    let mut topic_names: Vec<Arc<str>> = Vec::new();
-    let mut consecutive_errors = 0u32;
-    loop {
-        let message = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            m = consumer.recv() => m,
-        };
-        let m = match message {
-            Ok(m) => {
-                consecutive_errors = 0;
-                m
-            }
-            Err(e) => {
-                consecutive_errors += 1;
-                tracing::warn!(pipeline = %name, "Consumer error: {e}");
-                // Back off a little while the broker is unreachable, so the log stays readable.
-                let pause = Duration::from_millis(50 * u64::from(consecutive_errors.min(20)));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shutdown.cancelled() => break,
-                }
-            }
-        };
-        let topic = match topic_names.iter().find(|t| ***t == *m.topic()) {
-            Some(t) => t.clone(),
-            None => {
-                let t: Arc<str> = Arc::from(m.topic());
-                topic_names.push(t.clone());
-                t
-            }
-        };
-        let origin = Origin {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-        };
-        tracker
-            .lock()
-            .expect("tracker lock")
-            .begin(&origin.topic, origin.partition, origin.offset);
-        let payload = m.payload().unwrap_or_default();
-        match decoder.decode_json(payload) {
-            Ok(mut record) => {
-                if record.timestamp.is_none() {
-                    record.timestamp = m.timestamp().to_millis().map(crate::time::rfc3339_millis);
-                }
-                drop(m);
-                if record_tx.send((origin, record)).await.is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                let key = m.key().map(<[u8]>::to_vec);
-                let payload = payload.to_vec();
-                drop(m);
-                outputs.undecodable(origin, key, payload, &e);
-            }
-        }
+    let shutdown_took = DetectorTask {
+        batcher: MicroBatcher::new(cfg.batch.max_size, cfg.batch.max_wait),
+        commit_interval: shared.kafka.commit_interval,
+        name: name.clone(),
+        detector,
+        outputs: outputs.clone(),
+        changelog: changelog.clone(),
+        shared: shared.clone(),
+        queue: VecDeque::new(),
+        tasks: JoinSet::new(),
+        tracker: OffsetTracker::new(),
+        committed: HashMap::new(),
+        barrier: BarrierState::Idle,
+        unwritten: Vec::new(),
+        commits: commit_tx,
+        evictions_seen: 0,
     }
+    .run(input_rx)
+    .await;
 
-    // Drain: no more records come in; let the batches in flight finish, then commit.
-    shared.health.set_stopping();
-    let started = Instant::now();
-    tracing::info!(pipeline = %name, "Stopped consuming; draining in-flight records.");
-    drop(record_tx);
-    let deadline = tokio::time::Instant::now() + shared.grace;
-    let _ = tokio::time::timeout_at(deadline, batcher).await;
-    let _ = tokio::time::timeout_at(deadline, judge).await;
-    while tracker.lock().expect("tracker lock").in_flight(None) > 0
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    give_up.cancel();
-    stop_committer.cancel();
+    // The detector task ended: the ingest thread has revoked everything and is closing.
+    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     let _ = reloader.await;
-    if let Some(task) = checkpointer {
-        let _ = task.await;
-    }
+    let flushed = tokio::task::spawn_blocking(move || {
+        let _ = outputs.producer().flush(Duration::from_secs(5));
+        if let Some(c) = changelog {
+            c.flush(Duration::from_secs(5));
+        }
+    });
+    let _ = flushed.await;
+    stop_alertmanager.cancel();
     if let Some(task) = alertmanager_task {
         let _ = task.await;
     }
-    let _ = committer.await;
-    let left = tracker.lock().expect("tracker lock").in_flight(None);
-    if left > 0 {
-        tracing::warn!(pipeline = %name, in_flight = left, "Grace period over with records in flight; they will be processed again after the restart.");
-    }
-    let final_positions = {
-        let t = tracker.lock().expect("tracker lock");
-        let mut tpl = TopicPartitionList::new();
-        if let Ok(assigned) = consumer.assignment() {
-            for e in assigned.elements() {
-                if let Some(pos) = t.position(e.topic(), e.partition()) {
-                    let _ = tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(pos));
-                }
-            }
-        }
-        tpl
-    };
-    if final_positions.count() > 0 {
-        let _ = consumer.store_offsets(&final_positions);
-        if let Err(e) = consumer.commit(&final_positions, CommitMode::Sync) {
-            tracing::warn!(pipeline = %name, "Final commit failed: {e}; records since the last commit will be processed again.");
-        }
-    }
-    let _ = outputs.producer().flush(Duration::from_secs(5));
-    if let Some(path) = &checkpoint_path {
-        let snapshot = detector.lock().expect("detector lock").checkpoint();
-        write_checkpoint(&name, path, &snapshot, &shared.metrics);
-    }
-    consumer.unsubscribe();
-    tracing::info!(pipeline = %name, elapsed_ms = started.elapsed().as_millis() as u64, "Pipeline drained and committed.");
+    tracing::info!(pipeline = %name, elapsed_ms = shutdown_took.as_millis() as u64, "Pipeline drained and committed.");
     Ok(())
 }
 
-/// Collects records into micro-batches (max size or max wait), windows them, and starts their
-/// inference.
-async fn batch_loop(
-    mut records: mpsc::Receiver<(Origin, Record)>,
-    judge: mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
-    detector: Arc<Mutex<Detector>>,
-    cfg: PipelineConfig,
-    shared: Shared,
+/// One entry of the detector task's queue.
+enum Queued {
+    /// A batch whose inference runs on a blocking thread.
+    Batch(Batch, JoinHandle<Inferred>),
+    /// A barrier, with the positions just past every record received before it.
+    Barrier(Positions),
+}
+
+/// Where the (single) barrier in progress is.
+enum BarrierState {
+    Idle,
+    /// In the queue behind the batches before it.
+    Queued,
+    /// Judged: waiting for the outputs of the records before `positions` to be acknowledged.
+    Delivering {
+        positions: Positions,
+        changes: Vec<Change>,
+    },
+    /// Writing `changes` to the changelog.
+    Writing {
+        positions: Positions,
+    },
+}
+
+/// What a finished background task reports.
+enum Done {
+    /// Every output of the record is acknowledged.
+    Delivered(Origin),
+    /// A barrier's state write finished.
+    Written {
+        result: Result<(), ChangelogError>,
+        changes: Vec<Change>,
+    },
+}
+
+/// The task that owns a pipeline's detection state (see the module doc).
+struct DetectorTask {
     name: String,
-) {
-    let mut batcher = MicroBatcher::new(cfg.batch.max_size, cfg.batch.max_wait);
-    while let Some(batch) = batcher.next(&mut records).await {
-        dispatch(batch, &judge, &detector, &shared, &name).await;
+    detector: Detector,
+    outputs: Arc<Outputs>,
+    changelog: Option<Changelog>,
+    shared: Shared,
+    commit_interval: Duration,
+    batcher: MicroBatcher<(Origin, Record)>,
+    queue: VecDeque<Queued>,
+    /// Deliveries and state writes in progress.
+    tasks: JoinSet<Done>,
+    tracker: OffsetTracker,
+    /// The positions last sent to be committed.
+    committed: HashMap<Partition, i64>,
+    barrier: BarrierState,
+    /// Changes whose write failed, written again with the next barrier's.
+    unwritten: Vec<Change>,
+    commits: std::sync::mpsc::Sender<Positions>,
+    evictions_seen: u64,
+}
+
+/// What woke the detector task up.
+enum Event {
+    Done(Result<Done, tokio::task::JoinError>),
+    Front(Option<Inferred>),
+    BatchDue,
+    Tick,
+    Input(Option<Input>),
+}
+
+/// Waits for the front of the queue: a batch's inference, or a barrier (at once).
+async fn front(queue: &mut VecDeque<Queued>) -> Option<Inferred> {
+    match queue.front_mut() {
+        Some(Queued::Batch(_, handle)) => Some(handle.await.unwrap_or_else(|e| {
+            let failed = ModelError::Inference {
+                path: Default::default(),
+                reason: format!("inference thread failed: {e}"),
+            };
+            (Err(failed), Duration::ZERO)
+        })),
+        Some(Queued::Barrier(_)) => None,
+        None => std::future::pending().await,
     }
 }
 
-async fn dispatch(
-    records: Vec<(Origin, Record)>,
-    judge: &mpsc::Sender<(Batch, JoinHandle<Inferred>)>,
-    detector: &Arc<Mutex<Detector>>,
-    shared: &Shared,
-    name: &str,
-) {
-    let mut batch = detector.lock().expect("detector lock").prepare(records);
-    let model = batch.model.clone();
-    let n = batch.sample_count();
-    shared
-        .metrics
-        .batch_size
-        .with_label_values(&[name])
-        .observe(n as f64);
-    let samples = std::mem::take(&mut batch.samples);
-    let permit = shared
-        .inference
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the inference semaphore is never closed");
-    let handle = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let t = Instant::now();
-        let result = model.infer(&samples, n);
-        (result, t.elapsed())
-    });
-    let _ = judge.send((batch, handle)).await;
-}
+impl DetectorTask {
+    /// Runs until `input` closes; returns how long the shutdown took from then.
+    async fn run(mut self, mut input: mpsc::Receiver<Input>) -> Duration {
+        let mut tick = tokio::time::interval(self.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = self.next_event(Some(&mut input), &mut tick).await;
+            match event {
+                Event::Input(None) => break,
+                Event::Input(Some(i)) => {
+                    self.on_input(i).await;
+                    // Take what is already queued without going back to the timers.
+                    while self.queue.len() < MAX_QUEUED {
+                        match input.try_recv() {
+                            Ok(i) => self.on_input(i).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                other => self.on_event(other).await,
+            }
+        }
+        let started = Instant::now();
+        // The ingest thread revoked everything before closing; what is left are deliveries
+        // that did not succeed within the grace period.
+        self.flush_batch().await;
+        let deadline = Instant::now() + self.shared.grace;
+        self.settle(deadline).await;
+        let left = self.tasks.len();
+        if left > 0 {
+            tracing::warn!(pipeline = %self.name, deliveries = left, "Grace period over with deliveries still retrying; their records will be processed again after the restart.");
+            self.tasks.abort_all();
+        }
+        started.elapsed()
+    }
 
-/// Takes inferred batches in order, judges them, and emits their outcomes.
-async fn judge_loop(
-    mut batches: mpsc::Receiver<(Batch, JoinHandle<Inferred>)>,
-    detector: Arc<Mutex<Detector>>,
-    outputs: Arc<Outputs>,
-    metrics: Metrics,
-) {
-    let name = outputs.pipeline.clone();
-    let mut evictions_seen = 0;
-    while let Some((batch, handle)) = batches.recv().await {
-        let (result, elapsed) = match handle.await {
-            Ok(r) => r,
-            Err(e) => (
-                Err(ModelError::Inference {
-                    path: Default::default(),
-                    reason: format!("inference thread failed: {e}"),
-                }),
-                Duration::ZERO,
-            ),
+    async fn next_event(
+        &mut self,
+        input: Option<&mut mpsc::Receiver<Input>>,
+        tick: &mut tokio::time::Interval,
+    ) -> Event {
+        let deadline = self.batcher.deadline();
+        let room = self.queue.len() < MAX_QUEUED;
+        let (take_input, input) = match input {
+            Some(i) => (room, Some(i)),
+            None => (false, None),
         };
+        tokio::select! {
+            biased;
+            Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => Event::Done(done),
+            inferred = front(&mut self.queue), if !self.queue.is_empty() => Event::Front(inferred),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Event::BatchDue,
+            _ = tick.tick() => Event::Tick,
+            i = async { input.expect("enabled only with an input").recv().await }, if take_input => Event::Input(i),
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Done(Ok(Done::Delivered(origin))) => {
+                self.tracker
+                    .finish(&origin.topic, origin.partition, origin.offset);
+                self.advance_barrier();
+            }
+            Event::Done(Ok(Done::Written { result, changes })) => self.written(result, changes),
+            Event::Done(Err(e)) => {
+                if !e.is_cancelled() {
+                    tracing::error!(pipeline = %self.name, "A delivery task failed: {e}");
+                }
+            }
+            Event::Front(inferred) => match self.queue.pop_front() {
+                Some(Queued::Batch(batch, _)) => {
+                    self.judge(batch, inferred.expect("a batch's inference"))
+                }
+                Some(Queued::Barrier(positions)) => self.barrier_reached(positions),
+                None => {}
+            },
+            Event::BatchDue => self.flush_batch().await,
+            Event::Tick => self.start_barrier().await,
+            Event::Input(_) => unreachable!("inputs are handled by the main loop"),
+        }
+    }
+
+    async fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Record(origin, record) => {
+                self.tracker
+                    .begin(&origin.topic, origin.partition, origin.offset);
+                if let Some(full) = self.batcher.push((origin, record)) {
+                    self.dispatch(full).await;
+                }
+            }
+            Input::Undecodable {
+                origin,
+                key,
+                payload,
+                error,
+            } => {
+                self.tracker
+                    .begin(&origin.topic, origin.partition, origin.offset);
+                let sent = self.outputs.undecodable(origin, key, payload, &error);
+                self.track(sent);
+            }
+            Input::Assigned { partitions, states } => {
+                let restored = self.detector.restore(states);
+                self.shared
+                    .metrics
+                    .keys_restored
+                    .with_label_values(&[&self.name])
+                    .inc_by(restored.keys as u64);
+                if let Some(why) = restored.partly {
+                    tracing::warn!(pipeline = %self.name, "Restored only part of the keys' state: {why}.");
+                }
+                tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, "Partitions assigned.");
+            }
+            Input::Revoked {
+                partitions,
+                within,
+                reply,
+            } => self.revoke(partitions, within, reply).await,
+            Input::Reload(model) => self.reload(model),
+        }
+    }
+
+    /// Prepares a batch and starts its inference.
+    async fn dispatch(&mut self, records: Vec<(Origin, Record)>) {
+        let mut batch = self.detector.prepare(records);
+        let model = batch.model.clone();
+        let n = batch.sample_count();
+        self.shared
+            .metrics
+            .batch_size
+            .with_label_values(&[&self.name])
+            .observe(n as f64);
+        let samples = std::mem::take(&mut batch.samples);
+        let permit = self
+            .shared
+            .inference
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the inference semaphore is never closed");
+        let handle = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let t = std::time::Instant::now();
+            let result = model.infer(&samples, n);
+            (result, t.elapsed())
+        });
+        self.queue.push_back(Queued::Batch(batch, handle));
+    }
+
+    async fn flush_batch(&mut self) {
+        let pending = self.batcher.take();
+        if !pending.is_empty() {
+            self.dispatch(pending).await;
+        }
+    }
+
+    /// Judges a batch whose inference finished, and emits its outcomes.
+    fn judge(&mut self, batch: Batch, (result, elapsed): Inferred) {
+        let m = &self.shared.metrics;
         match result {
             Ok(inference) => {
-                metrics
-                    .inference_seconds
-                    .with_label_values(&[&name])
+                m.inference_seconds
+                    .with_label_values(&[&self.name])
                     .observe(elapsed.as_secs_f64());
-                let (outcomes, keys, evictions, firing) = {
-                    let mut d = detector.lock().expect("detector lock");
-                    let o = d.judge(batch, &inference);
-                    (o, d.keys(), d.evictions(), d.firing())
-                };
-                metrics
-                    .keys_tracked
-                    .with_label_values(&[&name])
-                    .set(keys as i64);
-                metrics
-                    .keys_firing
-                    .with_label_values(&[&name])
-                    .set(firing as i64);
-                metrics
-                    .key_evictions
-                    .with_label_values(&[&name])
-                    .inc_by(evictions - evictions_seen);
-                evictions_seen = evictions;
+                let outcomes = self.detector.judge(batch, &inference);
+                m.keys_tracked
+                    .with_label_values(&[&self.name])
+                    .set(self.detector.keys() as i64);
+                m.keys_firing
+                    .with_label_values(&[&self.name])
+                    .set(self.detector.firing() as i64);
+                let evictions = self.detector.evictions();
+                m.key_evictions
+                    .with_label_values(&[&self.name])
+                    .inc_by(evictions - self.evictions_seen);
+                self.evictions_seen = evictions;
                 for outcome in outcomes {
-                    outputs.emit(outcome);
+                    let sent = self.outputs.emit(outcome);
+                    self.track(sent);
                 }
             }
             Err(e) => {
-                tracing::error!(pipeline = %name, "Inference failed; the batch's records go to the dead-letter topic: {e}");
+                tracing::error!(pipeline = %self.name, "Inference failed; the batch's records go to the dead-letter topic: {e}");
                 for entry in batch.entries {
                     let payload = serde_json::json!({
                         "key": entry.record.key,
                         "timestamp": entry.record.timestamp,
                         "values": entry.record.values,
                     });
-                    outputs.dead_letter(
+                    let sent = self.outputs.dead_letter(
                         entry.origin,
                         Some(entry.record.key.into_bytes()),
                         payload.to_string().into_bytes(),
                         "inference_failed",
                         e.to_string(),
                     );
+                    self.track(sent);
                 }
             }
         }
     }
-}
 
-/// Every `every`, stores the positions whose contiguous prefix moved and commits them at once
-/// (asynchronously), so the committed position trails the finished records by one interval
-/// rather than two; librdkafka's own auto-commit of the stored offsets stays on as a backstop
-/// (and commits on close).
-async fn commit_loop(
-    consumer: Arc<StreamConsumer<PipelineContext>>,
-    tracker: Arc<Mutex<OffsetTracker>>,
-    every: Duration,
-    metrics: Metrics,
-    name: String,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
+    /// Finishes a record with nothing to wait for, or waits for its deliveries in a task.
+    fn track(&mut self, sent: Sent) {
+        if sent.is_done() {
+            let o = &sent.origin;
+            self.tracker.finish(&o.topic, o.partition, o.offset);
+        } else {
+            let outputs = self.outputs.clone();
+            self.tasks
+                .spawn(async move { Done::Delivered(outputs.delivered(sent).await) });
         }
-        let moved = tracker.lock().expect("tracker lock").take_committable();
-        if moved.is_empty() {
-            continue;
+    }
+
+    /// On a tick: queues a barrier behind what was received, unless one is in progress or
+    /// nothing moved.
+    async fn start_barrier(&mut self) {
+        if !matches!(self.barrier, BarrierState::Idle) {
+            return;
         }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, p), pos) in &moved {
-            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*pos));
+        let positions: Positions = self
+            .tracker
+            .fronts()
+            .into_iter()
+            .filter(|(p, pos)| self.committed.get(p) != Some(pos))
+            .collect();
+        if positions.is_empty() && self.unwritten.is_empty() {
+            return;
         }
-        // A partition revoked a moment ago cannot be stored or committed any more; its next
-        // owner starts from the position committed on revoke.
-        let stored = consumer
-            .store_offsets(&tpl)
-            .and_then(|()| consumer.commit(&tpl, CommitMode::Async));
-        match stored {
-            Ok(()) => metrics
-                .offsets_committed
-                .with_label_values(&[&name])
-                .inc_by(moved.len() as u64),
-            Err(e) => tracing::debug!(pipeline = %name, "Committing offsets: {e}"),
+        self.flush_batch().await;
+        self.queue.push_back(Queued::Barrier(positions));
+        self.barrier = BarrierState::Queued;
+    }
+
+    /// The barrier reached the front of the queue: everything before it is judged.
+    fn barrier_reached(&mut self, positions: Positions) {
+        let mut changes = std::mem::take(&mut self.unwritten);
+        changes.extend(self.detector.take_changes());
+        self.barrier = BarrierState::Delivering { positions, changes };
+        self.advance_barrier();
+    }
+
+    /// Moves the barrier on once the outputs before it are acknowledged.
+    fn advance_barrier(&mut self) {
+        let BarrierState::Delivering { positions, .. } = &self.barrier else {
+            return;
+        };
+        let delivered = positions.iter().all(|((topic, p), pos)| {
+            self.tracker
+                .position(topic, *p)
+                .is_none_or(|done| done >= *pos)
+        });
+        if !delivered {
+            return;
+        }
+        let BarrierState::Delivering { positions, changes } =
+            std::mem::replace(&mut self.barrier, BarrierState::Idle)
+        else {
+            unreachable!()
+        };
+        match &self.changelog {
+            Some(changelog) if !changes.is_empty() => {
+                let changelog = changelog.clone();
+                self.barrier = BarrierState::Writing { positions };
+                self.tasks.spawn(async move {
+                    let result = changelog.write(&changes).await;
+                    Done::Written { result, changes }
+                });
+            }
+            _ => self.commit(positions),
+        }
+    }
+
+    /// A barrier's state write finished: commit its positions, or keep its changes for the
+    /// next one.
+    fn written(&mut self, result: Result<(), ChangelogError>, changes: Vec<Change>) {
+        let BarrierState::Writing { positions } =
+            std::mem::replace(&mut self.barrier, BarrierState::Idle)
+        else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        match result {
+            Ok(()) => {
+                m.state_writes.with_label_values(&[&self.name, "ok"]).inc();
+                m.state_records
+                    .with_label_values(&[&self.name])
+                    .inc_by(changes.len() as u64);
+                self.commit(positions);
+            }
+            Err(e) => {
+                m.state_writes
+                    .with_label_values(&[&self.name, "error"])
+                    .inc();
+                tracing::error!(pipeline = %self.name, keys = changes.len(), "Writing state failed; offsets are not committed past it and it is written again with the next barrier: {e}");
+                self.unwritten = changes;
+            }
+        }
+    }
+
+    fn commit(&mut self, positions: Positions) {
+        if positions.is_empty() {
+            return;
+        }
+        for (p, pos) in &positions {
+            self.committed.insert(p.clone(), *pos);
+        }
+        let _ = self.commits.send(positions);
+    }
+
+    /// Handles events other than input until the queue is empty and no barrier is in
+    /// progress, or `deadline`.
+    async fn settle(&mut self, deadline: Instant) -> bool {
+        let mut never = tokio::time::interval(Duration::from_secs(3600));
+        never.tick().await;
+        loop {
+            if self.queue.is_empty() && matches!(self.barrier, BarrierState::Idle) {
+                return true;
+            }
+            tokio::select! {
+                event = self.next_event(None, &mut never) => self.on_event(event).await,
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
+    /// Settles revoked partitions: a last barrier behind their records, then their positions
+    /// back to the ingest thread, and their keys forgotten (their state is in the changelog).
+    async fn revoke(
+        &mut self,
+        partitions: Vec<Partition>,
+        within: Duration,
+        reply: Option<std::sync::mpsc::SyncSender<Positions>>,
+    ) {
+        let started = Instant::now();
+        let mut settled = true;
+        if let Some(reply) = reply {
+            let deadline = started + within;
+            self.flush_batch().await;
+            // Let a barrier in progress finish, then run one behind everything received.
+            settled = self.settle(deadline).await;
+            if settled {
+                self.start_barrier().await;
+                settled = self.settle(deadline).await;
+            }
+            let positions: Positions = partitions
+                .iter()
+                .filter_map(|p| self.committed.get(p).map(|pos| (p.clone(), *pos)))
+                .collect();
+            let _ = reply.send(positions);
+        }
+        self.tracker.remove(&partitions);
+        for p in &partitions {
+            self.committed.remove(p);
+        }
+        if let BarrierState::Delivering { positions, .. } | BarrierState::Writing { positions } =
+            &mut self.barrier
+        {
+            positions.retain(|(p, _)| !partitions.contains(p));
+        }
+        let dropped = self.detector.forget_partitions(&partitions);
+        if !settled {
+            tracing::warn!(pipeline = %self.name, "Drain timeout on revoke: records still in flight will be processed again by the partitions' next owner.");
+        }
+        tracing::info!(pipeline = %self.name, ?partitions, keys_dropped = dropped, elapsed_ms = started.elapsed().as_millis() as u64, "Partitions revoked.");
+    }
+
+    fn reload(&mut self, model: Arc<Model>) {
+        let old = self.detector.model().clone();
+        let path = model.path.clone();
+        let m = &self.shared.metrics;
+        match self.detector.set_model(model.clone()) {
+            Ok(()) => {
+                set_model_info(m, &self.name, &old, false);
+                set_model_info(m, &self.name, &model, true);
+                m.model_reloads.with_label_values(&[&self.name]).inc();
+                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %model.contract.version, "Swapped in a new model; every key's threshold restarts from its calibration.");
+            }
+            Err(why) => model_refused(m, &self.name, &format!("model {}: {why}", path.display())),
         }
     }
 }
@@ -478,21 +688,30 @@ fn set_model_info(metrics: &Metrics, pipeline: &str, model: &Model, serving: boo
     }
 }
 
+fn model_refused(metrics: &Metrics, pipeline: &str, why: &str) {
+    metrics
+        .model_load_failures
+        .with_label_values(&[pipeline])
+        .inc();
+    tracing::error!(pipeline = %pipeline, "Refused a new model file, the running model keeps serving: {why}");
+}
+
 /// The identity of a file's current version: its modification time and length.
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Watches the model file (every `every`, and at once on SIGHUP) and swaps in a new version
-/// between batches. A file that does not load or does not fit is refused, logged and counted,
-/// and the running model keeps serving. Replace model files atomically (write, then rename):
-/// a half-written file is refused, then picked up once complete.
+/// Watches the model file (every `every`, and at once on SIGHUP) and sends a new version that
+/// loads to the detector task, which swaps it in between batches (or refuses it if it does not
+/// fit). A file that does not load is refused, logged and counted here, and the running model
+/// keeps serving. Replace model files atomically (write, then rename): a half-written file is
+/// refused, then picked up once complete.
 async fn reload_loop(
     name: String,
     path: std::path::PathBuf,
     every: Duration,
-    detector: Arc<Mutex<Detector>>,
+    input: mpsc::Sender<Input>,
     shared: Shared,
     stop: CancellationToken,
 ) {
@@ -509,110 +728,19 @@ async fn reload_loop(
         }
         seen = stamp;
         let load_path = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
-        let result = match loaded {
+        match tokio::task::spawn_blocking(move || Model::load(&load_path)).await {
             Ok(Ok(model)) => {
-                let model = Arc::new(model);
-                let mut d = detector.lock().expect("detector lock");
-                let old = d.model().clone();
-                let swapped = d.set_model(model.clone());
-                swapped
-                    .map(|()| (old, model))
-                    .map_err(|why| format!("model {}: {why}", path.display()))
+                tokio::select! {
+                    sent = input.send(Input::Reload(Arc::new(model))) => if sent.is_err() { return },
+                    _ = stop.cancelled() => return,
+                }
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("model {}: loading failed: {e}", path.display())),
-        };
-        match result {
-            Ok((old, new)) => {
-                set_model_info(&shared.metrics, &name, &old, false);
-                set_model_info(&shared.metrics, &name, &new, true);
-                shared
-                    .metrics
-                    .model_reloads
-                    .with_label_values(&[&name])
-                    .inc();
-                tracing::info!(pipeline = %name, from = %old.contract.version, to = %new.contract.version, "Swapped in a new model; every key's threshold restarts from its calibration.");
-            }
-            Err(e) => {
-                shared
-                    .metrics
-                    .model_load_failures
-                    .with_label_values(&[&name])
-                    .inc();
-                tracing::error!(pipeline = %name, "Refused a new model file, the running model keeps serving: {e}");
-            }
+            Ok(Err(e)) => model_refused(&shared.metrics, &name, &e.to_string()),
+            Err(e) => model_refused(
+                &shared.metrics,
+                &name,
+                &format!("model {}: loading failed: {e}", path.display()),
+            ),
         }
-    }
-}
-
-/// Reads a pipeline's checkpoint and sorts its keys by partition, to restore on assignment.
-fn pending_restore(name: &str, path: &std::path::Path, detector: &Detector) -> PendingRestore {
-    let checkpoint = match checkpoint::load(path) {
-        Ok(Some(c)) => c,
-        Ok(None) => return PendingRestore::default(),
-        Err(e) => {
-            tracing::warn!(pipeline = %name, "Ignoring the checkpoint; every key starts from the calibration: {e}");
-            return PendingRestore::default();
-        }
-    };
-    let (usable, thresholds, why) = detector.restorable(&checkpoint);
-    if let Some(why) = why {
-        tracing::warn!(pipeline = %name, path = %path.display(), "Restoring only part of the checkpoint: {why}.");
-    }
-    let mut pending = PendingRestore {
-        thresholds,
-        ..PendingRestore::default()
-    };
-    if usable {
-        tracing::info!(pipeline = %name, keys = checkpoint.keys.len(), written_at = %checkpoint.written_at, "Loaded the checkpoint; keys are restored as their partitions are assigned.");
-        for k in checkpoint.keys {
-            pending
-                .keys
-                .entry((k.topic.clone(), k.partition))
-                .or_default()
-                .push(k);
-        }
-    }
-    pending
-}
-
-fn write_checkpoint(name: &str, path: &std::path::Path, snapshot: &Checkpoint, metrics: &Metrics) {
-    let result = checkpoint::save(path, snapshot);
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics
-        .checkpoints
-        .with_label_values(&[name, outcome])
-        .inc();
-    match result {
-        Ok(()) => {
-            tracing::debug!(pipeline = %name, keys = snapshot.keys.len(), "Checkpoint written.")
-        }
-        Err(e) => {
-            tracing::error!(pipeline = %name, "Writing the checkpoint failed; a restart would re-learn every key: {e}")
-        }
-    }
-}
-
-/// Writes the pipeline's checkpoint every `every` until `stop`.
-async fn checkpoint_loop(
-    name: String,
-    path: std::path::PathBuf,
-    every: Duration,
-    detector: Arc<Mutex<Detector>>,
-    metrics: Metrics,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        let snapshot = detector.lock().expect("detector lock").checkpoint();
-        let (name2, path2, metrics2) = (name.clone(), path.clone(), metrics.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            write_checkpoint(&name2, &path2, &snapshot, &metrics2)
-        })
-        .await;
     }
 }

@@ -1,11 +1,14 @@
 //! Sinks: where a pipeline's outputs go (alerts, scores and denoised topics, dead letters,
 //! stdout), and the JSON shapes they are written in.
 //!
-//! A delivery that fails is retried with backoff until it succeeds or the daemon gives up at the
-//! end of its shutdown grace period; the input record's offset is released only after all of
-//! its outputs are acknowledged, so a record whose alert never reached Kafka is read again.
+//! Emitting a record's outcome counts it and queues its messages in the producer, in record
+//! order, and returns them as [`Sent`]; [`Outputs::delivered`] then waits for their
+//! acknowledgements, retrying a failed delivery with backoff for as long as it is allowed to
+//! run (the pipeline aborts it at the end of the shutdown grace period). The pipeline releases
+//! the input record's offset only once it returns, so a record whose alert never reached Kafka
+//! is read again.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter};
@@ -14,7 +17,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertEvent;
 use crate::config::PipelineConfig;
@@ -22,7 +24,6 @@ use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
 use crate::kafka::ProducerContext;
 use crate::metrics::Metrics;
-use crate::offsets::OffsetTracker;
 
 /// One message to deliver.
 #[derive(Debug, Clone)]
@@ -101,23 +102,17 @@ pub struct Outputs {
     /// This pipeline's per-record series, looked up once: a labelled lookup per record costs a
     /// hash and a lock.
     series: Series,
-    tracker: Arc<Mutex<OffsetTracker>>,
-    /// Cancelled when the daemon stops retrying failed deliveries (end of the grace period).
-    give_up: CancellationToken,
     /// Alert events for the Alertmanager sink, if the pipeline has one.
     alertmanager: Option<mpsc::Sender<AlertEvent>>,
 }
 
 impl Outputs {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pipeline: &str,
         cfg: &PipelineConfig,
         features: Vec<String>,
         producer: FutureProducer<ProducerContext>,
         metrics: Metrics,
-        tracker: Arc<Mutex<OffsetTracker>>,
-        give_up: CancellationToken,
         alertmanager: Option<mpsc::Sender<AlertEvent>>,
     ) -> Outputs {
         Outputs {
@@ -131,8 +126,6 @@ impl Outputs {
             features,
             series: Series::of(&metrics, pipeline),
             metrics,
-            tracker,
-            give_up,
             alertmanager,
         }
     }
@@ -141,13 +134,13 @@ impl Outputs {
         &self.producer
     }
 
-    /// Counts an outcome, sends its outputs, and releases its offset once they are acknowledged.
-    pub fn emit(self: &Arc<Self>, outcome: Outcome) {
+    /// Counts an outcome and queues its outputs.
+    pub fn emit(&self, outcome: Outcome) -> Sent {
         let m = &self.series;
         match outcome {
             Outcome::Warming { origin, .. } => {
                 m.warming.inc();
-                self.finish(&origin);
+                self.send(origin, Vec::new())
             }
             Outcome::Scored(s) => {
                 m.scored.inc();
@@ -157,7 +150,7 @@ impl Outputs {
                     m.anomalies.inc();
                 }
                 let messages = self.messages_for(&s);
-                self.send_then_finish(s.origin.clone(), messages);
+                self.send(s.origin.clone(), messages)
             }
         }
     }
@@ -213,13 +206,13 @@ impl Outputs {
 
     /// Sends a record that cannot be scored to the dead-letter topic, with its reason in headers.
     pub fn dead_letter(
-        self: &Arc<Self>,
+        &self,
         origin: Origin,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         reason: &'static str,
         detail: String,
-    ) {
+    ) -> Sent {
         self.metrics
             .records
             .with_label_values(&[&self.pipeline, "dead_letter"])
@@ -247,28 +240,25 @@ impl Outputs {
                 ],
             }]
         };
-        self.send_then_finish(origin, messages);
+        self.send(origin, messages)
     }
 
     /// Dead-letters a record that failed to decode.
     pub fn undecodable(
-        self: &Arc<Self>,
+        &self,
         origin: Origin,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         error: &DecodeError,
-    ) {
-        self.dead_letter(origin, key, payload, error.reason(), error.to_string());
+    ) -> Sent {
+        self.dead_letter(origin, key, payload, error.reason(), error.to_string())
     }
 
-    fn send_then_finish(self: &Arc<Self>, origin: Origin, messages: Vec<OutMessage>) {
-        if messages.is_empty() {
-            self.finish(&origin);
-            return;
-        }
-        // Enqueue now, in record order, so that a key's events reach the topic in the order they
-        // happened; only the wait for acknowledgements (and any retry) runs in the background.
-        let pending: Vec<(OutMessage, Option<DeliveryFuture>)> = messages
+    /// Queues a record's messages now, in record order, so that a key's events reach their
+    /// topic in the order they happened; only the wait for acknowledgements (and any retry) is
+    /// left for [`Outputs::delivered`].
+    fn send(&self, origin: Origin, messages: Vec<OutMessage>) -> Sent {
+        let pending = messages
             .into_iter()
             .map(|m| {
                 let queued = self
@@ -278,21 +268,22 @@ impl Outputs {
                 (m, queued)
             })
             .collect();
-        let this = self.clone();
-        tokio::spawn(async move {
-            for (m, queued) in pending {
-                let acked = match queued {
-                    Some(f) => this.acked(f, &m).await,
-                    None => false,
-                };
-                if !acked && !this.deliver(&m).await {
-                    // Given up at shutdown: the offset stays in flight, so it is not committed
-                    // and the record is read again after the restart.
-                    return;
-                }
+        Sent { origin, pending }
+    }
+
+    /// Waits until every message of `sent` is acknowledged, retrying failed ones with backoff
+    /// for as long as it runs; returns the record's origin, whose offset may then be released.
+    pub async fn delivered(self: Arc<Self>, sent: Sent) -> Origin {
+        for (m, queued) in sent.pending {
+            let acked = match queued {
+                Some(f) => self.acked(f, &m).await,
+                None => false,
+            };
+            if !acked {
+                self.deliver(&m).await;
             }
-            this.finish(&origin);
-        });
+        }
+        sent.origin
     }
 
     /// Hands one message to the producer's queue.
@@ -337,31 +328,34 @@ impl Outputs {
         }
     }
 
-    /// Delivers one message, retrying with backoff until acknowledged; false if given up.
-    async fn deliver(&self, m: &OutMessage) -> bool {
+    /// Delivers one message, retrying with backoff until it is acknowledged.
+    async fn deliver(&self, m: &OutMessage) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.give_up.cancelled() => return false,
-            }
+            tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
             match self.enqueue(m) {
-                Ok(queued) => tokio::select! {
-                    acked = self.acked(queued, m) => if acked { return true },
-                    _ = self.give_up.cancelled() => return false,
-                },
+                Ok(queued) => {
+                    if self.acked(queued, m).await {
+                        return;
+                    }
+                }
                 Err(e) => self.failed(m, &e.to_string()),
             }
         }
     }
+}
 
-    fn finish(&self, origin: &Origin) {
-        self.tracker.lock().expect("tracker lock").finish(
-            &origin.topic,
-            origin.partition,
-            origin.offset,
-        );
+/// The outputs of one record, queued in the producer, awaiting their acknowledgements.
+pub struct Sent {
+    pub origin: Origin,
+    pending: Vec<(OutMessage, Option<DeliveryFuture>)>,
+}
+
+impl Sent {
+    /// Whether the record had no output to wait for.
+    pub fn is_done(&self) -> bool {
+        self.pending.is_empty()
     }
 }
 

@@ -1387,6 +1387,7 @@ fn prometheus_evaluates_the_shipped_rules_and_alerts_reach_alertmanager() {
         ("metrics", 4),
         ("anomalyd-alerts", 1),
         ("anomalyd-dead-letters", 1),
+        ("deploy-e2e.fleet.state", 4),
     ])
     .expect("the in-process Kafka cluster");
     std::fs::write(

@@ -18,6 +18,7 @@ const TOPICS: &[(&str, i32)] = &[
     ("alerts", 1),
     ("dead-letters", 1),
     ("scores", 1),
+    (STATE_TOPIC, 2),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,6 +15,7 @@ const TOPICS: &[(&str, i32)] = &[
     ("alerts", 1),
     ("dead-letters", 1),
     ("scores", 2),
+    (STATE_TOPIC, 4),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -476,13 +477,8 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_daemon_restores_learned_state_and_does_not_re_alert() {
     let kafka = MockKafka::start(TOPICS).unwrap();
-    let state = tempfile::tempdir().unwrap();
     let dspot = "[pipelines.fleet.threshold]\nmethod = \"dspot\"";
-    let cfg = || {
-        let mut c = config(&kafka.bootstrap, "checkpoint-test", dspot);
-        c.runtime.state_dir = Some(state.path().to_path_buf());
-        c
-    };
+    let cfg = || config(&kafka.bootstrap, "state-test", dspot);
     let hosts = 4;
     let stream = ramp_stream(hosts, 1100, 17);
     let split = 900 * hosts;
@@ -516,10 +512,13 @@ async fn a_restarted_daemon_restores_learned_state_and_does_not_re_alert() {
         0,
         "the ramp is learned, not alerted on"
     );
+    assert!(
+        m1.state_writes.with_label_values(&["fleet", "ok"]).get() >= 1,
+        "the state reached the state topic"
+    );
     assert_eq!(
-        m1.checkpoints.with_label_values(&["fleet", "ok"]).get(),
-        1,
-        "final checkpoint"
+        m1.state_writes.with_label_values(&["fleet", "error"]).get(),
+        0
     );
 
     // Second run on the same state: the new level is still known.
@@ -547,7 +546,7 @@ async fn a_restarted_daemon_restores_learned_state_and_does_not_re_alert() {
         "no re-alert on the learned level after the restart"
     );
 
-    // What the restart would have done without the checkpoint: re-learn from the calibration
+    // What the restart would have done without the state topic: re-learn from the calibration
     // and alert on the level it had already accepted.
     let fresh = replay_rows(&stream.records[split..], dspot);
     let refired = fresh

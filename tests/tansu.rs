@@ -540,14 +540,7 @@ async fn sigkill_at_five_random_points_loses_no_record_and_no_alert() {
             "[kafka.properties]",
             "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"",
         )
-        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "[runtime]",
-            &format!(
-                "[runtime]\nstate_dir = \"{}\"\ncheckpoint_interval = \"1s\"",
-                dir.path().join("state").display()
-            ),
-        );
+        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
     let config = dir.path().join("anomalyd.toml");
     std::fs::write(&config, toml).unwrap();
     let log = dir.path().join("anomalyd.log");

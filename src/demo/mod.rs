@@ -34,6 +34,7 @@ const DEMO_MODEL: &[u8] = include_bytes!("../../models/demo-dense.onnx");
 const INPUT_TOPIC: &str = "metrics";
 const ALERTS_TOPIC: &str = "anomalyd-alerts";
 const DEAD_LETTER_TOPIC: &str = "anomalyd-dead-letters";
+const STATE_TOPIC: &str = "anomalyd-demo-state";
 const PIPELINE: &str = "fleet";
 /// Ticks after an incident ends during which an alert still counts as catching it.
 const CATCH_GRACE_TICKS: u64 = 12;
@@ -137,6 +138,7 @@ key_field = "host"
 timestamp_field = "ts"
 alerts_topic = "{ALERTS_TOPIC}"
 dead_letter_topic = "{DEAD_LETTER_TOPIC}"
+state_topic = "{STATE_TOPIC}"
 [pipelines.{PIPELINE}.batch]
 max_size = 64
 max_wait = "10ms"
@@ -157,7 +159,12 @@ resolve_after = 6
 /// Runs the demo and prints its live alerts and summary.
 pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let cluster = MockKafka::start(&[(INPUT_TOPIC, 4), (ALERTS_TOPIC, 1), (DEAD_LETTER_TOPIC, 1)])?;
+    let cluster = MockKafka::start(&[
+        (INPUT_TOPIC, 4),
+        (ALERTS_TOPIC, 1),
+        (DEAD_LETTER_TOPIC, 1),
+        (STATE_TOPIC, 4),
+    ])?;
     let scratch = tempfile_dir()?;
     let model_path = match &args.model {
         Some(p) => p.clone(),

@@ -321,6 +321,10 @@ pub fn assert_no_alert_lost(stream: &Stream, alerts: &[Got]) {
     );
 }
 
+/// The state topic of `config_toml`'s pipeline. The in-process cluster cannot create topics
+/// (it has no CreateTopics), so tests on it create this one with the others.
+pub const STATE_TOPIC: &str = "fleet-state";
+
 /// A pipeline configuration for the demo model against `bootstrap`.
 pub fn config_toml(bootstrap: &str, group: &str, extra_pipeline: &str) -> String {
     format!(
@@ -344,6 +348,7 @@ timestamp_field = "ts"
 alerts_topic = "alerts"
 dead_letter_topic = "dead-letters"
 scores_topic = "scores"
+state_topic = "{STATE_TOPIC}"
 {extra_pipeline}
 [pipelines.fleet.batch]
 max_size = 64

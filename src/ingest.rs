@@ -1,0 +1,390 @@
+//! Ingest: one pipeline's Kafka consumer, polled on a thread of its own.
+//!
+//! librdkafka runs a consumer's rebalance callbacks inside `poll`, on the polling thread, and
+//! the revoked partitions are let go when the callback returns. So the consumer is polled by a
+//! dedicated thread, never a tokio worker, which may block there:
+//! - each record is decoded and handed, in partition order, to the pipeline's detector task
+//!   through a bounded channel (a slow model slows the polling down instead of buffering);
+//! - a rebalance is forwarded on the same channel, so the detector task sees it after every
+//!   record consumed before it (stream order). On assignment the thread first reads the
+//!   partitions' state from the changelog, so it reaches the detector before their first
+//!   record. On revocation it waits (bounded) for the detector's answer, the positions up to
+//!   which everything is delivered and its state durable, and commits them before returning;
+//! - the positions the detector sends back as barriers complete are committed here, so that
+//!   every call on the consumer is made from this thread.
+//!
+//! At shutdown the thread revokes everything it holds the same way, then closes the consumer
+//! (leaving the group) and, by dropping its end of the channel, tells the detector task that
+//! no more input comes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::changelog::{Changelog, StateRecord};
+use crate::decode::{DecodeError, Decoder, Record};
+use crate::detect::Origin;
+use crate::kafka::{consumer_config, log_kafka, KafkaConfig};
+use crate::metrics::{Health, Metrics};
+use crate::model::Model;
+use crate::offsets::{Offset, Partition};
+
+/// What reaches a pipeline's detector task, in stream order.
+#[derive(Debug)]
+pub enum Input {
+    Record(Origin, Record),
+    /// A record that could not be decoded: a dead letter.
+    Undecodable {
+        origin: Origin,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        error: DecodeError,
+    },
+    /// Partitions are ours now, with the state of their keys.
+    Assigned {
+        partitions: Vec<Partition>,
+        states: Vec<StateRecord>,
+    },
+    /// Partitions are taken away. Unless they were lost (the group moved on without us), the
+    /// detector settles them within `within` and answers with the positions to commit.
+    Revoked {
+        partitions: Vec<Partition>,
+        within: Duration,
+        reply: Option<std::sync::mpsc::SyncSender<Positions>>,
+    },
+    /// A new version of the model, to swap in between batches.
+    Reload(Arc<Model>),
+}
+
+/// Commit positions: per partition, the offset of the next record to read.
+pub type Positions = Vec<(Partition, Offset)>;
+
+/// What the ingest thread of one pipeline needs.
+pub struct Ingest {
+    pub pipeline: String,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub kafka: KafkaConfig,
+    pub decoder: Decoder,
+    pub changelog: Option<Changelog>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    /// How long the final revocation may take at shutdown.
+    pub grace: Duration,
+}
+
+impl Ingest {
+    /// Creates and subscribes the consumer, and starts polling it on a thread of its own until
+    /// `shutdown`. Records and rebalances go to `input`; positions to commit come from
+    /// `commits`.
+    pub fn start(
+        self,
+        input: mpsc::Sender<Input>,
+        commits: std::sync::mpsc::Receiver<Positions>,
+        shutdown: CancellationToken,
+    ) -> Result<std::thread::JoinHandle<()>, KafkaError> {
+        let context = Context {
+            pipeline: self.pipeline.clone(),
+            input,
+            changelog: self.changelog,
+            metrics: self.metrics,
+            health: self.health,
+            drain_timeout: self.kafka.drain_timeout,
+            closing: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<Context> =
+            consumer_config(&self.kafka, &self.group).create_with_context(context)?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let poller = Poller {
+            consumer,
+            decoder: self.decoder,
+            commits,
+            grace: self.grace,
+            topic_names: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("ingest-{}", self.pipeline))
+            .spawn(move || poller.run(shutdown))
+            .map_err(|e| KafkaError::Subscription(format!("cannot start the ingest thread: {e}")))
+    }
+}
+
+struct Poller {
+    consumer: BaseConsumer<Context>,
+    decoder: Decoder,
+    commits: std::sync::mpsc::Receiver<Positions>,
+    grace: Duration,
+    /// Topic names, shared by every record's origin.
+    topic_names: Vec<Arc<str>>,
+}
+
+impl Poller {
+    fn run(self, shutdown: CancellationToken) {
+        let Poller {
+            consumer,
+            decoder,
+            commits,
+            grace,
+            mut topic_names,
+        } = self;
+        let ctx = consumer.context();
+        let mut consecutive_errors = 0u32;
+        while !shutdown.is_cancelled() {
+            for positions in commits.try_iter() {
+                ctx.commit(&consumer, &positions, CommitMode::Async);
+            }
+            let input = match consumer.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Ok(m)) => {
+                    consecutive_errors = 0;
+                    decode(&decoder, &mut topic_names, &m)
+                }
+                Some(Err(e)) => {
+                    consecutive_errors += 1;
+                    tracing::warn!(pipeline = %ctx.pipeline, "Consumer error: {e}");
+                    // Back off a little while the broker is unreachable, so the log stays
+                    // readable. This is the ingest thread: nothing else waits on it.
+                    std::thread::sleep(Duration::from_millis(
+                        50 * u64::from(consecutive_errors.min(20)),
+                    ));
+                    continue;
+                }
+            };
+            if ctx.input.blocking_send(input).is_err() {
+                tracing::error!(pipeline = %ctx.pipeline, "The detector task is gone; stopping consumption.");
+                break;
+            }
+        }
+        ctx.health.set_stopping();
+        tracing::info!(pipeline = %ctx.pipeline, "Stopped consuming; draining in-flight records.");
+        let assigned = consumer
+            .assignment()
+            .map(|a| partitions_of(&a))
+            .unwrap_or_default();
+        ctx.revoke(&consumer, assigned, grace);
+        ctx.closing.store(true, Ordering::SeqCst);
+        consumer.unsubscribe();
+        // Dropping the consumer closes it (leaving the group) and, with it, its end of the
+        // detector's channel.
+    }
+}
+
+/// Decodes a consumed record into the detector's input; `topic_names` shares every record's
+/// topic name.
+fn decode(
+    decoder: &Decoder,
+    topic_names: &mut Vec<Arc<str>>,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> Input {
+    let topic = match topic_names.iter().find(|t| ***t == *m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topic_names.push(t.clone());
+            t
+        }
+    };
+    let origin = Origin {
+        topic,
+        partition: m.partition(),
+        offset: m.offset(),
+    };
+    let payload = m.payload().unwrap_or_default();
+    match decoder.decode_json(payload) {
+        Ok(mut record) => {
+            if record.timestamp.is_none() {
+                record.timestamp = m.timestamp().to_millis().map(crate::time::rfc3339_millis);
+            }
+            Input::Record(origin, record)
+        }
+        Err(error) => Input::Undecodable {
+            origin,
+            key: m.key().map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            error,
+        },
+    }
+}
+
+/// The consumer context: forwards rebalances to the detector task.
+struct Context {
+    pipeline: String,
+    input: mpsc::Sender<Input>,
+    changelog: Option<Changelog>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    drain_timeout: Duration,
+    /// Set once the final revocation is done: closing the consumer revokes again, with nothing
+    /// left to settle.
+    closing: AtomicBool,
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+/// How long reading the state of newly assigned partitions may take.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Context {
+    /// Hands `partitions` back: the detector settles them (within `within`) and answers with
+    /// their positions, committed here before the callback returns.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: Vec<Partition>, within: Duration) {
+        if partitions.is_empty() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let sent = self.input.blocking_send(Input::Revoked {
+            partitions,
+            within,
+            reply: Some(tx),
+        });
+        if sent.is_err() {
+            return;
+        }
+        // The detector keeps its own deadline; this one only guards against a detector that
+        // is gone or stuck.
+        match rx.recv_timeout(within + Duration::from_secs(5)) {
+            Ok(positions) => self.commit(consumer, &positions, CommitMode::Sync),
+            Err(_) => {
+                tracing::warn!(pipeline = %self.pipeline, "The detector did not settle the revoked partitions in time; their records since the last commit will be processed again.")
+            }
+        }
+    }
+
+    /// Stores and commits positions.
+    fn commit(&self, consumer: &BaseConsumer<Self>, positions: &Positions, mode: CommitMode) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), pos) in positions {
+            let _ = tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*pos));
+        }
+        // A partition revoked a moment ago cannot be stored or committed any more; its next
+        // owner starts from the position committed on revoke.
+        match consumer
+            .store_offsets(&tpl)
+            .and_then(|()| consumer.commit(&tpl, mode))
+        {
+            Ok(()) => self
+                .metrics
+                .offsets_committed
+                .with_label_values(&[&self.pipeline])
+                .inc_by(positions.len() as u64),
+            Err(e) if matches!(mode, CommitMode::Sync) => {
+                tracing::warn!(pipeline = %self.pipeline, "Committing offsets failed: {e}; records since the last commit will be processed again.")
+            }
+            Err(e) => tracing::debug!(pipeline = %self.pipeline, "Committing offsets: {e}"),
+        }
+    }
+
+    /// The state of the keys of newly assigned partitions, from the changelog.
+    fn restore(&self, partitions: &[Partition]) -> Vec<StateRecord> {
+        let Some(changelog) = &self.changelog else {
+            return Vec::new();
+        };
+        let started = std::time::Instant::now();
+        let read = changelog
+            .ensure(
+                partitions.iter().map(|(_, p)| p + 1).max().unwrap_or(1),
+                RESTORE_TIMEOUT,
+            )
+            .and_then(|_| changelog.read(partitions, RESTORE_TIMEOUT));
+        match read {
+            Ok((states, skipped)) => {
+                if skipped > 0 {
+                    tracing::warn!(pipeline = %self.pipeline, topic = changelog.topic(), skipped, "Skipped state records anomalyd cannot read; their keys start from the calibration.");
+                }
+                tracing::debug!(pipeline = %self.pipeline, keys = states.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Read the state of the assigned partitions.");
+                states
+            }
+            Err(e) => {
+                self.metrics
+                    .state_restore_failures
+                    .with_label_values(&[&self.pipeline])
+                    .inc();
+                tracing::error!(pipeline = %self.pipeline, "Cannot restore the state of the assigned partitions; their keys start from the calibration: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn update_assignment(&self, consumer: &BaseConsumer<Self>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics
+            .partitions_assigned
+            .with_label_values(&[&self.pipeline])
+            .set(assigned as i64);
+        self.health.set_assigned(&self.pipeline, assigned > 0);
+    }
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_kafka(level, fac, message);
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.metrics.set_lag(&self.pipeline, &statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", pipeline = %self.pipeline, "Kafka consumer error: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions = partitions_of(tpl);
+        self.metrics.drop_lag(&self.pipeline, &partitions);
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        if consumer.assignment_lost() {
+            tracing::warn!(pipeline = %self.pipeline, ?partitions, "Partitions were lost (the group moved on without us); their in-flight records will be processed again by their new owner.");
+            let _ = self.input.blocking_send(Input::Revoked {
+                partitions,
+                within: Duration::ZERO,
+                reply: None,
+            });
+        } else {
+            self.revoke(consumer, partitions, self.drain_timeout);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) if !self.closing.load(Ordering::SeqCst) => {
+                let partitions = partitions_of(tpl);
+                if !partitions.is_empty() {
+                    let states = self.restore(&partitions);
+                    let _ = self
+                        .input
+                        .blocking_send(Input::Assigned { partitions, states });
+                }
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(pipeline = %self.pipeline, "Rebalance error: {e}");
+            }
+            _ => {}
+        }
+        self.update_assignment(consumer);
+    }
+}
