@@ -252,8 +252,7 @@ impl Changelog {
         let mut c = crate::kafka::client_config(&self.kafka);
         c.set("group.id", format!("{}.reader", self.topic))
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true");
+            .set("enable.auto.offset.store", "false");
         c
     }
 
@@ -275,52 +274,55 @@ impl Changelog {
             v.sort();
             v
         };
+        // Where each partition ends: a marker written now, after everything the partition's
+        // previous owner wrote (its writes were acknowledged before it let the partition go).
+        // Not the high watermark, which some brokers (tansu 0.6) count in batches.
+        let marker = format!("\u{0}end/{}", rand::random::<u64>());
+        let mut remaining: HashSet<i32> = HashSet::new();
+        for &p in &numbers {
+            let record = FutureRecord::<str, [u8]>::to(&self.topic)
+                .key(&marker)
+                .partition(p);
+            let ack = self.producer.send_result(record).map_err(|(e, _)| err(e))?;
+            match block_on(ack) {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(err(e)),
+                Err(_) => return Err(err(KafkaError::Canceled)),
+            }
+            remaining.insert(p);
+        }
         let reader: BaseConsumer = self.reader_config().create().map_err(err)?;
         let mut tpl = TopicPartitionList::new();
-        let mut remaining: HashMap<i32, i64> = HashMap::new();
         for &p in &numbers {
-            let (low, high) = reader
-                .fetch_watermarks(&self.topic, p, timeout)
+            tpl.add_partition_offset(&self.topic, p, Offset::Beginning)
                 .map_err(err)?;
-            if high > low {
-                remaining.insert(p, high);
-                tpl.add_partition_offset(&self.topic, p, Offset::Offset(low))
-                    .map_err(err)?;
-            }
         }
+        reader.assign(&tpl).map_err(err)?;
         let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-        if !remaining.is_empty() {
-            reader.assign(&tpl).map_err(err)?;
-            let deadline = Instant::now() + timeout;
-            while !remaining.is_empty() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(ChangelogError::Timeout {
-                        topic: self.topic.clone(),
-                        partitions: remaining.keys().copied().collect(),
-                        timeout,
-                    });
-                }
-                match reader.poll(left.min(Duration::from_millis(200))) {
-                    Some(Ok(m)) => {
-                        if let Some(k) = m.key() {
-                            latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
-                        }
-                        if remaining
-                            .get(&m.partition())
-                            .is_some_and(|&high| m.offset() + 1 >= high)
-                        {
-                            remaining.remove(&m.partition());
-                        }
+        let deadline = Instant::now() + timeout;
+        while !remaining.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChangelogError::Timeout {
+                    topic: self.topic.clone(),
+                    partitions: remaining.into_iter().collect(),
+                    timeout,
+                });
+            }
+            match reader.poll(left.min(Duration::from_millis(200))) {
+                Some(Ok(m)) => match m.key() {
+                    Some(k) if k == marker.as_bytes() => {
+                        remaining.remove(&m.partition());
                     }
-                    Some(Err(KafkaError::PartitionEOF(p))) => {
-                        remaining.remove(&p);
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(topic = %self.topic, "Reading the state topic: {e}")
+                    Some(k) => {
+                        latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
                     }
                     None => {}
+                },
+                Some(Err(e)) => {
+                    tracing::debug!(topic = %self.topic, "Reading the state topic: {e}")
                 }
+                None => {}
             }
         }
         let wanted: HashSet<(&str, i32)> =

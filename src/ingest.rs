@@ -292,17 +292,24 @@ impl Context {
         }
     }
 
-    /// The state of the keys of newly assigned partitions, from the changelog.
-    fn restore(&self, partitions: &[Partition]) -> Vec<StateRecord> {
+    /// The state of the keys of newly assigned partitions, from the changelog (created, if
+    /// missing, with as many partitions as the largest input topic).
+    fn restore(&self, consumer: &BaseConsumer<Self>, partitions: &[Partition]) -> Vec<StateRecord> {
         let Some(changelog) = &self.changelog else {
             return Vec::new();
         };
         let started = std::time::Instant::now();
+        let mut needed = partitions.iter().map(|(_, p)| p + 1).max().unwrap_or(1);
+        let topics: std::collections::BTreeSet<&str> =
+            partitions.iter().map(|(t, _)| t.as_str()).collect();
+        for topic in topics {
+            if let Ok(md) = consumer.fetch_metadata(Some(topic), RESTORE_TIMEOUT) {
+                let n = md.topics().first().map_or(0, |t| t.partitions().len());
+                needed = needed.max(n as i32);
+            }
+        }
         let read = changelog
-            .ensure(
-                partitions.iter().map(|(_, p)| p + 1).max().unwrap_or(1),
-                RESTORE_TIMEOUT,
-            )
+            .ensure(needed, RESTORE_TIMEOUT)
             .and_then(|_| changelog.read(partitions, RESTORE_TIMEOUT));
         match read {
             Ok((states, skipped)) => {
@@ -374,7 +381,7 @@ impl ConsumerContext for Context {
             Rebalance::Assign(tpl) if !self.closing.load(Ordering::SeqCst) => {
                 let partitions = partitions_of(tpl);
                 if !partitions.is_empty() {
-                    let states = self.restore(&partitions);
+                    let states = self.restore(consumer, &partitions);
                     let _ = self
                         .input
                         .blocking_send(Input::Assigned { partitions, states });

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ports;
+pub mod tansu;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
