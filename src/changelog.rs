@@ -37,13 +37,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 
-use crate::alert::AlertState;
 use crate::kafka::{KafkaConfig, ProducerContext};
 use crate::offsets::Partition;
-use crate::threshold::ThresholdState;
-use crate::window::Ring;
+use crate::state::{Change, StateRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -57,49 +54,6 @@ pub enum ChangelogError {
         partitions: Vec<i32>,
         timeout: Duration,
     },
-}
-
-/// What the state was learned with: the state of another model is not restored as it is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelIdentity {
-    pub name: String,
-    pub version: String,
-    pub features: Vec<String>,
-    pub window: usize,
-}
-
-/// One key's state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeySnapshot {
-    pub key: String,
-    pub topic: String,
-    pub partition: i32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<Ring>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub threshold: Option<ThresholdState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alert: Option<AlertState>,
-}
-
-/// A changelog record's value: a key's state and what it was learned with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StateRecord {
-    pub model: ModelIdentity,
-    /// The threshold method the state belongs to.
-    pub method: String,
-    #[serde(flatten)]
-    pub state: KeySnapshot,
-}
-
-/// A change of one key's state since the last barrier: its new state, or `None` once the key
-/// was evicted (a tombstone).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub topic: Arc<str>,
-    pub partition: i32,
-    pub key: String,
-    pub state: Option<StateRecord>,
 }
 
 /// The record key of an input topic's entity.
@@ -372,35 +326,6 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_state_record_round_trips_through_its_json() {
-        let mut ring = Ring::new(2, 1);
-        ring.push(&[3.0], &mut Vec::new());
-        let r = StateRecord {
-            model: ModelIdentity {
-                name: "m".into(),
-                version: "1".into(),
-                features: vec!["a".into()],
-                window: 2,
-            },
-            method: "ewma".into(),
-            state: KeySnapshot {
-                key: "k".into(),
-                topic: "t".into(),
-                partition: 3,
-                window: Some(ring),
-                threshold: Some(ThresholdState::Ewma {
-                    mean: 1.0,
-                    var: 2.0,
-                }),
-                alert: Some(AlertState::default()),
-            },
-        };
-        let json = serde_json::to_vec(&r).unwrap();
-        assert_eq!(serde_json::from_slice::<StateRecord>(&json).unwrap(), r);
-        assert!(serde_json::from_slice::<StateRecord>(b"{ torn").is_err());
-    }
 
     #[test]
     fn a_record_key_names_its_topic_and_entity() {

@@ -25,9 +25,9 @@ use crate::alert::AlertConfig;
 use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
-use crate::changelog::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::decode::{Decoder, Record};
 use crate::model::{Inference, Model};
+use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
 use crate::window::Ring;
 

@@ -30,13 +30,14 @@ use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::changelog::{Changelog, StateRecord};
+use crate::changelog::Changelog;
 use crate::decode::{DecodeError, Decoder, Record};
 use crate::detect::Origin;
 use crate::kafka::{consumer_config, log_kafka, KafkaConfig};
 use crate::metrics::{Health, Metrics};
 use crate::model::Model;
 use crate::offsets::{Offset, Partition};
+use crate::state::StateRecord;
 
 /// What reaches a pipeline's detector task, in stream order.
 #[derive(Debug)]

@@ -5,29 +5,50 @@
 //! metrics. The same code scores files offline (`anomalyd score`).
 //!
 //! # Layout
-//! One module per pipeline stage, in the order a record meets them:
+//! Three layers, each depending only on those above it (no import cycles: a module uses only
+//! modules of its own layer or of the layers above).
 //!
-//! | module | stage |
+//! **The detection core**: pure types and functions, no tokio tasks, no Kafka. Everything that
+//! decides whether a record is anomalous is here, and is tested with statistical and property
+//! tests.
+//!
+//! | module | what |
 //! |---|---|
-//! | [`config`] | the configuration file: loading, environment overrides, unknown keys, validation (each section's type lives with its component) |
-//! | [`log`] | the log's format and level |
 //! | [`model`] | loading ONNX models under the model contract; batched inference |
 //! | [`decode`] | JSON / CSV records → typed records, or a dead-letter reason |
 //! | [`window`] | per-key ring buffers for sequence models |
 //! | [`batch`] | micro-batching by size and age |
-//! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
 //! | [`threshold`] | adaptive per-key thresholds; [`threshold::evt`]: the extreme-value ones, SPOT and DSPOT |
 //! | [`alert`] | hysteresis and alert events |
+//! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
+//! | [`state`] | each key's state as it is kept outside the process |
+//! | [`offsets`] | at-least-once offset tracking |
+//! | [`time`] | timestamps |
+//!
+//! **The runtime**: tokio and rdkafka around the core. One pipeline is an ingest thread (the
+//! consumer), a detector task that owns the core's state and receives everything that changes
+//! it as messages in stream order, and delivery tasks; no state is shared behind a lock.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | the configuration file: loading, environment overrides, unknown keys, validation (each section's type lives with its component) |
+//! | [`log`] | the log's format and level |
+//! | [`kafka`] | the `[kafka]` section and the client configurations |
+//! | [`ingest`] | the consumer's thread: decoding, rebalances forwarded in stream order, commits |
+//! | [`pipeline`] | the detector task: batches, inference, barriers, revocations, reloads |
+//! | [`changelog`] | per-key state in a compacted topic, following its partition across replicas |
 //! | [`sink`] | output topics, dead letters and stdout |
 //! | [`alertmanager`] | pushing episodes to Alertmanager |
-//! | [`offsets`] | at-least-once offset tracking |
-//! | [`checkpoint`] | per-key state saved and restored across restarts |
-//! | [`kafka`] | client configuration and rebalance handling |
-//! | [`pipeline`] | the tasks of one running pipeline |
-//! | [`daemon`] | all pipelines, metrics and health together: [`daemon::run`] |
-//! | [`replay`] | `anomalyd score`: files through the same detector |
 //! | [`metrics`] | Prometheus metrics and the HTTP endpoint |
-//! | [`demo`] | `anomalyd demo`: an in-process Kafka, a generated fleet and the shipped model |
+//! | [`daemon`] | all pipelines, metrics and health together: [`daemon::run`] |
+//!
+//! **The tools**: what the command line offers besides the daemon.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`replay`] | `anomalyd score`: files through the same detector |
+//! | [`demo`] | `anomalyd demo`: an in-process Kafka, a generated fleet and the shipped model (fault injection into that Kafka only with the `testing` feature, for the tests) |
+//! | [`cli`] | the commands |
 //!
 //! `main` only parses the command line ([`cli`]); everything else is here, so tests drive the
 //! same code.
@@ -53,6 +74,7 @@ pub mod offsets;
 pub mod pipeline;
 pub mod replay;
 pub mod sink;
+pub mod state;
 pub mod threshold;
 pub mod time;
 pub mod window;

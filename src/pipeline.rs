@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::AlertmanagerSink;
 use crate::batch::MicroBatcher;
-use crate::changelog::{Change, Changelog, ChangelogError};
+use crate::changelog::{Changelog, ChangelogError};
 use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
@@ -51,6 +51,7 @@ use crate::metrics::{Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
 use crate::offsets::{OffsetTracker, Partition};
 use crate::sink::{Outputs, Sent};
+use crate::state::Change;
 
 /// What can stop a pipeline from starting.
 #[derive(Debug, thiserror::Error)]

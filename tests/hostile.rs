@@ -177,7 +177,7 @@ proptest! {
 fn a_wrongly_typed_value_is_refused_by_its_key() {
     for (section, key, value) in [
         ("kafka", "drain_timeout", "true"),
-        ("runtime", "shutdown_grace", "5"),
+        ("pipelines.fleet", "stdout", "\"maybe\""),
         ("pipelines.fleet", "reload_check", "[1]"),
         ("pipelines.fleet", "max_keys", "\"many\""),
         ("pipelines.fleet", "max_record_bytes", "-1"),

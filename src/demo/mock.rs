@@ -2,15 +2,18 @@
 //! real wire protocol on a loopback port, with consumer groups, commits and fault injection.
 //!
 //! The mock cluster is not `Send`, so it lives on a thread of its own and takes commands (faults
-//! to inject) through a channel.
+//! to inject) through a channel. Fault injection is for tests only: it exists with the `testing`
+//! feature (which the crate's own tests turn on), not in the library's default surface.
 
 use std::sync::mpsc;
 
 use anyhow::anyhow;
 use rdkafka::mocking::MockCluster;
+#[cfg(feature = "testing")]
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// Faults the tests inject.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
     /// The (only) broker goes down: connections are refused.
@@ -22,7 +25,11 @@ pub enum Fault {
     AcceptProduces,
 }
 
+#[cfg(feature = "testing")]
 type Command = (Fault, mpsc::Sender<Result<(), String>>);
+/// Without fault injection, the channel only tells the thread when to stop (by closing).
+#[cfg(not(feature = "testing"))]
+type Command = std::convert::Infallible;
 
 /// A one-broker mock cluster on its own thread.
 pub struct MockKafka {
@@ -55,24 +62,8 @@ impl MockKafka {
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 // Serve fault commands until the handle is dropped.
-                while let Ok((fault, reply)) = rx.recv() {
-                    let result = match fault {
-                        Fault::BrokerDown => cluster.broker_down(1),
-                        Fault::BrokerUp => cluster.broker_up(1),
-                        Fault::RejectProduces(n) => {
-                            let errors = vec![
-                                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
-                                    n
-                                ];
-                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
-                            Ok(())
-                        }
-                        Fault::AcceptProduces => {
-                            cluster.clear_request_errors(RDKafkaApiKey::Produce);
-                            Ok(())
-                        }
-                    };
-                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                while let Ok(command) = rx.recv() {
+                    serve(&cluster, command);
                 }
             })?;
         let bootstrap = ready_rx
@@ -87,6 +78,7 @@ impl MockKafka {
     }
 
     /// Injects a fault.
+    #[cfg(feature = "testing")]
     pub fn inject(&self, fault: Fault) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::channel();
         self.commands
@@ -98,6 +90,32 @@ impl MockKafka {
             .map_err(|_| anyhow!("the mock Kafka cluster thread died"))?
             .map_err(|e| anyhow!("injecting {fault:?}: {e}"))
     }
+}
+
+#[cfg(not(feature = "testing"))]
+fn serve(_: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, command: Command) {
+    match command {}
+}
+
+#[cfg(feature = "testing")]
+fn serve(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    (fault, reply): Command,
+) {
+    let result = match fault {
+        Fault::BrokerDown => cluster.broker_down(1),
+        Fault::BrokerUp => cluster.broker_up(1),
+        Fault::RejectProduces(n) => {
+            let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; n];
+            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+            Ok(())
+        }
+        Fault::AcceptProduces => {
+            cluster.clear_request_errors(RDKafkaApiKey::Produce);
+            Ok(())
+        }
+    };
+    let _ = reply.send(result.map_err(|e| e.to_string()));
 }
 
 impl Drop for MockKafka {
