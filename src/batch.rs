@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// Collects items into batches by size and age.
@@ -46,6 +47,40 @@ impl<T> MicroBatcher<T> {
     /// When the open batch must close, if one is open.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+}
+
+/// `[pipelines.P.batch]`: how records are batched for inference.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BatchConfig {
+    /// Most samples per inference call.
+    #[serde(default = "default_batch_size")]
+    pub max_size: usize,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_size: default_batch_size(),
+            max_wait: default_batch_wait(),
+        }
+    }
+}
+
+fn default_batch_size() -> usize {
+    256
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(20)
+}
+
+impl BatchConfig {
+    /// The batcher these settings describe.
+    pub fn build<T>(&self) -> MicroBatcher<T> {
+        MicroBatcher::new(self.max_size, self.max_wait)
     }
 }
 

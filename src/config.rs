@@ -6,7 +6,8 @@
 //! configs without touching the process environment.
 //!
 //! A section's type lives with the component it configures and says what is wrong with itself
-//! (`problems()`, each `field: reason`): `[kafka]` in [`crate::kafka`], `[log]` in [`crate::log`],
+//! (`problems()`, each `field: reason`): `[kafka]` in [`crate::kafka`], `[log]` in [`crate::log`], `[http]` in [`crate::metrics`],
+//! `[pipelines.P.batch]` in [`crate::batch`],
 //! `[pipelines.P.alert]` in [`crate::alert`], `[pipelines.P.threshold]` in [`crate::threshold`],
 //! `[pipelines.P.alertmanager]` in [`crate::alertmanager`]. This module composes them, prefixes
 //! each problem with its section, and holds the pipeline section, where the components meet and
@@ -21,9 +22,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertConfig;
 use crate::alertmanager::AlertmanagerConfig;
+use crate::batch::BatchConfig;
 use crate::detect::DetectorConfig;
 use crate::kafka::KafkaConfig;
 use crate::log::LogConfig;
+use crate::metrics::HttpConfig;
 use crate::threshold::ThresholdConfig;
 
 /// Every problem found in a configuration.
@@ -59,21 +62,6 @@ pub struct Config {
     /// The pipelines, by name.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PipelineConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct HttpConfig {
-    /// Listen address; empty disables the endpoint.
-    #[serde(default = "default_listen")]
-    pub listen: String,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -192,28 +180,6 @@ impl PipelineConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct BatchConfig {
-    /// Most samples per inference call.
-    #[serde(default = "default_batch_size")]
-    pub max_size: usize,
-    /// Longest a record waits for its batch to fill.
-    #[serde(default = "default_batch_wait", with = "humantime_serde")]
-    pub max_wait: Duration,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_size: default_batch_size(),
-            max_wait: default_batch_wait(),
-        }
-    }
-}
-
-fn default_listen() -> String {
-    "0.0.0.0:9898".into()
-}
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
@@ -237,12 +203,6 @@ fn default_max_record_bytes() -> usize {
 }
 fn default_max_keys() -> usize {
     100_000
-}
-fn default_batch_size() -> usize {
-    256
-}
-fn default_batch_wait() -> Duration {
-    Duration::from_millis(20)
 }
 
 fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

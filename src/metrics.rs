@@ -13,6 +13,27 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use serde::{Deserialize, Serialize};
+
+/// `[http]`: the endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpConfig {
+    /// Listen address; empty disables the endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9898".into()
+}
 
 /// Every metric anomalyd exposes (documented in docs/OPERATIONS.md).
 #[derive(Clone)]

@@ -175,7 +175,7 @@ pub async fn run(
     tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), state_topic = changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
 
     let shutdown_took = DetectorTask {
-        batcher: MicroBatcher::new(cfg.batch.max_size, cfg.batch.max_wait),
+        batcher: cfg.batch.build(),
         commit_interval: shared.kafka.commit_interval,
         name: name.clone(),
         detector,
