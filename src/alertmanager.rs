@@ -193,7 +193,7 @@ impl AlertmanagerSink {
             Ok(r) => Err(format!("Alertmanager answered {}", r.status())),
             Err(e) => Err(e.to_string()),
         };
-        let outcome = if result.is_ok() { "ok" } else { "error" };
+        let outcome = crate::metrics::label::result(&result);
         self.metrics
             .alertmanager_pushes
             .with_label_values(&[self.pipeline.as_str(), outcome])

@@ -15,6 +15,8 @@ use prometheus::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::alert::EventKind;
+
 /// `[http]`: the endpoint serving `/metrics`, `/healthz` and `/readyz`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
@@ -33,6 +35,33 @@ impl Default for HttpConfig {
 
 fn default_listen() -> String {
     "0.0.0.0:9898".into()
+}
+
+/// Label values, defined once: [`Metrics::init_pipeline`] creates every series from these, and
+/// the places that count use them.
+pub mod label {
+    /// `outcome` of `anomalyd_records_total`.
+    pub const SCORED: &str = "scored";
+    pub const WARMING: &str = "warming";
+    pub const DEAD_LETTER: &str = "dead_letter";
+    pub const OUTCOMES: [&str; 3] = [SCORED, WARMING, DEAD_LETTER];
+    /// `sink` of `anomalyd_produce_errors_total`.
+    pub const ALERTS: &str = "alerts";
+    pub const SCORES: &str = "scores";
+    pub const DENOISED: &str = "denoised";
+    pub const DEAD_LETTERS: &str = "dead_letters";
+    pub const SINKS: [&str; 4] = [ALERTS, SCORES, DENOISED, DEAD_LETTERS];
+    /// `result` of the push and write counters.
+    pub const OK: &str = "ok";
+    pub const ERROR: &str = "error";
+
+    pub fn result<T, E>(r: &Result<T, E>) -> &'static str {
+        if r.is_ok() {
+            OK
+        } else {
+            ERROR
+        }
+    }
 }
 
 /// Every metric anomalyd exposes (documented in docs/OPERATIONS.md).
@@ -146,7 +175,7 @@ impl Metrics {
     /// Creates a pipeline's labelled counters at zero, so that rules and dashboards see them
     /// (and `increase()` sees their first step) before the first event.
     pub fn init_pipeline(&self, pipeline: &str) {
-        for outcome in ["scored", "warming", "dead_letter"] {
+        for outcome in label::OUTCOMES {
             self.records.with_label_values(&[pipeline, outcome]);
         }
         for reason in crate::decode::DecodeError::REASONS
@@ -155,13 +184,13 @@ impl Metrics {
         {
             self.dead_letters.with_label_values(&[pipeline, reason]);
         }
-        for sink in ["alerts", "scores", "denoised", "dead_letters"] {
+        for sink in label::SINKS {
             self.produce_errors.with_label_values(&[pipeline, sink]);
         }
-        for state in ["firing", "resolved"] {
-            self.alerts.with_label_values(&[pipeline, state]);
+        for event in [EventKind::Firing, EventKind::Resolved] {
+            self.alerts.with_label_values(&[pipeline, event.as_str()]);
         }
-        for result in ["ok", "error"] {
+        for result in [label::OK, label::ERROR] {
             self.alertmanager_pushes
                 .with_label_values(&[pipeline, result]);
             self.state_writes.with_label_values(&[pipeline, result]);

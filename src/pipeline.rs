@@ -47,7 +47,7 @@ use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
 use crate::ingest::{Ingest, Input, Positions};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
-use crate::metrics::{Health, Metrics};
+use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
 use crate::offsets::{OffsetTracker, Partition};
 use crate::sink::{Outputs, Sent};
@@ -102,66 +102,26 @@ pub async fn run(
     shared: Shared,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let client_err = |what, source| PipelineError::Client {
-        pipeline: name.clone(),
-        what,
-        source,
-    };
-    let mut detector = cfg
-        .detector()
-        .build(&name, model.clone())
-        .map_err(|source| PipelineError::Detector {
-            pipeline: name.clone(),
-            source,
-        })?;
-    let group = format!("{}.{}", shared.kafka.group_id, name);
-    let state_topic = cfg.state_topic(&group);
-    let changelog = state_topic
-        .map(|topic| Changelog::new(&shared.kafka, &topic))
-        .transpose()
-        .map_err(|source| PipelineError::State {
-            pipeline: name.clone(),
-            source,
-        })?;
-    if changelog.is_some() {
-        detector.record_changes();
-    }
-    let producer = producer_config(&shared.kafka)
-        .create_with_context::<_, rdkafka::producer::FutureProducer<ProducerContext>>(
-            ProducerContext,
-        )
-        .map_err(|e| client_err("producer", e))?;
-    let stop_alertmanager = CancellationToken::new();
-    let alertmanager = cfg.alertmanager.clone().map(|am| {
-        let (tx, rx) = mpsc::channel(1024);
-        let sink = AlertmanagerSink::new(am, &name, shared.metrics.clone());
-        (tx, tokio::spawn(sink.run(rx, stop_alertmanager.clone())))
-    });
-    let (alertmanager_tx, alertmanager_task) = alertmanager.unzip();
-    let outputs = Arc::new(Outputs::new(
-        &name,
-        &cfg,
-        model.contract.features.clone(),
-        producer,
-        shared.metrics.clone(),
-        alertmanager_tx,
-    ));
-
+    let (parts, detector) = Parts::build(&name, &cfg, model.clone(), &shared)?;
     let (input_tx, input_rx) = mpsc::channel::<Input>(cfg.batch.max_size * 4);
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let ingest = Ingest {
         pipeline: name.clone(),
-        group: group.clone(),
+        group: parts.group.clone(),
         topics: cfg.topics.clone(),
         kafka: shared.kafka.clone(),
         decoder: detector.decoder().clone(),
-        changelog: changelog.clone(),
+        changelog: parts.changelog.clone(),
         metrics: shared.metrics.clone(),
         health: shared.health.clone(),
         grace: shared.grace,
     }
     .start(input_tx.clone(), commit_rx, shutdown.clone())
-    .map_err(|e| client_err("consumer", e))?;
+    .map_err(|source| PipelineError::Client {
+        pipeline: name.clone(),
+        what: "consumer",
+        source,
+    })?;
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
         cfg.model.clone(),
@@ -172,44 +132,105 @@ pub async fn run(
     ));
     shared.metrics.init_pipeline(&name);
     set_model_info(&shared.metrics, &name, &model, true);
-    tracing::info!(pipeline = %name, group = %group, topics = ?cfg.topics, model = %model.path.display(), state_topic = changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
+    tracing::info!(pipeline = %name, group = %parts.group, topics = ?cfg.topics, model = %model.path.display(), state_topic = parts.changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
 
-    let shutdown_took = DetectorTask {
-        batcher: cfg.batch.build(),
-        commit_interval: shared.kafka.commit_interval,
-        name: name.clone(),
-        detector,
-        outputs: outputs.clone(),
-        changelog: changelog.clone(),
-        shared: shared.clone(),
-        queue: VecDeque::new(),
-        tasks: JoinSet::new(),
-        tracker: OffsetTracker::new(),
-        committed: HashMap::new(),
-        barrier: BarrierState::Idle,
-        unwritten: Vec::new(),
-        commits: commit_tx,
-        evictions_seen: 0,
-    }
-    .run(input_rx)
-    .await;
-
+    let took = DetectorTask::new(&name, &cfg, detector, &parts, &shared, commit_tx)
+        .run(input_rx)
+        .await;
     // The detector task ended: the ingest thread has revoked everything and is closing.
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     let _ = reloader.await;
-    let flushed = tokio::task::spawn_blocking(move || {
-        let _ = outputs.producer().flush(Duration::from_secs(5));
-        if let Some(c) = changelog {
-            c.flush(Duration::from_secs(5));
-        }
-    });
-    let _ = flushed.await;
-    stop_alertmanager.cancel();
-    if let Some(task) = alertmanager_task {
-        let _ = task.await;
-    }
-    tracing::info!(pipeline = %name, elapsed_ms = shutdown_took.as_millis() as u64, "Pipeline drained and committed.");
+    parts.close().await;
+    tracing::info!(pipeline = %name, elapsed_ms = took.as_millis() as u64, "Pipeline drained and committed.");
     Ok(())
+}
+
+/// What a pipeline is built from its configuration before it starts, besides its detector.
+struct Parts {
+    group: String,
+    changelog: Option<Changelog>,
+    outputs: Arc<Outputs>,
+    alertmanager: Option<(JoinHandle<()>, CancellationToken)>,
+}
+
+impl Parts {
+    fn build(
+        name: &str,
+        cfg: &PipelineConfig,
+        model: Arc<Model>,
+        shared: &Shared,
+    ) -> Result<(Parts, Detector), PipelineError> {
+        let pipeline = name.to_string();
+        let mut detector = cfg
+            .detector()
+            .build(name, model.clone())
+            .map_err(|source| PipelineError::Detector {
+                pipeline: pipeline.clone(),
+                source,
+            })?;
+        let group = format!("{}.{name}", shared.kafka.group_id);
+        let changelog = cfg
+            .state_topic(&group)
+            .map(|topic| Changelog::new(&shared.kafka, &topic))
+            .transpose()
+            .map_err(|source| PipelineError::State {
+                pipeline: pipeline.clone(),
+                source,
+            })?;
+        if changelog.is_some() {
+            detector.record_changes();
+        }
+        let producer = producer_config(&shared.kafka)
+            .create_with_context(ProducerContext)
+            .map_err(|source| PipelineError::Client {
+                pipeline,
+                what: "producer",
+                source,
+            })?;
+        let (alertmanager_tx, alertmanager) = match cfg.alertmanager.clone() {
+            Some(am) => {
+                let (tx, rx) = mpsc::channel(1024);
+                let stop = CancellationToken::new();
+                let sink = AlertmanagerSink::new(am, name, shared.metrics.clone());
+                (
+                    Some(tx),
+                    Some((tokio::spawn(sink.run(rx, stop.clone())), stop)),
+                )
+            }
+            None => (None, None),
+        };
+        let outputs = Arc::new(Outputs::new(
+            name,
+            cfg,
+            model.contract.features.clone(),
+            producer,
+            shared.metrics.clone(),
+            alertmanager_tx,
+        ));
+        let parts = Parts {
+            group,
+            changelog,
+            outputs,
+            alertmanager,
+        };
+        Ok((parts, detector))
+    }
+
+    /// Flushes the producers and stops the Alertmanager sink.
+    async fn close(self) {
+        let (outputs, changelog) = (self.outputs, self.changelog);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = outputs.producer().flush(Duration::from_secs(5));
+            if let Some(c) = changelog {
+                c.flush(Duration::from_secs(5));
+            }
+        })
+        .await;
+        if let Some((task, stop)) = self.alertmanager {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
 }
 
 /// One entry of the detector task's queue.
@@ -294,6 +315,34 @@ async fn front(queue: &mut VecDeque<Queued>) -> Option<Inferred> {
 }
 
 impl DetectorTask {
+    /// The task of pipeline `name`, owning `detector`, sharing the outputs and the changelog.
+    fn new(
+        name: &str,
+        cfg: &PipelineConfig,
+        detector: Detector,
+        parts: &Parts,
+        shared: &Shared,
+        commits: std::sync::mpsc::Sender<Positions>,
+    ) -> DetectorTask {
+        DetectorTask {
+            name: name.to_string(),
+            detector,
+            outputs: parts.outputs.clone(),
+            changelog: parts.changelog.clone(),
+            shared: shared.clone(),
+            commit_interval: shared.kafka.commit_interval,
+            batcher: cfg.batch.build(),
+            queue: VecDeque::new(),
+            tasks: JoinSet::new(),
+            tracker: OffsetTracker::new(),
+            committed: HashMap::new(),
+            barrier: BarrierState::Idle,
+            unwritten: Vec::new(),
+            commits,
+            evictions_seen: 0,
+        }
+    }
+
     /// Runs until `input` closes; returns how long the shutdown took from then.
     async fn run(mut self, mut input: mpsc::Receiver<Input>) -> Duration {
         let mut tick = tokio::time::interval(self.commit_interval);
@@ -579,7 +628,9 @@ impl DetectorTask {
         let m = &self.shared.metrics;
         match result {
             Ok(()) => {
-                m.state_writes.with_label_values(&[&self.name, "ok"]).inc();
+                m.state_writes
+                    .with_label_values(&[&self.name, label::OK])
+                    .inc();
                 m.state_records
                     .with_label_values(&[&self.name])
                     .inc_by(changes.len() as u64);
@@ -587,7 +638,7 @@ impl DetectorTask {
             }
             Err(e) => {
                 m.state_writes
-                    .with_label_values(&[&self.name, "error"])
+                    .with_label_values(&[&self.name, label::ERROR])
                     .inc();
                 tracing::error!(pipeline = %self.name, keys = changes.len(), "Writing state failed; offsets are not committed past it and it is written again with the next barrier: {e}");
                 self.unwritten = changes;

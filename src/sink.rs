@@ -23,7 +23,7 @@ use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
 use crate::kafka::ProducerContext;
-use crate::metrics::Metrics;
+use crate::metrics::{label, Metrics};
 
 /// One message to deliver.
 #[derive(Debug, Clone)]
@@ -79,8 +79,8 @@ struct Series {
 impl Series {
     fn of(m: &Metrics, pipeline: &str) -> Series {
         Series {
-            scored: m.records.with_label_values(&[pipeline, "scored"]),
-            warming: m.records.with_label_values(&[pipeline, "warming"]),
+            scored: m.records.with_label_values(&[pipeline, label::SCORED]),
+            warming: m.records.with_label_values(&[pipeline, label::WARMING]),
             anomalies: m.anomalies.with_label_values(&[pipeline]),
             reconstruction_error: m.reconstruction_error.with_label_values(&[pipeline]),
             anomaly_score: m.anomaly_score.with_label_values(&[pipeline]),
@@ -174,7 +174,7 @@ impl Outputs {
             }
             if !self.alerts_topic.is_empty() {
                 out.push(OutMessage {
-                    sink: "alerts",
+                    sink: label::ALERTS,
                     topic: self.alerts_topic.clone(),
                     key: key.clone(),
                     payload: json,
@@ -184,7 +184,7 @@ impl Outputs {
         }
         if !self.scores_topic.is_empty() {
             out.push(OutMessage {
-                sink: "scores",
+                sink: label::SCORES,
                 topic: self.scores_topic.clone(),
                 key: key.clone(),
                 payload: serde_json::to_vec(&ScoreRow::of(s)).expect("scores serialise"),
@@ -194,7 +194,7 @@ impl Outputs {
         // The detector keeps reconstructions only when the pipeline has a denoised topic.
         if let Some(values) = &s.reconstruction {
             out.push(OutMessage {
-                sink: "denoised",
+                sink: label::DENOISED,
                 topic: self.denoised_topic.clone(),
                 key,
                 payload: denoised_json(&s.key, s.timestamp.as_deref(), &self.features, values),
@@ -215,7 +215,7 @@ impl Outputs {
     ) -> Sent {
         self.metrics
             .records
-            .with_label_values(&[&self.pipeline, "dead_letter"])
+            .with_label_values(&[&self.pipeline, label::DEAD_LETTER])
             .inc();
         self.metrics
             .dead_letters
@@ -226,7 +226,7 @@ impl Outputs {
             Vec::new()
         } else {
             vec![OutMessage {
-                sink: "dead_letters",
+                sink: label::DEAD_LETTERS,
                 topic: self.dead_letter_topic.clone(),
                 key,
                 payload,

@@ -333,7 +333,8 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
     train_model(fit_opts, opts, feats_probation(feats, columns, probation), work)
     train_seconds = time.perf_counter() - started
 
-    config.write_text(config_toml(opts, model))
+    # Relative to the config file (which anomalyd resolves it against), wherever --out is.
+    config.write_text(config_toml(opts, Path(model.name)))
     started = time.perf_counter()
     p = subprocess.run([binary, "score", "-c", str(config), "--pipeline", "nab", "--input", str(input_csv),
                         "--output", str(scores)], capture_output=True, text=True)

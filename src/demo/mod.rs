@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::daemon::Daemon;
+use crate::metrics::label;
 use stream::{Fleet, Incident, FEATURES};
 
 /// The shipped demo model, embedded so the demo runs from any directory.
@@ -277,7 +278,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
         consumed_of(&metrics),
         metrics
             .records
-            .with_label_values(&[PIPELINE, "dead_letter"])
+            .with_label_values(&[PIPELINE, label::DEAD_LETTER])
             .get(),
         started.elapsed(),
     );
@@ -286,7 +287,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
 }
 
 fn consumed_of(m: &crate::metrics::Metrics) -> u64 {
-    ["scored", "warming", "dead_letter"]
+    label::OUTCOMES
         .iter()
         .map(|o| m.records.with_label_values(&[PIPELINE, o]).get())
         .sum()
