@@ -70,7 +70,7 @@ pub enum PipelineError {
     #[error("pipelines.{pipeline}.state_topic: {source}")]
     State {
         pipeline: String,
-        source: ChangelogError,
+        source: Box<ChangelogError>,
     },
 }
 
@@ -175,7 +175,7 @@ impl Parts {
             .transpose()
             .map_err(|source| PipelineError::State {
                 pipeline: pipeline.clone(),
-                source,
+                source: Box::new(source),
             })?;
         if changelog.is_some() {
             detector.record_changes();
