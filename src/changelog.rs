@@ -56,6 +56,9 @@ pub enum ChangelogError {
     },
 }
 
+/// Most changes queued in the producer at once.
+const WRITE_CHUNK: usize = 10_000;
+
 /// The record key of an input topic's entity.
 fn record_key(topic: &str, key: &str) -> String {
     format!("{topic}/{key}")
@@ -97,13 +100,26 @@ impl Changelog {
     /// Writes changes and waits for every acknowledgement. Changes of input partitions the
     /// topic has no partition for are left out (see [`Changelog::ensure`]).
     pub async fn write(&self, changes: &[Change]) -> Result<(), ChangelogError> {
+        let partitions = self.partitions.load(Ordering::Relaxed);
+        let changes: Vec<&Change> = changes
+            .iter()
+            .filter(|c| c.partition < partitions)
+            .collect();
+        // In chunks, so that a barrier after a model swap (every key changed) does not overflow
+        // the producer's queue.
+        for chunk in changes.chunks(WRITE_CHUNK) {
+            self.write_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_chunk(&self, changes: &[&Change]) -> Result<(), ChangelogError> {
         let err = |source| ChangelogError::Kafka {
             topic: self.topic.clone(),
             source,
         };
-        let partitions = self.partitions.load(Ordering::Relaxed);
         let mut acks = Vec::with_capacity(changes.len());
-        for c in changes.iter().filter(|c| c.partition < partitions) {
+        for c in changes {
             let key = record_key(&c.topic, &c.key);
             let value = c
                 .state
@@ -232,19 +248,21 @@ impl Changelog {
         // previous owner wrote (its writes were acknowledged before it let the partition go).
         // Not the high watermark, which some brokers (tansu 0.6) count in batches.
         let marker = format!("\u{0}end/{}", rand::random::<u64>());
-        let mut remaining: HashSet<i32> = HashSet::new();
+        let mut acks = Vec::new();
         for &p in &numbers {
             let record = FutureRecord::<str, [u8]>::to(&self.topic)
                 .key(&marker)
                 .partition(p);
-            let ack = self.producer.send_result(record).map_err(|(e, _)| err(e))?;
+            acks.push(self.producer.send_result(record).map_err(|(e, _)| err(e))?);
+        }
+        for ack in acks {
             match block_on(ack) {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => return Err(err(e)),
                 Err(_) => return Err(err(KafkaError::Canceled)),
             }
-            remaining.insert(p);
         }
+        let mut remaining: HashSet<i32> = numbers.iter().copied().collect();
         let reader: BaseConsumer = self.reader_config().create().map_err(err)?;
         let mut tpl = TopicPartitionList::new();
         for &p in &numbers {

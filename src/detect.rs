@@ -774,6 +774,62 @@ mod tests {
     }
 
     #[test]
+    fn changes_are_the_keys_touched_since_the_last_take_and_evicted_keys_become_tombstones() {
+        let mut d = detector("demo-dense.onnx", 2);
+        assert!(d.take_changes().is_empty(), "not recorded until asked");
+        d.record_changes();
+        run(
+            &mut d,
+            vec![record("a", NORMAL.to_vec()), record("b", NORMAL.to_vec())],
+        );
+        let keys = |c: &[Change]| -> Vec<(String, bool)> {
+            c.iter()
+                .map(|c| (c.key.clone(), c.state.is_some()))
+                .collect()
+        };
+        let changes = d.take_changes();
+        assert_eq!(keys(&changes), [("a".into(), true), ("b".into(), true)]);
+        assert!(d.take_changes().is_empty(), "nothing changed since");
+        // "c" evicts "a", the least recently seen.
+        run(&mut d, vec![record("c", NORMAL.to_vec())]);
+        assert_eq!(
+            keys(&d.take_changes()),
+            [("a".into(), false), ("c".into(), true)]
+        );
+    }
+
+    #[test]
+    fn a_restored_key_judges_as_the_key_it_was_taken_from() {
+        let mut learned = detector("demo-dense.onnx", 10);
+        learned.record_changes();
+        let mut spiky = NORMAL;
+        for i in 0..300 {
+            spiky[0] = 50.0 + (i % 7) as f32 * 3.0;
+            run(&mut learned, vec![record("a", spiky.to_vec())]);
+        }
+        let states = learned
+            .take_changes()
+            .into_iter()
+            .filter_map(|c| c.state)
+            .collect();
+        let mut fresh = detector("demo-dense.onnx", 10);
+        assert_eq!(fresh.restore(states).keys, 1);
+        let mut cold = detector("demo-dense.onnx", 10);
+        let next = || vec![record("a", [80.0, 300.0, 35.0, 30.0].to_vec())];
+        let verdict = |d: &mut Detector| match run(d, next()).pop() {
+            Some(Outcome::Scored(s)) => s.verdict.threshold,
+            other => panic!("not scored: {other:?}"),
+        };
+        let (l, f, c) = (
+            verdict(&mut learned),
+            verdict(&mut fresh),
+            verdict(&mut cold),
+        );
+        assert_eq!(l, f, "the restored threshold is the learned one");
+        assert_ne!(l, c, "and not the calibration's");
+    }
+
+    #[test]
     fn a_sequence_model_warms_up_per_key_then_scores_every_row() {
         let mut d = detector("demo-lstm.onnx", 100);
         let window = d.model().contract.window;

@@ -558,3 +558,91 @@ async fn a_restarted_daemon_restores_learned_state_and_does_not_re_alert() {
         "the control replay should alert on host-00's level"
     );
 }
+
+/// The state topic on its own: the last state of a key wins, a tombstone removes it, and a
+/// partition's reader gets only the keys of its input partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_topic_gives_back_the_last_state_of_each_key_of_a_partition() {
+    use anomalyd::changelog::Changelog;
+    use anomalyd::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
+    let kafka = MockKafka::start(&[("state", 2)]).unwrap();
+    let cfg = anomalyd::kafka::KafkaConfig {
+        brokers: kafka.bootstrap.clone(),
+        ..Default::default()
+    };
+    let changelog = Changelog::new(&cfg, "state").unwrap();
+    assert_eq!(changelog.ensure(2, Duration::from_secs(10)).unwrap(), 2);
+    let change = |topic: &str, partition: i32, key: &str, version: &str, gone: bool| Change {
+        topic: topic.into(),
+        partition,
+        key: key.into(),
+        state: (!gone).then(|| StateRecord {
+            model: ModelIdentity {
+                name: "m".into(),
+                version: version.into(),
+                features: vec!["a".into()],
+                window: 1,
+            },
+            method: "ewma".into(),
+            state: KeySnapshot {
+                key: key.into(),
+                topic: topic.into(),
+                partition,
+                window: None,
+                threshold: None,
+                alert: None,
+            },
+        }),
+    };
+    changelog
+        .write(&[
+            change("metrics", 0, "a", "1", false),
+            change("metrics", 1, "b", "1", false),
+            change("metrics", 0, "c", "1", false),
+            change("other", 0, "a", "1", false),
+        ])
+        .await
+        .unwrap();
+    changelog
+        .write(&[
+            change("metrics", 0, "a", "2", false),
+            change("metrics", 0, "c", "1", true),
+        ])
+        .await
+        .unwrap();
+    let read = |partitions: &[(&str, i32)]| {
+        let partitions: Vec<(String, i32)> = partitions
+            .iter()
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        let (states, skipped) = changelog
+            .read(&partitions, Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(skipped, 0);
+        states
+            .into_iter()
+            .map(|r| {
+                (
+                    r.state.topic,
+                    r.state.partition,
+                    r.state.key,
+                    r.model.version,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let s = |t: &str, p: i32, k: &str, v: &str| (t.to_string(), p, k.to_string(), v.to_string());
+    assert_eq!(read(&[("metrics", 0)]), vec![s("metrics", 0, "a", "2")]);
+    let mut both = read(&[("metrics", 0), ("metrics", 1), ("other", 0)]);
+    both.sort();
+    assert_eq!(
+        both,
+        vec![
+            s("metrics", 0, "a", "2"),
+            s("metrics", 1, "b", "1"),
+            s("other", 0, "a", "1")
+        ]
+    );
+    // Read twice: the markers of the first read are not states.
+    assert_eq!(read(&[("metrics", 0)]), vec![s("metrics", 0, "a", "2")]);
+}
