@@ -53,9 +53,16 @@ impl AlertmanagerConfig {
                 self.url
             ));
         }
-        if self.resend_interval < Duration::from_secs(1) {
-            out.push("resend_interval must be at least 1s".into());
-        }
+        out.extend(crate::time::duration_problem(
+            "resend_interval",
+            self.resend_interval,
+            Duration::from_secs(1),
+        ));
+        out.extend(crate::time::duration_problem(
+            "timeout",
+            self.timeout,
+            Duration::from_millis(1),
+        ));
         out
     }
 }

@@ -77,7 +77,24 @@ fn default_batch_wait() -> Duration {
     Duration::from_millis(20)
 }
 
+/// The largest batch: larger ones would not infer faster, only hold more memory.
+pub const MAX_BATCH: usize = 65_536;
+
 impl BatchConfig {
+    /// What is wrong with these settings, each as `field: reason`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(1..=MAX_BATCH).contains(&self.max_size) {
+            out.push(format!("max_size: must be between 1 and {MAX_BATCH}"));
+        }
+        out.extend(crate::time::duration_problem(
+            "max_wait",
+            self.max_wait,
+            Duration::ZERO,
+        ));
+        out
+    }
+
     /// The batcher these settings describe.
     pub fn build<T>(&self) -> MicroBatcher<T> {
         MicroBatcher::new(self.max_size, self.max_wait)

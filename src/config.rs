@@ -28,6 +28,7 @@ use crate::kafka::KafkaConfig;
 use crate::log::LogConfig;
 use crate::metrics::HttpConfig;
 use crate::threshold::ThresholdConfig;
+use crate::time::duration_problem;
 
 /// Every problem found in a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +223,11 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
     })
 }
 
+/// Most keys a pipeline may hold (about 0.5 KB each for a dense model).
+pub const MAX_KEYS: usize = 10_000_000;
+/// Most inference threads.
+pub const MAX_INFERENCE_THREADS: usize = 1024;
+
 /// The prefix of environment overrides: `ANOMALYD__KAFKA__BROKERS=…`.
 pub const ENV_PREFIX: &str = "ANOMALYD";
 
@@ -288,6 +294,16 @@ impl Config {
                 .into_iter()
                 .map(|e| format!("kafka.{e}")),
         );
+        if self.runtime.inference_threads > MAX_INFERENCE_THREADS {
+            problems.push(format!(
+                "runtime.inference_threads: must be at most {MAX_INFERENCE_THREADS}"
+            ));
+        }
+        problems.extend(duration_problem(
+            "runtime.shutdown_grace",
+            self.runtime.shutdown_grace,
+            Duration::ZERO,
+        ));
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {
             problems.push(format!(
@@ -356,15 +372,26 @@ impl Config {
             if p.key_field.is_empty() {
                 problems.push(format!("{}: must not be empty", at("key_field")));
             }
-            if p.max_keys == 0 {
-                problems.push(format!("{}: must be at least 1", at("max_keys")));
+            if !(1..=MAX_KEYS).contains(&p.max_keys) {
+                problems.push(format!(
+                    "{}: must be between 1 and {MAX_KEYS} (each key's state is held in memory)",
+                    at("max_keys")
+                ));
             }
             if p.max_record_bytes == 0 {
                 problems.push(format!("{}: must be at least 1", at("max_record_bytes")));
             }
-            if p.batch.max_size == 0 {
-                problems.push(format!("{}: must be at least 1", at("batch.max_size")));
-            }
+            problems.extend(duration_problem(
+                &at("reload_check"),
+                p.reload_check,
+                Duration::ZERO,
+            ));
+            problems.extend(
+                p.batch
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("{}.{e}", at("batch"))),
+            );
             problems.extend(
                 p.alert
                     .problems()

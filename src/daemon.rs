@@ -1,7 +1,7 @@
 //! The daemon: loads every model, serves metrics and health, and runs every pipeline until the
 //! shutdown token is cancelled, then drains them within the grace period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("pipeline {pipeline} {reason}")]
+    Failed { pipeline: String, reason: String },
 }
 
 /// Loads the model of every pipeline (once per file) and checks it fits its pipeline.
@@ -64,6 +66,8 @@ pub struct Daemon {
     /// Where `/metrics` is served, if enabled.
     pub http_addr: Option<SocketAddr>,
     pipelines: JoinSet<Result<(), PipelineError>>,
+    /// Pipeline names by task id, to say which one failed.
+    names: HashMap<tokio::task::Id, String>,
     http: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
     reload: Arc<tokio::sync::Notify>,
@@ -111,21 +115,24 @@ impl Daemon {
             reload: reload.clone(),
         };
         let mut pipelines = JoinSet::new();
+        let mut names = HashMap::new();
         for (name, p) in config.pipelines {
             let model = models[&name].clone();
-            pipelines.spawn(pipeline::run(
-                name,
+            let task = pipelines.spawn(pipeline::run(
+                name.clone(),
                 p,
                 model,
                 shared.clone(),
                 shutdown.clone(),
             ));
+            names.insert(task.id(), name);
         }
         Ok(Daemon {
             metrics,
             health,
             http_addr,
             pipelines,
+            names,
             http,
             shutdown,
             reload,
@@ -143,32 +150,54 @@ impl Daemon {
     }
 
     /// Waits for every pipeline to finish (after the shutdown token is cancelled). A pipeline
-    /// that fails stops the others.
+    /// that fails or panics makes the daemon unready at once and stops the others (they drain);
+    /// the daemon then ends with its error, so that the process exits non-zero and its
+    /// supervisor restarts it.
     pub async fn wait(mut self) -> Result<(), DaemonError> {
-        let mut first_error = None;
-        while let Some(done) = self.pipelines.join_next().await {
-            let result = match done {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("A pipeline task failed: {e}");
-                    Ok(())
-                }
-            };
-            if let Err(e) = result {
-                tracing::error!("{e}");
-                self.shutdown.cancel();
-                first_error.get_or_insert(e);
-            }
-        }
+        let result =
+            join_pipelines(self.pipelines, &self.names, &self.health, &self.shutdown).await;
         self.shutdown.cancel();
         if let Some(h) = self.http.take() {
             let _ = h.await;
         }
-        match first_error {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        result
     }
+}
+
+/// Joins pipeline tasks (`names` by task id); see [`Daemon::wait`].
+async fn join_pipelines(
+    mut pipelines: JoinSet<Result<(), PipelineError>>,
+    names: &HashMap<tokio::task::Id, String>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let mut first_error = None;
+    while let Some(done) = pipelines.join_next_with_id().await {
+        let failure = match done {
+            Ok((_, Ok(()))) => continue,
+            Ok((_, Err(e))) => DaemonError::Pipeline(e),
+            Err(e) => {
+                let pipeline = names.get(&e.id()).cloned().unwrap_or_default();
+                let reason = if e.is_panic() {
+                    let panic = e.into_panic();
+                    let text = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    format!("panicked: {text}")
+                } else {
+                    "was cancelled".into()
+                };
+                DaemonError::Failed { pipeline, reason }
+            }
+        };
+        tracing::error!("{failure}; stopping the other pipelines.");
+        health.set_failed(failure.to_string());
+        shutdown.cancel();
+        first_error.get_or_insert(failure);
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Runs the daemon until `shutdown` is cancelled and every pipeline has drained.
@@ -176,14 +205,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     Daemon::start(config, shutdown).await?.wait().await
 }
 
-/// A multi-threaded runtime with room for the blocking rebalance callbacks beside the tasks.
+/// The multi-threaded runtime, one worker per core: nothing blocks its workers (each consumer
+/// polls on a thread of its own, inference runs on blocking threads).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .max(4);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
         .thread_name("anomalyd")
         .enable_all()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_pipeline_fails_the_daemon_and_its_readiness_at_once() {
+        let metrics = Metrics::new();
+        let health = Health::new(["good".to_string(), "bad".to_string()], &metrics);
+        health.set_models_loaded();
+        health.set_assigned("good", true);
+        health.set_assigned("bad", true);
+        assert!(health.readiness().is_ok());
+        let shutdown = CancellationToken::new();
+        let mut set = JoinSet::new();
+        let mut names = HashMap::new();
+        let stop = shutdown.clone();
+        let good = set.spawn(async move {
+            stop.cancelled().await;
+            Ok(())
+        });
+        names.insert(good.id(), "good".to_string());
+        let bad = set.spawn(async { panic!("broken pipe") });
+        names.insert(bad.id(), "bad".to_string());
+        let result = join_pipelines(set, &names, &health, &shutdown).await;
+        let err = result.expect_err("a panic is not a clean exit").to_string();
+        assert_eq!(err, "pipeline bad panicked: broken pipe");
+        assert!(shutdown.is_cancelled(), "the other pipelines are stopped");
+        assert_eq!(health.readiness(), Err(err));
+    }
 }

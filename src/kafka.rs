@@ -10,6 +10,8 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use serde::{Deserialize, Serialize};
 
+use crate::time::duration_problem;
+
 /// `[kafka]`: the brokers and the consumer group, shared by every pipeline.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct KafkaConfig {
@@ -52,7 +54,17 @@ impl Default for KafkaConfig {
 impl KafkaConfig {
     /// What is wrong with these settings, each as `field: reason`.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems: Vec<String> = [
+            duration_problem(
+                "commit_interval",
+                self.commit_interval,
+                Duration::from_millis(10),
+            ),
+            duration_problem("drain_timeout", self.drain_timeout, Duration::ZERO),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if self.brokers.trim().is_empty() {
             problems.push("brokers: must name at least one broker".into());
         }

@@ -258,6 +258,8 @@ pub struct Health {
     models_loaded: AtomicBool,
     /// Set once the daemon has started draining: not ready for new work any more.
     stopping: AtomicBool,
+    /// Why a pipeline died, once one has.
+    failed: Mutex<Option<String>>,
     gauge: IntGauge,
 }
 
@@ -267,6 +269,7 @@ impl Health {
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p, false)).collect()),
             models_loaded: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            failed: Mutex::new(None),
             gauge: metrics.ready.clone(),
         }
     }
@@ -297,8 +300,17 @@ impl Health {
         self.refresh();
     }
 
+    /// A pipeline died: not ready from now on, saying why.
+    pub fn set_failed(&self, why: String) {
+        self.failed.lock().expect("health lock").get_or_insert(why);
+        self.refresh();
+    }
+
     /// `Ok` when ready, else the reasons it is not.
     pub fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.failed.lock().expect("health lock").as_ref() {
+            return Err(why.clone());
+        }
         if self.stopping.load(Ordering::SeqCst) {
             return Err("shutting down".into());
         }

@@ -1,4 +1,22 @@
-//! Time formatting without a calendar dependency: RFC 3339 UTC text from Unix time.
+//! Time formatting without a calendar dependency: RFC 3339 UTC text from Unix time; and the
+//! bounds of the durations a configuration may set.
+
+use std::time::Duration;
+
+/// The longest duration a setting may take: a week. Longer ones are mistakes, and would
+/// overflow the clock arithmetic of timers and deadlines.
+pub const MAX_SETTING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What is wrong with a duration setting `field` that must be within `min..=MAX_SETTING`.
+pub fn duration_problem(field: &str, value: Duration, min: Duration) -> Option<String> {
+    if value < min {
+        Some(format!("{field}: must be at least {min:?}"))
+    } else if value > MAX_SETTING {
+        Some(format!("{field}: must be at most a week ({value:?} given)"))
+    } else {
+        None
+    }
+}
 
 /// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
 pub fn rfc3339(epoch_secs: i64) -> String {

@@ -199,3 +199,57 @@ fn a_wrongly_typed_value_is_refused_by_its_key() {
         );
     }
 }
+
+/// Values `run` cannot use are refused by `check` (`Config::validate`), naming the field: each
+/// of these passed once and then panicked or aborted at run time (a channel of 2^64 slots, a
+/// zero-length timer, a deadline past the clock's end, a preallocated table of 10^12 keys).
+#[test]
+fn values_run_cannot_use_are_refused_naming_the_field() {
+    for (var, value, field) in [
+        (
+            "PIPELINES__FLEET__BATCH__MAX_SIZE",
+            "4611686018427387904",
+            "pipelines.fleet.batch.max_size",
+        ),
+        ("KAFKA__COMMIT_INTERVAL", "0s", "kafka.commit_interval"),
+        ("KAFKA__DRAIN_TIMEOUT", "100000years", "kafka.drain_timeout"),
+        (
+            "RUNTIME__SHUTDOWN_GRACE",
+            "1000000years",
+            "runtime.shutdown_grace",
+        ),
+        (
+            "RUNTIME__INFERENCE_THREADS",
+            "100000000",
+            "runtime.inference_threads",
+        ),
+        (
+            "PIPELINES__FLEET__MAX_KEYS",
+            "1000000000000",
+            "pipelines.fleet.max_keys",
+        ),
+        (
+            "PIPELINES__FLEET__RELOAD_CHECK",
+            "100000years",
+            "pipelines.fleet.reload_check",
+        ),
+        (
+            "PIPELINES__FLEET__BATCH__MAX_WAIT",
+            "100000years",
+            "pipelines.fleet.batch.max_wait",
+        ),
+    ] {
+        let env = HashMap::from([(format!("ANOMALYD__{var}"), value.to_string())]);
+        let config = Config::from_toml(&config_toml("127.0.0.1:9092", "hostile", ""), Some(env))
+            .unwrap_or_else(|e| panic!("{var}={value} should parse: {e}"));
+        let problems = config
+            .validate()
+            .err()
+            .map(|e| e.problems)
+            .unwrap_or_default();
+        assert!(
+            problems.iter().any(|p| p.starts_with(field)),
+            "{field} = {value} passed the checks: {problems:?}"
+        );
+    }
+}
