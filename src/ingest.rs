@@ -69,6 +69,36 @@ pub enum Input {
 /// Commit positions: per partition, the offset of the next record to read.
 pub type Positions = Vec<(Partition, Offset)>;
 
+/// Raised by the ingest thread while a rebalance waits to enter the detector's channel. The
+/// detector task stops taking input while its deliveries are at their bound (backpressure);
+/// this makes it take input anyway, so that a rebalance is never stuck behind a failing
+/// output. What it takes then is bounded by the channel's capacity.
+#[derive(Default)]
+pub struct Rebalancing {
+    raised: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Rebalancing {
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// Resolves after the next raise (or at once if one happened since the last wait).
+    pub async fn raised(&self) {
+        self.notify.notified().await
+    }
+
+    /// Sends `input` with the flag raised.
+    fn send(&self, input: &mpsc::Sender<Input>, message: Input) -> bool {
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+        let sent = input.blocking_send(message).is_ok();
+        self.raised.store(false, Ordering::SeqCst);
+        sent
+    }
+}
+
 /// What the ingest thread of one pipeline needs.
 pub struct Ingest {
     pub pipeline: String,
@@ -81,6 +111,7 @@ pub struct Ingest {
     pub health: Arc<Health>,
     /// How long the final revocation may take at shutdown.
     pub grace: Duration,
+    pub rebalancing: Arc<Rebalancing>,
 }
 
 impl Ingest {
@@ -101,6 +132,7 @@ impl Ingest {
             health: self.health,
             drain_timeout: self.kafka.drain_timeout,
             closing: AtomicBool::new(false),
+            rebalancing: self.rebalancing,
         };
         let consumer: BaseConsumer<Context> =
             consumer_config(&self.kafka, &self.group).create_with_context(context)?;
@@ -228,6 +260,7 @@ struct Context {
     /// Set once the final revocation is done: closing the consumer revokes again, with nothing
     /// left to settle.
     closing: AtomicBool,
+    rebalancing: Arc<Rebalancing>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
@@ -248,12 +281,12 @@ impl Context {
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let sent = self.input.blocking_send(Input::Revoked {
+        let message = Input::Revoked {
             partitions,
             within,
             reply: Some(tx),
-        });
-        if sent.is_err() {
+        };
+        if !self.rebalancing.send(&self.input, message) {
             return;
         }
         // The detector keeps its own deadline; this one only guards against a detector that
@@ -367,11 +400,12 @@ impl ConsumerContext for Context {
         }
         if consumer.assignment_lost() {
             tracing::warn!(pipeline = %self.pipeline, ?partitions, "Partitions were lost (the group moved on without us); their in-flight records will be processed again by their new owner.");
-            let _ = self.input.blocking_send(Input::Revoked {
+            let message = Input::Revoked {
                 partitions,
                 within: Duration::ZERO,
                 reply: None,
-            });
+            };
+            self.rebalancing.send(&self.input, message);
         } else {
             self.revoke(consumer, partitions, self.drain_timeout);
         }
@@ -383,9 +417,8 @@ impl ConsumerContext for Context {
                 let partitions = partitions_of(tpl);
                 if !partitions.is_empty() {
                     let states = self.restore(consumer, &partitions);
-                    let _ = self
-                        .input
-                        .blocking_send(Input::Assigned { partitions, states });
+                    let message = Input::Assigned { partitions, states };
+                    self.rebalancing.send(&self.input, message);
                 }
             }
             Rebalance::Error(e) => {

@@ -61,3 +61,65 @@ pub fn init(format: LogFormat, level: &str) {
             .try_init(),
     };
 }
+
+/// Lets one log line of a repeated event through per period, and says how many were held back
+/// since: a failing output retried by thousands of deliveries must not flood the log (every
+/// occurrence is still counted in its metric).
+#[derive(Debug)]
+pub struct Throttle {
+    started: std::time::Instant,
+    every: std::time::Duration,
+    /// When the last line went through, in ms since `started`, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(every: std::time::Duration) -> Throttle {
+        Throttle {
+            started: std::time::Instant::now(),
+            every,
+            last: Default::default(),
+            held: Default::default(),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(self.started.elapsed())
+    }
+
+    fn allow_at(&self, now: std::time::Duration) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = now.as_millis() as u64 + 1;
+        let last = self.last.load(SeqCst);
+        let due = last == 0 || now.saturating_sub(last) >= self.every.as_millis() as u64;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, SeqCst, SeqCst)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, SeqCst));
+        }
+        self.held.fetch_add(1, SeqCst);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(Duration::from_secs(10));
+        let at = |s: u64| t.allow_at(Duration::from_secs(s));
+        assert_eq!(at(0), Some(0));
+        assert_eq!((at(1), at(5), at(9)), (None, None, None));
+        assert_eq!(at(10), Some(3));
+        assert_eq!(at(11), None);
+        assert_eq!(at(30), Some(1));
+    }
+}

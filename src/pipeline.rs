@@ -45,7 +45,7 @@ use crate::changelog::{Changelog, ChangelogError};
 use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, Origin};
-use crate::ingest::{Ingest, Input, Positions};
+use crate::ingest::{Ingest, Input, Positions, Rebalancing};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
@@ -92,6 +92,9 @@ type Inferred = (Result<Inference, ModelError>, Duration);
 
 /// Batches being inferred, and barriers, in stream order.
 const MAX_QUEUED: usize = 4;
+/// Records whose outputs may wait for acknowledgement at once: beyond, consumption pauses
+/// (a failing output must not turn a backlog into memory).
+const MAX_DELIVERIES: usize = 10_000;
 
 /// Runs one pipeline until `shutdown` is cancelled, then drains it: stops consuming, finishes
 /// the records in flight, writes their state, commits, and returns (within the grace period).
@@ -105,6 +108,7 @@ pub async fn run(
     let (parts, detector) = Parts::build(&name, &cfg, model.clone(), &shared)?;
     let (input_tx, input_rx) = mpsc::channel::<Input>(cfg.batch.max_size * 4);
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let rebalancing = Arc::new(Rebalancing::default());
     let ingest = Ingest {
         pipeline: name.clone(),
         group: parts.group.clone(),
@@ -115,6 +119,7 @@ pub async fn run(
         metrics: shared.metrics.clone(),
         health: shared.health.clone(),
         grace: shared.grace,
+        rebalancing: rebalancing.clone(),
     }
     .start(input_tx.clone(), commit_rx, shutdown.clone())
     .map_err(|source| PipelineError::Client {
@@ -134,9 +139,17 @@ pub async fn run(
     set_model_info(&shared.metrics, &name, &model, true);
     tracing::info!(pipeline = %name, group = %parts.group, topics = ?cfg.topics, model = %model.path.display(), state_topic = parts.changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
 
-    let took = DetectorTask::new(&name, &cfg, detector, &parts, &shared, commit_tx)
-        .run(input_rx)
-        .await;
+    let took = DetectorTask::new(
+        &name,
+        &cfg,
+        detector,
+        &parts,
+        &shared,
+        commit_tx,
+        rebalancing,
+    )
+    .run(input_rx)
+    .await;
     // The detector task ended: the ingest thread has revoked everything and is closing.
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     let _ = reloader.await;
@@ -287,6 +300,9 @@ struct DetectorTask {
     /// Changes whose write failed, written again with the next barrier's.
     unwritten: Vec<Change>,
     commits: std::sync::mpsc::Sender<Positions>,
+    rebalancing: Arc<Rebalancing>,
+    /// `anomalyd_deliveries_in_flight` of this pipeline.
+    deliveries: prometheus::IntGauge,
     evictions_seen: u64,
 }
 
@@ -297,6 +313,8 @@ enum Event {
     BatchDue,
     Tick,
     Input(Option<Input>),
+    /// A rebalance is waiting to come in.
+    Rebalancing,
 }
 
 /// Waits for the front of the queue: a batch's inference, or a barrier (at once).
@@ -323,6 +341,7 @@ impl DetectorTask {
         parts: &Parts,
         shared: &Shared,
         commits: std::sync::mpsc::Sender<Positions>,
+        rebalancing: Arc<Rebalancing>,
     ) -> DetectorTask {
         DetectorTask {
             name: name.to_string(),
@@ -339,6 +358,11 @@ impl DetectorTask {
             barrier: BarrierState::Idle,
             unwritten: Vec::new(),
             commits,
+            rebalancing,
+            deliveries: shared
+                .metrics
+                .deliveries_in_flight
+                .with_label_values(&[name]),
             evictions_seen: 0,
         }
     }
@@ -354,7 +378,7 @@ impl DetectorTask {
                 Event::Input(Some(i)) => {
                     self.on_input(i).await;
                     // Take what is already queued without going back to the timers.
-                    while self.queue.len() < MAX_QUEUED {
+                    while self.taking_input() {
                         match input.try_recv() {
                             Ok(i) => self.on_input(i).await,
                             Err(_) => break,
@@ -384,11 +408,11 @@ impl DetectorTask {
         tick: &mut tokio::time::Interval,
     ) -> Event {
         let deadline = self.batcher.deadline();
-        let room = self.queue.len() < MAX_QUEUED;
         let (take_input, input) = match input {
-            Some(i) => (room, Some(i)),
+            Some(i) => (self.taking_input(), Some(i)),
             None => (false, None),
         };
+        let paused = input.is_some() && !take_input;
         tokio::select! {
             biased;
             Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => Event::Done(done),
@@ -396,12 +420,21 @@ impl DetectorTask {
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Event::BatchDue,
             _ = tick.tick() => Event::Tick,
             i = async { input.expect("enabled only with an input").recv().await }, if take_input => Event::Input(i),
+            _ = self.rebalancing.raised(), if paused => Event::Rebalancing,
         }
+    }
+
+    /// Whether to take input now: room in the queue, and deliveries under their bound (or a
+    /// rebalance waiting to come in).
+    fn taking_input(&self) -> bool {
+        self.queue.len() < MAX_QUEUED
+            && (self.tasks.len() < MAX_DELIVERIES || self.rebalancing.is_raised())
     }
 
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::Done(Ok(Done::Delivered(origin))) => {
+                self.deliveries.set(self.tasks.len() as i64);
                 self.tracker
                     .finish(&origin.topic, origin.partition, origin.offset);
                 self.advance_barrier();
@@ -422,6 +455,7 @@ impl DetectorTask {
             Event::BatchDue => self.flush_batch().await,
             Event::Tick => self.start_barrier().await,
             Event::Input(_) => unreachable!("inputs are handled by the main loop"),
+            Event::Rebalancing => {}
         }
     }
 
@@ -555,6 +589,7 @@ impl DetectorTask {
             let outputs = self.outputs.clone();
             self.tasks
                 .spawn(async move { Done::Delivered(outputs.delivered(sent).await) });
+            self.deliveries.set(self.tasks.len() as i64);
         }
     }
 

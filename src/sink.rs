@@ -102,6 +102,8 @@ pub struct Outputs {
     /// This pipeline's per-record series, looked up once: a labelled lookup per record costs a
     /// hash and a lock.
     series: Series,
+    /// Throttles the log lines of failed deliveries.
+    failures: crate::log::Throttle,
     /// Alert events for the Alertmanager sink, if the pipeline has one.
     alertmanager: Option<mpsc::Sender<AlertEvent>>,
 }
@@ -126,6 +128,7 @@ impl Outputs {
             features,
             series: Series::of(&metrics, pipeline),
             metrics,
+            failures: crate::log::Throttle::new(Duration::from_secs(10)),
             alertmanager,
         }
     }
@@ -304,13 +307,15 @@ impl Outputs {
         self.producer.send_result(record).map_err(|(e, _)| e)
     }
 
-    /// Counts and logs a failed delivery (it will be retried).
+    /// Counts a failed delivery (it will be retried), and logs it, at most one line per 10 s.
     fn failed(&self, m: &OutMessage, error: &str) {
         self.metrics
             .produce_errors
             .with_label_values(&[self.pipeline.as_str(), m.sink])
             .inc();
-        tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, "Delivery failed, retrying: {error}");
+        if let Some(held) = self.failures.allow() {
+            tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, similar_since_last_report = held, "Delivery failed, retrying: {error}");
+        }
     }
 
     /// Waits for one queued message's acknowledgement.

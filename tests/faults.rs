@@ -189,3 +189,60 @@ async fn rejected_alert_deliveries_hold_back_the_commit_and_are_retried() {
     shutdown.cancel();
     daemon.wait().await.unwrap();
 }
+
+/// Issue 10, finding 2: with every output failing, a backlog is not turned into memory (one
+/// retrying delivery per record, 300k of them once): consumption pauses at the bound on
+/// deliveries in flight, and everything goes out once the broker accepts produces again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_output_pauses_consumption_instead_of_piling_up_deliveries() {
+    const BOUND: u64 = 10_000;
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(15, 1000, 0, 34);
+    let total = stream.records.len() as u64;
+    let offsets = produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    kafka.inject(Fault::RejectProduces(100_000_000)).unwrap();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(config(&kafka.bootstrap, "bound-test", ""), shutdown.clone())
+        .await
+        .unwrap();
+    let m = daemon.metrics.clone();
+    let in_flight = || m.deliveries_in_flight.with_label_values(&["fleet"]).get() as u64;
+    assert!(
+        wait_for(Duration::from_secs(60), || in_flight() >= BOUND).await,
+        "deliveries in flight reached only {}",
+        in_flight()
+    );
+    // However long the outage lasts, what is taken in stays within the bound (plus the batches
+    // already being inferred).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let taken = consumed(&m, "fleet");
+    assert!(
+        taken <= BOUND + 1000 && taken < total,
+        "took in {taken} of {total} records while no output could be delivered"
+    );
+    assert!(in_flight() <= BOUND + 1000, "{} in flight", in_flight());
+
+    kafka.inject(Fault::AcceptProduces).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(120), || consumed(&m, "fleet") >= total
+            && in_flight() == 0)
+        .await,
+        "consumed {} of {total}, {} in flight, after produces were accepted",
+        consumed(&m, "fleet"),
+        in_flight()
+    );
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+    let scores = drain_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    let (scored, _) = scored_offsets(&scores);
+    assert_eq!(
+        scored.len(),
+        offsets.len(),
+        "every record scored once the outage ended"
+    );
+}
