@@ -84,6 +84,7 @@ pub struct Metrics {
     pub keys_firing: IntGaugeVec,
     pub offsets_committed: IntCounterVec,
     pub deliveries_in_flight: IntGaugeVec,
+    pub outputs_dropped: IntCounterVec,
     pub model_info: IntGaugeVec,
     pub model_load_failures: IntCounterVec,
     pub model_reloads: IntCounterVec,
@@ -147,6 +148,7 @@ impl Metrics {
             keys_firing: gauge(&r, "anomalyd_keys_firing", "Keys with an alert episode currently firing.", &["pipeline"]),
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
+            outputs_dropped: counter(&r, "anomalyd_outputs_dropped_total", "Outputs no broker would accept (too large, invalid) whose reduced dead letter could not be delivered either; dropped so that the partition moves on.", &["pipeline", "sink"]),
             model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (value 1).", &["pipeline", "model", "version", "kind"]),
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
@@ -188,6 +190,7 @@ impl Metrics {
         }
         for sink in label::SINKS {
             self.produce_errors.with_label_values(&[pipeline, sink]);
+            self.outputs_dropped.with_label_values(&[pipeline, sink]);
         }
         for event in [EventKind::Firing, EventKind::Resolved] {
             self.alerts.with_label_values(&[pipeline, event.as_str()]);

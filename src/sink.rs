@@ -33,6 +33,8 @@ pub struct OutMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    /// Already the reduced dead letter of an undeliverable message.
+    pub reduced: bool,
 }
 
 /// A record of the scores topic: the record's score, threshold and verdict, and where it came from.
@@ -182,6 +184,7 @@ impl Outputs {
                     key: key.clone(),
                     payload: json,
                     headers: vec![("anomalyd.event", event.event.as_str().to_string())],
+                    reduced: false,
                 });
             }
         }
@@ -192,6 +195,7 @@ impl Outputs {
                 key: key.clone(),
                 payload: serde_json::to_vec(&ScoreRow::of(s)).expect("scores serialise"),
                 headers: Vec::new(),
+                reduced: false,
             });
         }
         // The detector keeps reconstructions only when the pipeline has a denoised topic.
@@ -202,6 +206,7 @@ impl Outputs {
                 key,
                 payload: denoised_json(&s.key, s.timestamp.as_deref(), &self.features, values),
                 headers: Vec::new(),
+                reduced: false,
             });
         }
         out
@@ -233,14 +238,8 @@ impl Outputs {
                 topic: self.dead_letter_topic.clone(),
                 key,
                 payload,
-                headers: vec![
-                    ("anomalyd.reason", reason.to_string()),
-                    ("anomalyd.error", detail),
-                    ("anomalyd.pipeline", self.pipeline.clone()),
-                    ("anomalyd.source.topic", origin.topic.to_string()),
-                    ("anomalyd.source.partition", origin.partition.to_string()),
-                    ("anomalyd.source.offset", origin.offset.to_string()),
-                ],
+                headers: self.dead_letter_headers(&origin, reason, detail),
+                reduced: false,
             }]
         };
         self.send(origin, messages)
@@ -264,29 +263,105 @@ impl Outputs {
         let pending = messages
             .into_iter()
             .map(|m| {
-                let queued = self
-                    .enqueue(&m)
-                    .map_err(|e| self.failed(&m, &e.to_string()))
-                    .ok();
+                let queued = self.enqueue(&m);
                 (m, queued)
             })
             .collect();
         Sent { origin, pending }
     }
 
-    /// Waits until every message of `sent` is acknowledged, retrying failed ones with backoff
-    /// for as long as it runs; returns the record's origin, whose offset may then be released.
+    /// Waits until every message of `sent` is delivered (see [`Outputs::deliver`] for what is
+    /// retried and what is not), for as long as it runs; returns the record's origin, whose
+    /// offset may then be released.
     pub async fn delivered(self: Arc<Self>, sent: Sent) -> Origin {
         for (m, queued) in sent.pending {
-            let acked = match queued {
-                Some(f) => self.acked(f, &m).await,
-                None => false,
+            let first = match queued {
+                Ok(f) => acked(f).await,
+                Err(e) => Err(e),
             };
-            if !acked {
-                self.deliver(&m).await;
+            if let Err(e) = first {
+                self.deliver(m, e, &sent.origin).await;
             }
         }
         sent.origin
+    }
+
+    /// Delivers a message whose last attempt failed with `error`. A transient failure (the
+    /// broker unreachable, a topic missing, no authorisation yet) is retried with backoff until
+    /// the message is acknowledged. A message no broker will ever accept (too large, invalid) is
+    /// not retried: it is replaced, once, by its reduced dead letter (the reason, the error, the
+    /// source's coordinates, the payload cut to 64 KiB and the key to 1 KiB), and if that cannot
+    /// be delivered either (or there is no dead-letter topic) it is dropped and counted, so that
+    /// the record's partition moves on.
+    async fn deliver(&self, mut m: OutMessage, mut error: KafkaError, origin: &Origin) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            self.failed(&m, &error);
+            if is_permanent(&error) {
+                if m.reduced || self.dead_letter_topic.is_empty() {
+                    self.metrics
+                        .outputs_dropped
+                        .with_label_values(&[self.pipeline.as_str(), m.sink])
+                        .inc();
+                    tracing::error!(pipeline = %self.pipeline, topic = %m.topic, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dropped an output no broker will accept: {error}");
+                    return;
+                }
+                m = self.reduced(m, &error, origin);
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            error = match self.enqueue(&m) {
+                Ok(queued) => match acked(queued).await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+        }
+    }
+
+    /// The reduced dead letter of a message that cannot be delivered as it is.
+    fn reduced(&self, m: OutMessage, error: &KafkaError, origin: &Origin) -> OutMessage {
+        const PAYLOAD: usize = 64 * 1024;
+        const KEY: usize = 1024;
+        let mut headers = if m.sink == label::DEAD_LETTERS {
+            m.headers
+        } else {
+            self.dead_letter_headers(
+                origin,
+                "undeliverable",
+                format!("its {} output: {error}", m.sink),
+            )
+        };
+        headers.push(("anomalyd.original_bytes", m.payload.len().to_string()));
+        OutMessage {
+            sink: label::DEAD_LETTERS,
+            topic: self.dead_letter_topic.clone(),
+            key: m.key.map(|mut k| {
+                k.truncate(KEY);
+                k
+            }),
+            payload: m.payload[..m.payload.len().min(PAYLOAD)].to_vec(),
+            headers,
+            reduced: true,
+        }
+    }
+
+    fn dead_letter_headers(
+        &self,
+        origin: &Origin,
+        reason: &'static str,
+        detail: String,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("anomalyd.reason", reason.to_string()),
+            ("anomalyd.error", detail),
+            ("anomalyd.pipeline", self.pipeline.clone()),
+            ("anomalyd.source.topic", origin.topic.to_string()),
+            ("anomalyd.source.partition", origin.partition.to_string()),
+            ("anomalyd.source.offset", origin.offset.to_string()),
+        ]
     }
 
     /// Hands one message to the producer's queue.
@@ -307,54 +382,46 @@ impl Outputs {
         self.producer.send_result(record).map_err(|(e, _)| e)
     }
 
-    /// Counts a failed delivery (it will be retried), and logs it, at most one line per 10 s.
-    fn failed(&self, m: &OutMessage, error: &str) {
+    /// Counts a failed delivery, and logs it, at most one line per 10 s.
+    fn failed(&self, m: &OutMessage, error: &KafkaError) {
         self.metrics
             .produce_errors
             .with_label_values(&[self.pipeline.as_str(), m.sink])
             .inc();
         if let Some(held) = self.failures.allow() {
-            tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, similar_since_last_report = held, "Delivery failed, retrying: {error}");
+            tracing::warn!(pipeline = %self.pipeline, topic = %m.topic, similar_since_last_report = held, "Delivery failed: {error}");
         }
     }
+}
 
-    /// Waits for one queued message's acknowledgement.
-    async fn acked(&self, queued: DeliveryFuture, m: &OutMessage) -> bool {
-        match queued.await {
-            Ok(Ok(_)) => true,
-            Ok(Err((e, _))) => {
-                self.failed(m, &e.to_string());
-                false
-            }
-            Err(_) => {
-                self.failed(m, "the producer was closed");
-                false
-            }
-        }
+/// Waits for one queued message's acknowledgement.
+async fn acked(queued: DeliveryFuture) -> Result<(), KafkaError> {
+    match queued.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
     }
+}
 
-    /// Delivers one message, retrying with backoff until it is acknowledged.
-    async fn deliver(&self, m: &OutMessage) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            match self.enqueue(m) {
-                Ok(queued) => {
-                    if self.acked(queued, m).await {
-                        return;
-                    }
-                }
-                Err(e) => self.failed(m, &e.to_string()),
-            }
-        }
-    }
+/// Whether no broker will ever accept the message as it is, however often it is retried.
+fn is_permanent(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | MessageBatchTooLarge
+                | InvalidRecord
+        )
+    )
 }
 
 /// The outputs of one record, queued in the producer, awaiting their acknowledgements.
 pub struct Sent {
     pub origin: Origin,
-    pending: Vec<(OutMessage, Option<DeliveryFuture>)>,
+    pending: Vec<(OutMessage, Result<DeliveryFuture, KafkaError>)>,
 }
 
 impl Sent {

@@ -246,3 +246,78 @@ async fn a_failing_output_pauses_consumption_instead_of_piling_up_deliveries() {
         "every record scored once the outage ended"
     );
 }
+
+/// Issue 10, finding 1: a legal record (under the broker's limit and `max_record_bytes`) whose
+/// dead letter is larger than the producer may send used to be retried every 5 s forever, its
+/// partition's commit stuck behind it. What no broker will accept goes out as a reduced dead
+/// letter, and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_output_no_broker_accepts_goes_out_reduced_and_the_partition_moves_on() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    let stream = fleet_stream(4, 25, 0, 35);
+    // 1,000,100 bytes of JSON without the model's fields: a dead letter, one whose copy (with
+    // its headers) is over the producer's 1,000,000-byte limit.
+    let huge = format!(
+        "{{\"host\":\"host-00\",\"pad\":\"{}\"}}",
+        "x".repeat(1_000_100 - 27)
+    );
+    assert_eq!(huge.len(), 1_000_100);
+    let mut payloads: Vec<&str> = stream.records.iter().map(|(_, v)| v.as_str()).collect();
+    payloads.insert(50, &huge);
+    for p in &payloads {
+        producer
+            .send(
+                FutureRecord::<str, str>::to("metrics")
+                    .partition(0)
+                    .payload(p),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produced");
+    }
+    let end = payloads.len() as i64;
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(config(&kafka.bootstrap, "huge-test", ""), shutdown.clone())
+        .await
+        .unwrap();
+    let group = "huge-test.fleet";
+    assert!(
+        wait_for(Duration::from_secs(60), || committed(
+            &kafka.bootstrap,
+            group,
+            0
+        ) == Some(end))
+        .await,
+        "the partition's commit stays at {:?}, not {end}",
+        committed(&kafka.bootstrap, group, 0)
+    );
+    let m = daemon.metrics.clone();
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+    let letters = drain_topic(
+        &kafka.bootstrap,
+        "dead-letters",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    let reduced: Vec<&Got> = letters
+        .iter()
+        .filter(|g| header(g, "anomalyd.original_bytes") == "1000100")
+        .collect();
+    assert_eq!(reduced.len(), 1, "one reduced dead letter");
+    assert_eq!(header(reduced[0], "anomalyd.reason"), "missing_field");
+    assert_eq!(header(reduced[0], "anomalyd.source.offset"), "50");
+    assert_eq!(reduced[0].payload.len(), 64 * 1024);
+    assert_eq!(
+        m.outputs_dropped
+            .with_label_values(&["fleet", "dead_letters"])
+            .get(),
+        0
+    );
+}
