@@ -50,7 +50,8 @@ pub mod label {
     pub const SCORES: &str = "scores";
     pub const DENOISED: &str = "denoised";
     pub const DEAD_LETTERS: &str = "dead_letters";
-    pub const SINKS: [&str; 4] = [ALERTS, SCORES, DENOISED, DEAD_LETTERS];
+    pub const STDOUT: &str = "stdout";
+    pub const SINKS: [&str; 5] = [ALERTS, SCORES, DENOISED, DEAD_LETTERS, STDOUT];
     /// `result` of the push and write counters.
     pub const OK: &str = "ok";
     pub const ERROR: &str = "error";

@@ -170,7 +170,7 @@ impl Outputs {
                 .inc();
             let json = serde_json::to_vec(event).expect("alert events serialise");
             if self.stdout {
-                println!("{}", String::from_utf8_lossy(&json));
+                self.print(&json);
             }
             if let Some(am) = &self.alertmanager {
                 if am.try_send(event.clone()).is_err() {
@@ -210,6 +210,27 @@ impl Outputs {
             });
         }
         out
+    }
+
+    /// Prints an alert event on stdout, one line. Stdout is a convenience, not a delivery: a
+    /// failed write (the reader went away: EPIPE) is counted and logged (throttled), and the
+    /// pipeline goes on.
+    fn print(&self, json: &[u8]) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let written = out
+            .write_all(json)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.flush());
+        if let Err(e) = written {
+            self.metrics
+                .produce_errors
+                .with_label_values(&[self.pipeline.as_str(), label::STDOUT])
+                .inc();
+            if let Some(held) = self.failures.allow() {
+                tracing::warn!(pipeline = %self.pipeline, similar_since_last_report = held, "Printing an alert on stdout failed; it reached its other sinks: {e}");
+            }
+        }
     }
 
     /// Sends a record that cannot be scored to the dead-letter topic, with its reason in headers.

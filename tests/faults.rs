@@ -321,3 +321,65 @@ async fn an_output_no_broker_accepts_goes_out_reduced_and_the_partition_moves_on
         0
     );
 }
+
+/// Issue 10, finding 4: `stdout = true` with nobody reading (`anomalyd run … | true`): the
+/// first alert's write failed with EPIPE and panicked the pipeline, which stopped scoring.
+/// Stdout is a convenience: the failure is counted and logged, and the pipeline goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_stdout_does_not_stop_the_pipeline() {
+    use std::process::{Command, Stdio};
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("anomalyd.toml");
+    std::fs::write(
+        &config,
+        config_toml(&kafka.bootstrap, "stdout-test", "stdout = true"),
+    )
+    .unwrap();
+    let log = dir.path().join("anomalyd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        .args(["run", "-c", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let stream = fleet_stream(6, 500, 2, 36);
+    let offsets = produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    let total = offsets.len();
+    let scores = read_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(120),
+        |got| scored_offsets(got).0.len() >= total,
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        scored_offsets(&scores).0.len(),
+        total,
+        "scoring stopped:\n{}",
+        text()
+    );
+    assert!(
+        !firing(&drain_topic(
+            &kafka.bootstrap,
+            "alerts",
+            Duration::from_secs(1),
+            Duration::from_secs(20)
+        ))
+        .is_empty(),
+        "the stream's incidents fire"
+    );
+    assert!(
+        text().contains("Printing an alert on stdout failed"),
+        "{}",
+        text()
+    );
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}:\n{}", text());
+}
