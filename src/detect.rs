@@ -120,7 +120,16 @@ pub enum Outcome {
         key: String,
     },
     Scored(Box<Scored>),
+    /// The model's error on it is not a finite number (values at the edge of f32, or a model
+    /// that outputs NaN): it is not judged, so that its key's threshold stays sound.
+    NonFinite {
+        origin: Origin,
+        record: Record,
+    },
 }
+
+/// The dead-letter reason of [`Outcome::NonFinite`].
+pub const NON_FINITE_SCORE: &str = "non_finite_score";
 
 /// A scored record.
 #[derive(Debug)]
@@ -402,6 +411,13 @@ impl Detector {
             };
             let errors = &inference.errors[i * f..(i + 1) * f];
             let score = errors.iter().map(|&e| e as f64).sum::<f64>() / f as f64;
+            if !score.is_finite() {
+                out.push(Outcome::NonFinite {
+                    origin: entry.origin,
+                    record: entry.record,
+                });
+                continue;
+            }
             // The reconstruction of the sample's last row: the record's own values.
             let sample = &inference.reconstructions[i * per_sample..(i + 1) * per_sample];
             let reconstruction = &sample[per_sample - row_len..];
@@ -827,6 +843,32 @@ mod tests {
         );
         assert_eq!(l, f, "the restored threshold is the learned one");
         assert_ne!(l, c, "and not the calibration's");
+    }
+
+    #[test]
+    fn a_record_without_a_finite_score_is_not_judged_and_leaves_its_key_as_it_was() {
+        let threshold_after = |extreme: bool| {
+            let mut d = detector("demo-dense.onnx", 10);
+            let mut recs: Vec<_> = (0..50).map(|_| record("a", NORMAL.to_vec())).collect();
+            if extreme {
+                recs.push(record("a", vec![3.0e38, -3.0e38, 3.0e38, 3.0e38]));
+            }
+            let outcomes = run(&mut d, recs);
+            if extreme {
+                assert!(
+                    matches!(outcomes.last(), Some(Outcome::NonFinite { .. })),
+                    "{:?}",
+                    outcomes.last()
+                );
+            }
+            match run(&mut d, vec![record("a", NORMAL.to_vec())]).pop() {
+                Some(Outcome::Scored(s)) => (s.verdict.threshold, s.score),
+                other => panic!("not scored: {other:?}"),
+            }
+        };
+        let (with, without) = (threshold_after(true), threshold_after(false));
+        assert!(with.0.is_finite() && with.1.is_finite());
+        assert_eq!(with, without);
     }
 
     #[test]

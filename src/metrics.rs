@@ -185,7 +185,7 @@ impl Metrics {
         }
         for reason in crate::decode::DecodeError::REASONS
             .iter()
-            .chain(&["inference_failed"])
+            .chain(&["inference_failed", crate::detect::NON_FINITE_SCORE])
         {
             self.dead_letters.with_label_values(&[pipeline, reason]);
         }

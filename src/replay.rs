@@ -250,6 +250,18 @@ impl<W: Write> Replayer<W> {
                             ..Row::default()
                         })?;
                     }
+                    Outcome::NonFinite { record, .. } => {
+                        summary.errors += 1;
+                        let error = format!(
+                            "{}: the model's reconstruction error on it is not a finite number",
+                            crate::detect::NON_FINITE_SCORE
+                        );
+                        self.sink.write(&Row {
+                            key: Some(&record.key),
+                            error: Some(&error),
+                            ..Row::default()
+                        })?;
+                    }
                     Outcome::Scored(s) => {
                         summary.scored += 1;
                         summary.anomalies += u64::from(s.verdict.is_anomaly);

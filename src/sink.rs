@@ -147,6 +147,20 @@ impl Outputs {
                 m.warming.inc();
                 self.send(origin, Vec::new())
             }
+            Outcome::NonFinite { origin, record } => {
+                let payload = serde_json::json!({
+                    "key": record.key,
+                    "timestamp": record.timestamp,
+                    "values": record.values,
+                });
+                self.dead_letter(
+                    origin,
+                    Some(record.key.into_bytes()),
+                    payload.to_string().into_bytes(),
+                    crate::detect::NON_FINITE_SCORE,
+                    "the model's reconstruction error on it is not a finite number".into(),
+                )
+            }
             Outcome::Scored(s) => {
                 m.scored.inc();
                 m.reconstruction_error.observe(s.score);
