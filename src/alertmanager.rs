@@ -50,7 +50,7 @@ impl AlertmanagerConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             out.push(format!(
                 "url {:?} must start with http:// or https://",
-                self.url
+                redact_url(&self.url)
             ));
         }
         out.extend(crate::time::duration_problem(
@@ -64,6 +64,21 @@ impl AlertmanagerConfig {
             Duration::from_millis(1),
         ));
         out
+    }
+}
+
+/// A URL as it may be shown: the password of its userinfo (`user:password@`) replaced.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
     }
 }
 
@@ -198,7 +213,8 @@ impl AlertmanagerSink {
         let result = match self.client.post(&url).json(alerts).send().await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("Alertmanager answered {}", r.status())),
-            Err(e) => Err(e.to_string()),
+            // Without the URL, which may hold credentials; the log line names it, redacted.
+            Err(e) => Err(e.without_url().to_string()),
         };
         let outcome = crate::metrics::label::result(&result);
         self.metrics
@@ -206,7 +222,7 @@ impl AlertmanagerSink {
             .with_label_values(&[self.pipeline.as_str(), outcome])
             .inc();
         if let Err(e) = result {
-            tracing::warn!(pipeline = %self.pipeline, url = %url, "Pushing {} alert(s) to Alertmanager failed (firing ones are pushed again within {:?}): {e}", alerts.len(), self.cfg.resend_interval);
+            tracing::warn!(pipeline = %self.pipeline, url = %redact_url(&url), "Pushing {} alert(s) to Alertmanager failed (firing ones are pushed again within {:?}): {e}", alerts.len(), self.cfg.resend_interval);
         }
     }
 }

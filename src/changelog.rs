@@ -83,7 +83,7 @@ impl Changelog {
             .create_with_context(ProducerContext)
             .map_err(|source| ChangelogError::Kafka {
                 topic: topic.to_string(),
-                source,
+                source: crate::kafka::redact_error(source),
             })?;
         Ok(Changelog {
             topic: topic.to_string(),

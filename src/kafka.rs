@@ -74,11 +74,19 @@ impl KafkaConfig {
                 self.auto_offset_reset
             ));
         }
-        for key in self.properties.keys() {
+        for (key, value) in &self.properties {
             if RESERVED_PROPERTIES.contains(&key.as_str()) {
                 problems.push(format!(
                     "properties.{key}: anomalyd manages this property itself (at-least-once delivery depends on it)"
                 ));
+                continue;
+            }
+            // librdkafka's own check of the name and value, reported without the value (it may
+            // be a password).
+            let mut one = ClientConfig::new();
+            one.set(key, value);
+            if let Err(e) = one.create_native_config() {
+                problems.push(format!("properties.{key}: {}", redact_error(e)));
             }
         }
         problems
@@ -99,6 +107,22 @@ fn default_commit_interval() -> Duration {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// A client-configuration error as it may be shown: without the property's value, which may be
+/// a password.
+pub fn redact_error(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(res, description, key, value) => {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(res, description, key, "(value not shown)".into())
+        }
+        other => other,
+    }
 }
 
 /// librdkafka properties anomalyd sets itself; at-least-once delivery depends on them.

@@ -125,7 +125,7 @@ pub async fn run(
     .map_err(|source| PipelineError::Client {
         pipeline: name.clone(),
         what: "consumer",
-        source,
+        source: crate::kafka::redact_error(source),
     })?;
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
@@ -198,7 +198,7 @@ impl Parts {
             .map_err(|source| PipelineError::Client {
                 pipeline,
                 what: "producer",
-                source,
+                source: crate::kafka::redact_error(source),
             })?;
         let (alertmanager_tx, alertmanager) = match cfg.alertmanager.clone() {
             Some(am) => {

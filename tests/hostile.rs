@@ -253,3 +253,45 @@ fn values_run_cannot_use_are_refused_naming_the_field() {
         );
     }
 }
+
+/// Issue 10, finding 8: a secret never reaches the output of `check` (nor, through the same
+/// messages, the log of `run`): a misspelled or invalid librdkafka property is refused by
+/// name without its value, and an Alertmanager URL's password is masked.
+#[test]
+fn secrets_in_the_configuration_are_never_echoed() {
+    const SECRET: &str = "hunter2-s3cr3t";
+    for (extra_kafka, extra_pipeline, field) in [
+        (
+            format!("\"sasl.passwrd\" = \"{SECRET}\""),
+            String::new(),
+            "kafka.properties.sasl.passwrd",
+        ),
+        (
+            format!("\"security.protocol\" = \"{SECRET}\""),
+            String::new(),
+            "kafka.properties.security.protocol",
+        ),
+        (
+            String::new(),
+            format!(
+                "[pipelines.fleet.alertmanager]\nurl = \"ftp://alice:{SECRET}@am.example:9093\""
+            ),
+            "pipelines.fleet.alertmanager",
+        ),
+    ] {
+        let text = config_toml("127.0.0.1:9092", "hostile", "").replace(
+            "[kafka.properties]\n",
+            &format!("[kafka.properties]\n{extra_kafka}\n"),
+        ) + &extra_pipeline;
+        let config = Config::from_toml(&text, Some(HashMap::new())).unwrap();
+        let problems = config.validate().expect_err(field).problems;
+        assert!(
+            problems.iter().any(|p| p.starts_with(field)),
+            "{field} not refused: {problems:?}"
+        );
+        assert!(
+            !problems.iter().any(|p| p.contains(SECRET)),
+            "the secret is echoed: {problems:?}"
+        );
+    }
+}
