@@ -383,3 +383,59 @@ async fn a_closed_stdout_does_not_stop_the_pipeline() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}:\n{}", text());
 }
+
+/// Issue 10, finding 6: a run that never got a partition (the broker unreachable all along)
+/// used to overwrite the checkpoint with its empty state. State now lives in the state topic,
+/// written per changed key: such a run writes nothing, and the next one restores every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_without_partitions_leaves_the_learned_state_alone() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(4, 200, 0, 37);
+    let total = stream.records.len() as u64;
+    produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    let run = |expect_consumed: u64| {
+        let cfg = config(&kafka.bootstrap, "state-keep", "");
+        async move {
+            let shutdown = CancellationToken::new();
+            let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+            let m = daemon.metrics.clone();
+            if expect_consumed > 0 {
+                assert!(
+                    wait_for(Duration::from_secs(60), || consumed(&m, "fleet")
+                        >= expect_consumed)
+                    .await
+                );
+            } else {
+                // Up long enough to have written state, had it any.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            shutdown.cancel();
+            daemon.wait().await.unwrap();
+            m
+        }
+    };
+    let first = run(total).await;
+    assert!(first.state_writes.with_label_values(&["fleet", "ok"]).get() >= 1);
+
+    kafka.inject(Fault::BrokerDown).unwrap();
+    let cut_off = run(0).await;
+    assert_eq!(
+        cut_off
+            .partitions_assigned
+            .with_label_values(&["fleet"])
+            .get(),
+        0
+    );
+    assert_eq!(cut_off.state_records.with_label_values(&["fleet"]).get(), 0);
+    kafka.inject(Fault::BrokerUp).unwrap();
+
+    // More records, so that the third run has partitions and records to work with.
+    let more = fleet_stream(4, 20, 0, 38);
+    produce(&kafka.bootstrap, "metrics", &more.records).await;
+    let third = run(more.records.len() as u64).await;
+    assert_eq!(
+        third.keys_restored.with_label_values(&["fleet"]).get(),
+        4,
+        "every key's state survived the run without partitions"
+    );
+}
