@@ -784,9 +784,38 @@ fn model_refused(metrics: &Metrics, pipeline: &str, why: &str) {
 }
 
 /// The identity of a file's current version: its modification time and length.
-fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+fn file_stamp(path: &std::path::Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+/// Which version of the model file to load next.
+#[derive(Debug, Default)]
+struct ModelWatch {
+    /// The version loaded last (or at start).
+    serving: Stamp,
+    /// A version whose load failed: not retried by the periodic check (it would fail and log
+    /// every few seconds), but retried on SIGHUP (the failure may have been transient: no file
+    /// descriptor, a read error).
+    refused: Option<Stamp>,
+}
+
+impl ModelWatch {
+    /// Whether the file, now at `stamp`, should be loaded; `asked` on SIGHUP.
+    fn due(&self, stamp: Stamp, asked: bool) -> bool {
+        stamp != self.serving && (asked || self.refused != Some(stamp))
+    }
+
+    fn loaded(&mut self, stamp: Stamp) {
+        self.serving = stamp;
+        self.refused = None;
+    }
+
+    fn failed(&mut self, stamp: Stamp) {
+        self.refused = Some(stamp);
+    }
 }
 
 /// Watches the model file (every `every`, and at once on SIGHUP) and sends a new version that
@@ -802,20 +831,27 @@ async fn reload_loop(
     shared: Shared,
     stop: CancellationToken,
 ) {
-    let mut seen = file_stamp(&path);
+    let mut watch = ModelWatch {
+        serving: file_stamp(&path),
+        refused: None,
+    };
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every), if !every.is_zero() => {}
-            _ = shared.reload.notified() => {}
+        let asked = tokio::select! {
+            _ = tokio::time::sleep(every), if !every.is_zero() => false,
+            _ = shared.reload.notified() => true,
             _ = stop.cancelled() => return,
-        }
+        };
         let stamp = file_stamp(&path);
-        if stamp == seen {
+        if !watch.due(stamp, asked) {
             continue;
         }
-        seen = stamp;
         let load_path = path.clone();
-        match tokio::task::spawn_blocking(move || Model::load(&load_path)).await {
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
+        match &loaded {
+            Ok(Ok(_)) => watch.loaded(stamp),
+            _ => watch.failed(stamp),
+        }
+        match loaded {
             Ok(Ok(model)) => {
                 tokio::select! {
                     sent = input.send(Input::Reload(Arc::new(model))) => if sent.is_err() { return },
@@ -829,5 +865,31 @@ async fn reload_loop(
                 &format!("model {}: loading failed: {e}", path.display()),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_version_that_failed_to_load_is_retried_on_sighup_not_every_check() {
+        let v = |n: u64| Some((SystemTime::UNIX_EPOCH + Duration::from_secs(n), n));
+        let mut w = ModelWatch {
+            serving: v(1),
+            refused: None,
+        };
+        assert!(
+            !w.due(v(1), true),
+            "the serving version is never loaded again"
+        );
+        assert!(w.due(v(2), false));
+        w.failed(v(2));
+        assert!(!w.due(v(2), false), "not retried by the periodic check");
+        assert!(w.due(v(2), true), "retried on SIGHUP");
+        w.loaded(v(2));
+        assert!(!w.due(v(2), true));
+        assert!(w.due(v(3), false), "a newer version is loaded");
     }
 }
