@@ -240,6 +240,17 @@ async fn signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync
     std::process::exit(130);
 }
 
+/// Writes a command's output. A reader that went away (`anomalyd inspect m.onnx | head`) ends
+/// the output quietly: a broken pipe is not the command's failure.
+fn print_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn check(path: &Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
@@ -247,11 +258,11 @@ fn check(path: &Path) -> ExitCode {
     };
     match daemon::load_models(&config) {
         Ok(models) => {
-            println!("{}: valid", path.display());
+            let mut text = format!("{}: valid\n", path.display());
             for (name, m) in &models {
                 let c = &m.contract;
-                println!(
-                    "  pipeline {name}: topics {:?} → model {} ({} {}, {} features, window {})",
+                text += &format!(
+                    "  pipeline {name}: topics {:?} → model {} ({} {}, {} features, window {})\n",
                     config.pipelines[name].topics,
                     m.path.display(),
                     format!("{:?}", c.kind).to_lowercase(),
@@ -260,7 +271,13 @@ fn check(path: &Path) -> ExitCode {
                     c.window
                 );
             }
-            ExitCode::SUCCESS
+            match print_out(&text) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing the output: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(problems) => {
             eprintln!("{}: invalid configuration:", path.display());
@@ -368,6 +385,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    use std::fmt::Write;
     let model = match Model::load(&args.model) {
         Ok(m) => m,
         Err(e) => {
@@ -380,35 +398,47 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let c = &model.contract;
+    let mut text = String::new();
     if args.json {
         let mut out = serde_json::to_value(c)?;
         out["path"] = model.path.display().to_string().into();
         if let Some(v) = &verification {
             out["verify"] = serde_json::to_value(v)?;
         }
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        writeln!(text, "{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         let shape = |tail: &[usize]| {
             let dims: Vec<String> = tail.iter().map(|d| d.to_string()).collect();
             format!("[batch, {}]", dims.join(", "))
         };
         let cal = &c.calibration;
-        println!("model        {} ({})", c.name, model.path.display());
-        println!("kind         {}", format!("{:?}", c.kind).to_lowercase());
-        println!("version      {}", c.version);
-        println!(
+        writeln!(text, "model        {} ({})", c.name, model.path.display())?;
+        writeln!(
+            text,
+            "kind         {}",
+            format!("{:?}", c.kind).to_lowercase()
+        )?;
+        writeln!(text, "version      {}", c.version)?;
+        writeln!(
+            text,
             "trained at   {}",
             c.trained_at.as_deref().unwrap_or("unknown")
-        );
-        println!("features     {}", c.features.join(", "));
-        println!("window       {}", c.window);
-        println!("input        input {} float32", shape(&c.sample_shape));
-        println!(
+        )?;
+        writeln!(text, "features     {}", c.features.join(", "))?;
+        writeln!(text, "window       {}", c.window)?;
+        writeln!(
+            text,
+            "input        input {} float32",
+            shape(&c.sample_shape)
+        )?;
+        writeln!(
+            text,
             "outputs      error {} float32, reconstruction {} float32",
             shape(&[c.features.len()]),
             shape(&c.sample_shape)
-        );
-        println!(
+        )?;
+        writeln!(
+            text,
             "calibration  {} held-back samples: mean {:.6}, std {:.6}; {}; {} scores kept for warm starts",
             cal.count,
             cal.mean,
@@ -419,21 +449,23 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", "),
             cal.sample.len()
-        );
+        )?;
         if let Some(t) = &c.training_data {
-            println!("training     {t}");
+            writeln!(text, "training     {t}")?;
         }
         if let Some(v) = &verification {
-            println!(
+            writeln!(
+            text,
                 "verify       {} samples: max |Δ| error {:.3e}, reconstruction {:.3e} relative (tolerance {:.1e}): {}",
                 v.samples,
                 v.error,
                 v.reconstruction,
                 v.tolerance,
                 if v.ok { "ok" } else { "MISMATCH" }
-            );
+            )?;
         }
     }
+    print_out(&text)?;
     Ok(match verification {
         Some(v) if !v.ok => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,

@@ -268,3 +268,28 @@ fn the_demo_catches_its_injected_incidents() {
     assert!(false_alarms <= 3, "too many false alarms: {last}\n{out}");
     assert!(out.contains("FIRING") && out.contains("resolved"), "{out}");
 }
+
+/// Issue 10, finding 13: `anomalyd inspect MODEL | head` panicked on the broken pipe. A
+/// command's output into a pipe whose reader is gone ends quietly, with success.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let model = repo().join("models/demo-dense.onnx");
+    let config = repo().join("deploy/anomalyd.example.toml");
+    for args in [
+        vec!["inspect", model.to_str().unwrap()],
+        vec!["inspect", "--json", model.to_str().unwrap()],
+        vec!["check", "-c", config.to_str().unwrap()],
+        vec!["demo", "--rate", "0", "--ticks", "60"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {:?}\n{err}", o.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

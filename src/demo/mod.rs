@@ -11,6 +11,15 @@ pub mod stream;
 
 pub use mock::MockKafka;
 
+/// `println!` for the demo's narration: a reader that went away (`anomalyd demo | head`) is not
+/// the demo's failure, so write errors are ignored instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -182,18 +191,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Report> {
         .map_err(|e| anyhow!("{e}"))?;
     let mut fleet = Fleet::new(args.hosts, args.ticks, args.incidents, args.seed);
     let incidents = fleet.incidents().to_vec();
-    println!(
+    say!(
         "anomalyd demo: {} hosts × {} ticks (5 simulated minutes each) with {} injected incidents",
         fleet.hosts(),
         args.ticks,
         incidents.len()
     );
-    println!("  Kafka (in-process): {}", cluster.bootstrap);
+    say!("  Kafka (in-process): {}", cluster.bootstrap);
     if let Some(addr) = daemon.http_addr {
-        println!("  metrics:            http://{addr}/metrics");
+        say!("  metrics:            http://{addr}/metrics");
     }
-    println!("  model:              {}", model_path.display());
-    println!("  alerts as they fire and resolve:\n");
+    say!("  model:              {}", model_path.display());
+    say!("  alerts as they fire and resolve:\n");
 
     let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let viewer_stop = CancellationToken::new();
@@ -320,7 +329,7 @@ async fn view_alerts(
         let Some(Ok(event)) = m.payload().map(serde_json::from_slice::<serde_json::Value>) else {
             continue;
         };
-        println!("{}", describe(&event));
+        say!("{}", describe(&event));
         if let Ok(seen) = serde_json::from_value::<Seen>(event) {
             events.lock().expect("events lock").push(seen);
         }
@@ -407,7 +416,7 @@ fn summarise(
     let covers = |i: &Incident, key: &str, tick: u64| {
         key == stream::host_name(i.host) && tick >= i.start && tick <= i.end + CATCH_GRACE_TICKS
     };
-    println!("\nincidents:");
+    say!("\nincidents:");
     let mut caught = 0;
     for i in incidents {
         let first = firing
@@ -418,7 +427,7 @@ fn summarise(
         match first {
             Some(t) => {
                 caught += 1;
-                println!(
+                say!(
                     "  caught  {:<18} {} ticks {}..{}: alert after {} tick(s)",
                     format!("{:?}", i.kind),
                     stream::host_name(i.host),
@@ -427,7 +436,7 @@ fn summarise(
                     t - i.start + 1
                 );
             }
-            None => println!(
+            None => say!(
                 "  MISSED  {:<18} {} ticks {}..{}",
                 format!("{:?}", i.kind),
                 stream::host_name(i.host),
@@ -440,12 +449,12 @@ fn summarise(
         .iter()
         .filter(|(k, t)| !incidents.iter().any(|i| covers(i, k, *t)))
         .count();
-    println!(
+    say!(
         "\n{records} records scored in {:.1}s, {dead_letters} sent to the dead-letter topic, {} alert events",
         elapsed.as_secs_f64(),
         events.len()
     );
-    println!(
+    say!(
         "incidents caught {caught}/{}, false alarms {false_alarms}",
         incidents.len()
     );
