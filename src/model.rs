@@ -306,6 +306,11 @@ fn join(dims: &[usize]) -> String {
         .join(", ")
 }
 
+/// The longest window a model may read.
+pub const MAX_WINDOW: usize = 10_000;
+/// The most values in one sample (window × features, or C × H × W): 4 MiB of float32.
+pub const MAX_SAMPLE_VALUES: usize = 1 << 20;
+
 fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, ModelError> {
     let bad = |key: &'static str, reason: String| ModelError::Metadata {
         path: path.to_path_buf(),
@@ -331,12 +336,20 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
     if features.is_empty() {
         return Err(bad("features", "lists no feature".into()));
     }
+    for (i, f) in features.iter().enumerate() {
+        if features[..i].contains(f) {
+            return Err(bad("features", format!("lists {f:?} twice")));
+        }
+    }
     let window: usize = required("window")?
         .trim()
         .parse()
         .map_err(|_| bad("window", "must be a positive integer".into()))?;
-    if window == 0 {
-        return Err(bad("window", "must be at least 1".into()));
+    if !(1..=MAX_WINDOW).contains(&window) {
+        return Err(bad(
+            "window",
+            format!("must be between 1 and {MAX_WINDOW} rows, found {window}"),
+        ));
     }
     let shape: Option<Vec<usize>> = meta
         .get("shape")
@@ -352,6 +365,21 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
                 ),
             ));
         }
+    }
+    // Each key holds a window of rows, and each sample is one allocation per inference: both
+    // are bounded before anything is allocated for them.
+    let values = match &shape {
+        Some(s) => s.iter().try_fold(1usize, |n, d| n.checked_mul(*d)),
+        None => window.checked_mul(features.len()),
+    };
+    if values.is_none_or(|n| n > MAX_SAMPLE_VALUES) {
+        return Err(bad(
+            if shape.is_some() { "shape" } else { "window" },
+            format!(
+                "makes samples of more than {MAX_SAMPLE_VALUES} values ({})",
+                values.map_or("overflow".into(), |n| n.to_string())
+            ),
+        ));
     }
     let calibration: Calibration = meta
         .get("calibration")
@@ -388,6 +416,44 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes that would allocate without bound, and features named twice, are refused from the
+    /// metadata alone, before tract or the probe allocates anything.
+    #[test]
+    fn metadata_that_would_allocate_without_bound_is_refused_naming_the_key() {
+        let path = Path::new("m.onnx");
+        let parse = |changes: &[(&'static str, &'static str)]| {
+            let mut meta: BTreeMap<&str, &str> = [
+                ("kind", "dense"),
+                ("features", r#"["a", "b", "c"]"#),
+                ("window", "1"),
+            ]
+            .into_iter()
+            .collect();
+            meta.extend(changes.iter().copied());
+            parse_metadata(path, &meta)
+                .map(|_| ())
+                .map_err(|e| match e {
+                    ModelError::Metadata { key, .. } => key,
+                    other => panic!("{other}"),
+                })
+        };
+        assert_eq!(parse(&[]), Ok(()));
+        assert_eq!(parse(&[("window", "50000000")]), Err("window"));
+        assert_eq!(parse(&[("window", "10000")]), Ok(()));
+        assert_eq!(
+            parse(&[("kind", "conv"), ("shape", "[3, 100000, 100000]")]),
+            Err("shape")
+        );
+        assert_eq!(
+            parse(&[("shape", "[3, 18446744073709551615, 2]")]),
+            Err("shape")
+        );
+        assert_eq!(
+            parse(&[("features", r#"["a", "b", "a"]"#)]),
+            Err("features")
+        );
+    }
 
     /// A call sees nothing of the one before (the recurrent model's hidden state included),
     /// whatever the batch sizes.
