@@ -381,17 +381,29 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
             ),
         ));
     }
-    let calibration: Calibration = meta
-        .get("calibration")
-        .map(|s| json(s).map_err(|e| bad("calibration", e)))
-        .transpose()?
-        .unwrap_or_default();
+    // Every new key's threshold starts from the calibration: without it (or with an empty or
+    // all-zero sample) every record of normal data can be judged anomalous.
+    let calibration: Calibration =
+        json(required("calibration")?).map_err(|e| bad("calibration", e))?;
     if calibration.sample.iter().any(|v| !v.is_finite()) {
         return Err(bad(
             "calibration",
             "has a non-finite score in `sample`".into(),
         ));
     }
+    if calibration.count == 0 || !calibration.sample.iter().any(|v| *v > 0.0) {
+        return Err(bad(
+            "calibration",
+            "has no held-back score above zero (`count` 0, or `sample` empty or all zero): recalibrate the model on held-back normal data".into(),
+        ));
+    }
+    let version = required("version")?.trim();
+    if version.is_empty() {
+        return Err(bad("version", "is empty".into()));
+    }
+    let trained_at = required("trained_at")?;
+    let training_data: serde_json::Value =
+        json(required("training_data")?).map_err(|e| bad("training_data", e))?;
     let name = meta
         .get("name")
         .map(|s| s.to_string())
@@ -404,11 +416,9 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
         window,
         shape,
         sample_shape: Vec::new(),
-        version: meta.get("version").unwrap_or(&"unversioned").to_string(),
-        trained_at: meta.get("trained_at").map(|s| s.to_string()),
-        training_data: meta
-            .get("training_data")
-            .and_then(|s| serde_json::from_str(s).ok()),
+        version: version.to_string(),
+        trained_at: Some(trained_at.to_string()),
+        training_data: Some(training_data),
         calibration,
     })
 }
@@ -427,6 +437,16 @@ mod tests {
                 ("kind", "dense"),
                 ("features", r#"["a", "b", "c"]"#),
                 ("window", "1"),
+                (
+                    "calibration",
+                    r#"{"count": 10, "mean": 0.1, "std": 0.01, "sample": [0.05, 0.1, 0.2]}"#,
+                ),
+                ("version", "1.0.0"),
+                ("trained_at", "2026-11-28T00:00:00Z"),
+                (
+                    "training_data",
+                    r#"{"sha256": "00", "rows": 10, "file": "t.csv"}"#,
+                ),
             ]
             .into_iter()
             .collect();
