@@ -180,6 +180,22 @@ pub enum DetectorError {
         path: String,
         features: Vec<String>,
     },
+    #[error("field_map: features {first:?} and {second:?} of model {path} would both read record field {field:?}")]
+    SharedField {
+        first: String,
+        second: String,
+        field: String,
+        path: String,
+    },
+    #[error(
+        "{setting}: {field:?} is also the record field of feature {feature:?} of model {path}"
+    )]
+    KeyIsAFeature {
+        setting: &'static str,
+        field: String,
+        feature: String,
+        path: String,
+    },
 }
 
 impl DetectorConfig {
@@ -192,15 +208,42 @@ impl DetectorConfig {
             .filter(|f| !features.contains(f))
             .cloned()
             .collect();
-        if unknown.is_empty() {
-            Ok(())
-        } else {
-            Err(DetectorError::UnknownFields {
+        let path = || model.path.display().to_string();
+        if !unknown.is_empty() {
+            return Err(DetectorError::UnknownFields {
                 unknown,
-                path: model.path.display().to_string(),
+                path: path(),
                 features: features.clone(),
-            })
+            });
         }
+        let fields: Vec<(&String, &String)> = features
+            .iter()
+            .map(|f| (f, self.field_map.get(f).unwrap_or(f)))
+            .collect();
+        for (i, (feature, field)) in fields.iter().enumerate() {
+            if let Some((first, _)) = fields[..i].iter().find(|(_, other)| other == field) {
+                return Err(DetectorError::SharedField {
+                    first: first.to_string(),
+                    second: feature.to_string(),
+                    field: field.to_string(),
+                    path: path(),
+                });
+            }
+            for (setting, value) in [
+                ("key_field", &self.key_field),
+                ("timestamp_field", &self.timestamp_field),
+            ] {
+                if value == *field {
+                    return Err(DetectorError::KeyIsAFeature {
+                        setting,
+                        field: value.clone(),
+                        feature: feature.to_string(),
+                        path: path(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The detector of pipeline `name` serving `model`: the one build step that `run`, `score`,
@@ -761,6 +804,55 @@ mod tests {
     }
 
     const NORMAL: [f32; 4] = [50.0, 300.0, 35.0, 30.0];
+
+    /// Issue 10, finding 11 (field mapping): two features reading one field, or the key or
+    /// timestamp field being a feature's, made every JSON record a dead letter and every CSV
+    /// row garbage; they are refused with the detector's settings, wherever it is built.
+    #[test]
+    fn field_mappings_that_cannot_work_are_refused() {
+        let model = Arc::new(
+            Model::load(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-dense.onnx"),
+            )
+            .unwrap(),
+        );
+        let features = model.contract.features.clone();
+        let base = || {
+            let cfg = Config::from_toml(
+                "[pipelines.p]\ntopics = [\"in\"]\nmodel = \"m.onnx\"\nkey_field = \"host\"\n",
+                Some(Default::default()),
+            )
+            .unwrap();
+            cfg.pipelines["p"].detector()
+        };
+        assert!(base().fits(&model).is_ok());
+        let mut shared = base();
+        shared
+            .field_map
+            .insert(features[0].clone(), features[1].clone());
+        assert!(matches!(
+            shared.fits(&model),
+            Err(DetectorError::SharedField { .. })
+        ));
+        let mut key = base();
+        key.key_field = features[2].clone();
+        assert!(matches!(
+            key.fits(&model),
+            Err(DetectorError::KeyIsAFeature {
+                setting: "key_field",
+                ..
+            })
+        ));
+        let mut ts = base();
+        ts.field_map.insert(features[0].clone(), "ts".into());
+        assert!(matches!(
+            ts.build("p", model.clone()),
+            Err(DetectorError::KeyIsAFeature {
+                setting: "timestamp_field",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn revoking_a_partition_drops_exactly_its_keys() {
