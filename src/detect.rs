@@ -812,7 +812,7 @@ mod tests {
     fn field_mappings_that_cannot_work_are_refused() {
         let model = Arc::new(
             Model::load(
-                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-dense.onnx"),
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo-dense.onnx"),
             )
             .unwrap(),
         );
