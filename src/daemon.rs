@@ -157,12 +157,19 @@ impl Daemon {
         let result =
             join_pipelines(self.pipelines, &self.names, &self.health, &self.shutdown).await;
         self.shutdown.cancel();
-        if let Some(h) = self.http.take() {
-            let _ = h.await;
+        if let Some(mut h) = self.http.take() {
+            // The endpoint finishes the requests it is answering; a client that keeps a
+            // connection open (idle, or a request half sent) does not hold the exit up.
+            if tokio::time::timeout(HTTP_CLOSE, &mut h).await.is_err() {
+                h.abort();
+            }
         }
         result
     }
 }
+
+/// How long the HTTP endpoint may take to close its connections at shutdown.
+const HTTP_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Joins pipeline tasks (`names` by task id); see [`Daemon::wait`].
 async fn join_pipelines(

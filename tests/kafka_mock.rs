@@ -646,3 +646,28 @@ async fn the_state_topic_gives_back_the_last_state_of_each_key_of_a_partition() 
     // Read twice: the markers of the first read are not states.
     assert_eq!(read(&[("metrics", 0)]), vec![s("metrics", 0, "a", "2")]);
 }
+
+/// Issue 10, finding 9 (shutdown): a client holding a connection to the HTTP endpoint open
+/// (here, a request half sent) kept the process alive after its pipelines had drained. The
+/// daemon now ends a short while after its pipelines, whatever its HTTP clients do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_half_sent_http_request_does_not_hold_the_shutdown() {
+    use std::io::Write;
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let mut cfg = config(&kafka.bootstrap, "http-test", "");
+    cfg.http.listen = "127.0.0.1:0".into();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let addr = daemon.http_addr.expect("http enabled");
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let _keep_alive = std::net::TcpStream::connect(addr).unwrap();
+    shutdown.cancel();
+    let waited = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await;
+    assert!(
+        matches!(waited, Ok(Ok(()))),
+        "the daemon did not end while a client held a connection: {waited:?}"
+    );
+    drop(idle);
+}
