@@ -222,7 +222,10 @@ impl Changelog {
         let mut c = crate::kafka::client_config(&self.kafka);
         c.set("group.id", format!("{}.reader", self.topic))
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
+            .set("enable.auto.offset.store", "false")
+            // It reads to a marker it has just written: no reason to let the broker hold a
+            // fetch for more.
+            .set("fetch.wait.max.ms", "10");
         c
     }
 

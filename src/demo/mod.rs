@@ -137,6 +137,9 @@ fn demo_config(bootstrap: &str, model: &std::path::Path, listen: &str) -> anyhow
 [kafka]
 brokers = "{bootstrap}"
 group_id = "anomalyd-demo"
+[kafka.properties]
+# Consumer lag in /metrics within a second rather than five: the demo is short.
+"statistics.interval.ms" = "1000"
 [http]
 listen = "{listen}"
 [runtime]
