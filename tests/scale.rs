@@ -45,6 +45,40 @@ struct Setup {
     log: PathBuf,
 }
 
+impl Setup {
+    /// The learning phase, produced at once and waited for until every record is scored.
+    async fn learn(
+        &self,
+        collector: &Collector,
+        records: &[(String, String)],
+    ) -> BTreeSet<(i32, i64)> {
+        let produced: BTreeSet<(i32, i64)> = produce(&self.tansu.bootstrap, "metrics", records)
+            .await
+            .into_iter()
+            .collect();
+        wait_scored(collector, &produced, Duration::from_secs(120)).await;
+        assert!(
+            produced.is_subset(&collector.distinct()),
+            "learning phase not scored"
+        );
+        produced
+    }
+
+    /// Records streamed in the background (600 a second), as a live topic.
+    fn stream(
+        &self,
+        records: &[(String, String)],
+    ) -> tokio::task::JoinHandle<BTreeSet<(i32, i64)>> {
+        produce_paced(
+            &self.tansu.bootstrap,
+            "metrics",
+            records,
+            60,
+            Duration::from_millis(100),
+        )
+    }
+}
+
 fn setup(group: &str) -> Option<Setup> {
     let tansu = Tansu::start()?;
     for (t, p) in [
@@ -224,24 +258,10 @@ async fn a_replica_killed_under_load_hands_its_keys_learned_state_to_the_survivo
     let a2 = second.http_addr();
     let held = wait_for_coverage(&[a1, a2], Duration::from_secs(60)).await;
 
-    let mut produced: BTreeSet<(i32, i64)> = produce(&s.tansu.bootstrap, "metrics", learn)
-        .await
-        .into_iter()
-        .collect();
-    wait_scored(&collector, &produced, Duration::from_secs(120)).await;
-    assert!(
-        produced.is_subset(&collector.distinct()),
-        "learning phase not scored"
-    );
+    let mut produced = s.learn(&collector, learn).await;
 
     // Under load: the second phase streams in while the second replica is killed.
-    let streaming = produce_paced(
-        &s.tansu.bootstrap,
-        "metrics",
-        rest,
-        60,
-        Duration::from_millis(100),
-    );
+    let streaming = s.stream(rest);
     let deadline = Instant::now() + Duration::from_secs(60);
     while collector.distinct().len() < produced.len() + rest.len() / 5 && Instant::now() < deadline
     {
@@ -303,24 +323,10 @@ async fn scaling_from_one_replica_to_three_and_back_keeps_every_key_s_state() {
     let one = Daemon::start(&s.config, &s.log);
     let a1 = one.http_addr();
     wait_for_coverage(&[a1], Duration::from_secs(60)).await;
-    let mut produced: BTreeSet<(i32, i64)> = produce(&s.tansu.bootstrap, "metrics", learn)
-        .await
-        .into_iter()
-        .collect();
-    wait_scored(&collector, &produced, Duration::from_secs(120)).await;
-    assert!(
-        produced.is_subset(&collector.distinct()),
-        "learning phase not scored"
-    );
+    let mut produced = s.learn(&collector, learn).await;
 
     // 1 → 3 while records stream in.
-    let streaming = produce_paced(
-        &s.tansu.bootstrap,
-        "metrics",
-        during,
-        60,
-        Duration::from_millis(100),
-    );
+    let streaming = s.stream(during);
     let two = Daemon::start(&s.config, &s.log);
     let three = Daemon::start(&s.config, &s.log);
     let (a2, a3) = (two.http_addr(), three.http_addr());
@@ -332,13 +338,7 @@ async fn scaling_from_one_replica_to_three_and_back_keeps_every_key_s_state() {
     let restored_before = restored(a1);
 
     // 3 → 1, cleanly (a scale-in sends SIGTERM), while records stream in.
-    let streaming = produce_paced(
-        &s.tansu.bootstrap,
-        "metrics",
-        after,
-        60,
-        Duration::from_millis(100),
-    );
+    let streaming = s.stream(after);
     assert!(two.terminate().success());
     assert!(three.terminate().success());
     wait_for_coverage(&[a1], Duration::from_secs(90)).await;
