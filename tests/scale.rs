@@ -213,6 +213,33 @@ fn outcome(
     }
 }
 
+impl Outcome {
+    /// Nothing lost, and the keys' state followed their partitions: no re-alert on the learnt
+    /// level, and no threshold step like a cold start's, where the control (no state) shows
+    /// both.
+    fn assert_state_followed(&self, control_fired: &BTreeSet<String>, cold_step: f64) {
+        assert!(
+            self.lost.is_empty(),
+            "records never scored, e.g. {:?}",
+            &self.lost[..self.lost.len().min(10)]
+        );
+        assert!(
+            control_fired.len() >= HOSTS / 2,
+            "the control should alert on the learned level: {control_fired:?}"
+        );
+        assert!(
+            self.refired.is_empty(),
+            "re-alerts on the learned level: {:?}",
+            self.refired
+        );
+        assert!(
+            self.largest_step < cold_step / 2.0,
+            "a threshold jumped by {:.3}, like a cold start ({cold_step:.3})",
+            self.largest_step
+        );
+    }
+}
+
 /// The control: the second phase judged from the calibration (no state), as a replica without
 /// the state topic would. It must alert on the learned level, or the test proves nothing.
 fn control(stream: &Stream) -> (BTreeSet<String>, f64) {
@@ -287,28 +314,10 @@ async fn a_replica_killed_under_load_hands_its_keys_learned_state_to_the_survivo
         control_fired.len(),
         o.largest_step,
     );
-    assert!(
-        o.lost.is_empty(),
-        "records never scored, e.g. {:?}",
-        &o.lost[..o.lost.len().min(10)]
-    );
-    assert!(
-        control_fired.len() >= HOSTS / 2,
-        "the control should alert on the learned level: {control_fired:?}"
-    );
+    o.assert_state_followed(&control_fired, cold_step);
     assert!(
         restored_by_survivor >= 1.0,
         "the survivor restored no key of the killed replica's partitions"
-    );
-    assert!(
-        o.refired.is_empty(),
-        "re-alerts on the learned level: {:?}",
-        o.refired
-    );
-    assert!(
-        o.largest_step < cold_step / 2.0,
-        "a threshold jumped by {:.3}, like a cold start ({cold_step:.3})",
-        o.largest_step
     );
 }
 
@@ -364,12 +373,7 @@ async fn scaling_from_one_replica_to_three_and_back_keeps_every_key_s_state() {
         control_fired.len(),
         o.largest_step,
     );
-    assert!(
-        o.lost.is_empty(),
-        "records never scored, e.g. {:?}",
-        &o.lost[..o.lost.len().min(10)]
-    );
-    assert!(control_fired.len() >= HOSTS / 2, "{control_fired:?}");
+    o.assert_state_followed(&control_fired, cold_step);
     assert!(
         restored_on_scale_out.0 >= 1.0 && restored_on_scale_out.1 >= 1.0,
         "new replicas started their partitions cold: {restored_on_scale_out:?}"
@@ -377,15 +381,5 @@ async fn scaling_from_one_replica_to_three_and_back_keeps_every_key_s_state() {
     assert!(
         restored_on_scale_in >= 1.0,
         "the remaining replica took the partitions back cold"
-    );
-    assert!(
-        o.refired.is_empty(),
-        "re-alerts on the learned level: {:?}",
-        o.refired
-    );
-    assert!(
-        o.largest_step < cold_step / 2.0,
-        "a threshold jumped by {:.3}, like a cold start ({cold_step:.3})",
-        o.largest_step
     );
 }
