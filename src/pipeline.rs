@@ -133,7 +133,7 @@ pub async fn run(
         cfg.reload_check,
         input_tx,
         shared.clone(),
-        shutdown,
+        shutdown.clone(),
     ));
     shared.metrics.init_pipeline(&name);
     set_model_info(&shared.metrics, &name, &model, true);
@@ -148,7 +148,7 @@ pub async fn run(
         commit_tx,
         rebalancing,
     )
-    .run(input_rx)
+    .run(input_rx, shutdown)
     .await;
     // The detector task ended: the ingest thread has revoked everything and is closing.
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
@@ -301,6 +301,8 @@ struct DetectorTask {
     unwritten: Vec<Change>,
     commits: std::sync::mpsc::Sender<Positions>,
     rebalancing: Arc<Rebalancing>,
+    /// The daemon's shutdown: the delivery bound no longer pauses input after it.
+    shutdown: CancellationToken,
     /// `anomalyd_deliveries_in_flight` of this pipeline.
     deliveries: prometheus::IntGauge,
     evictions_seen: u64,
@@ -313,7 +315,7 @@ enum Event {
     BatchDue,
     Tick,
     Input(Option<Input>),
-    /// A rebalance is waiting to come in.
+    /// A rebalance is waiting to come in, or the shutdown began: input is taken again.
     Rebalancing,
 }
 
@@ -359,6 +361,7 @@ impl DetectorTask {
             unwritten: Vec::new(),
             commits,
             rebalancing,
+            shutdown: CancellationToken::new(),
             deliveries: shared
                 .metrics
                 .deliveries_in_flight
@@ -367,8 +370,15 @@ impl DetectorTask {
         }
     }
 
-    /// Runs until `input` closes; returns how long the shutdown took from then.
-    async fn run(mut self, mut input: mpsc::Receiver<Input>) -> Duration {
+    /// Runs until `input` closes; returns how long the shutdown took from then. Once
+    /// `shutdown` is cancelled, input is taken whatever the deliveries in flight, so that the
+    /// ingest thread gets to its final revocation even while an output fails.
+    async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Input>,
+        shutdown: CancellationToken,
+    ) -> Duration {
+        self.shutdown = shutdown;
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -421,6 +431,7 @@ impl DetectorTask {
             _ = tick.tick() => Event::Tick,
             i = async { input.expect("enabled only with an input").recv().await }, if take_input => Event::Input(i),
             _ = self.rebalancing.raised(), if paused => Event::Rebalancing,
+            _ = self.shutdown.cancelled(), if paused => Event::Rebalancing,
         }
     }
 
@@ -428,7 +439,9 @@ impl DetectorTask {
     /// rebalance waiting to come in).
     fn taking_input(&self) -> bool {
         self.queue.len() < MAX_QUEUED
-            && (self.tasks.len() < MAX_DELIVERIES || self.rebalancing.is_raised())
+            && (self.tasks.len() < MAX_DELIVERIES
+                || self.rebalancing.is_raised()
+                || self.shutdown.is_cancelled())
     }
 
     async fn on_event(&mut self, event: Event) {

@@ -439,3 +439,31 @@ async fn a_run_without_partitions_leaves_the_learned_state_alone() {
         "every key's state survived the run without partitions"
     );
 }
+
+/// The delivery bound does not hold the shutdown up: with every output failing and consumption
+/// paused at the bound, SIGTERM still drains within the grace period and the daemon ends (the
+/// records not delivered are read again after the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_paused_by_a_failing_output_still_shuts_down() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let stream = fleet_stream(15, 1000, 0, 39);
+    produce(&kafka.bootstrap, "metrics", &stream.records).await;
+    kafka.inject(Fault::RejectProduces(100_000_000)).unwrap();
+    let mut cfg = config(&kafka.bootstrap, "paused-test", "");
+    cfg.runtime.shutdown_grace = Duration::from_secs(2);
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let m = daemon.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            m.deliveries_in_flight.with_label_values(&["fleet"]).get() >= 10_000
+        })
+        .await
+    );
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(60), daemon.wait()).await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "the daemon did not end: {ended:?}"
+    );
+}
