@@ -575,15 +575,9 @@ impl DetectorTask {
             Err(e) => {
                 tracing::error!(pipeline = %self.name, "Inference failed; the batch's records go to the dead-letter topic: {e}");
                 for entry in batch.entries {
-                    let payload = serde_json::json!({
-                        "key": entry.record.key,
-                        "timestamp": entry.record.timestamp,
-                        "values": entry.record.values,
-                    });
-                    let sent = self.outputs.dead_letter(
+                    let sent = self.outputs.unscored(
                         entry.origin,
-                        Some(entry.record.key.into_bytes()),
-                        payload.to_string().into_bytes(),
+                        entry.record,
                         "inference_failed",
                         e.to_string(),
                     );

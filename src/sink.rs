@@ -147,20 +147,12 @@ impl Outputs {
                 m.warming.inc();
                 self.send(origin, Vec::new())
             }
-            Outcome::NonFinite { origin, record } => {
-                let payload = serde_json::json!({
-                    "key": record.key,
-                    "timestamp": record.timestamp,
-                    "values": record.values,
-                });
-                self.dead_letter(
-                    origin,
-                    Some(record.key.into_bytes()),
-                    payload.to_string().into_bytes(),
-                    crate::detect::NON_FINITE_SCORE,
-                    "the model's reconstruction error on it is not a finite number".into(),
-                )
-            }
+            Outcome::NonFinite { origin, record } => self.unscored(
+                origin,
+                record,
+                crate::detect::NON_FINITE_SCORE,
+                "the model's reconstruction error on it is not a finite number".into(),
+            ),
             Outcome::Scored(s) => {
                 m.scored.inc();
                 m.reconstruction_error.observe(s.score);
@@ -278,6 +270,30 @@ impl Outputs {
             }]
         };
         self.send(origin, messages)
+    }
+
+    /// Dead-letters a decoded record that could not be scored; its payload is the record as
+    /// decoded (key, timestamp, values), the original bytes being gone by then.
+    pub fn unscored(
+        &self,
+        origin: Origin,
+        record: crate::decode::Record,
+        reason: &'static str,
+        detail: String,
+    ) -> Sent {
+        let payload = serde_json::json!({
+            "key": record.key,
+            "timestamp": record.timestamp,
+            "values": record.values,
+        });
+        let key = Some(record.key.into_bytes());
+        self.dead_letter(
+            origin,
+            key,
+            payload.to_string().into_bytes(),
+            reason,
+            detail,
+        )
     }
 
     /// Dead-letters a record that failed to decode.
