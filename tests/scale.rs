@@ -214,6 +214,20 @@ fn outcome(
 }
 
 impl Outcome {
+    /// The figures both tests print.
+    fn summary(&self, records: usize, control_fired: &BTreeSet<String>, cold_step: f64) -> String {
+        format!(
+            "{records} records, {} lost, {} scored twice; hosts firing on the learned level: {:?} \
+             (from the calibration: {} of {HOSTS}); largest threshold step {:.3} (a cold start: \
+             ≥ {cold_step:.3})",
+            self.lost.len(),
+            self.duplicates,
+            self.refired,
+            control_fired.len(),
+            self.largest_step,
+        )
+    }
+
     /// Nothing lost, and the keys' state followed their partitions: no re-alert on the learnt
     /// level, and no threshold step like a cold start's, where the control (no state) shows
     /// both.
@@ -304,15 +318,9 @@ async fn a_replica_killed_under_load_hands_its_keys_learned_state_to_the_survivo
     let o = outcome(&s.tansu.bootstrap, &produced, &second_phase);
     let (control_fired, cold_step) = control(&stream);
     eprintln!(
-        "SIGKILL of 1 of 2 replicas (partitions {held:?}): {} records, {} lost, {} scored twice; \
-         the survivor restored {restored_by_survivor} keys; hosts firing on the learned level: {:?} \
-         (from the calibration: {} of {HOSTS}); largest threshold step {:.3} (a cold start: ≥ {cold_step:.3})",
-        produced.len(),
-        o.lost.len(),
-        o.duplicates,
-        o.refired,
-        control_fired.len(),
-        o.largest_step,
+        "SIGKILL of 1 of 2 replicas (partitions {held:?}): the survivor restored \
+         {restored_by_survivor} keys; {}",
+        o.summary(produced.len(), &control_fired, cold_step)
     );
     o.assert_state_followed(&control_fired, cold_step);
     assert!(
@@ -362,16 +370,9 @@ async fn scaling_from_one_replica_to_three_and_back_keeps_every_key_s_state() {
     let o = outcome(&s.tansu.bootstrap, &produced, &second_phase);
     let (control_fired, cold_step) = control(&stream);
     eprintln!(
-        "scale 1 → 3 (partitions {held:?}) → 1: {} records, {} lost, {} scored twice; keys restored \
-         on scale-out {restored_on_scale_out:?}, on scale-in {restored_on_scale_in}; hosts firing on \
-         the learned level: {:?} (from the calibration: {} of {HOSTS}); largest threshold step {:.3} \
-         (a cold start: ≥ {cold_step:.3})",
-        produced.len(),
-        o.lost.len(),
-        o.duplicates,
-        o.refired,
-        control_fired.len(),
-        o.largest_step,
+        "scale 1 → 3 (partitions {held:?}) → 1: keys restored on scale-out \
+         {restored_on_scale_out:?}, on scale-in {restored_on_scale_in}; {}",
+        o.summary(produced.len(), &control_fired, cold_step)
     );
     o.assert_state_followed(&control_fired, cold_step);
     assert!(
