@@ -29,6 +29,14 @@ fi
 echo "python-env: creating $venv and installing models/[dev] (first run downloads torch, a few minutes)" >&2
 rm -f "$stamp"
 mkdir -p "$root/target"
+# torch's CUDA build needs ~6 GB installed plus its download; say so before pip fails halfway
+# with a bare "No space left on device" (what a CI run on a nearly full disk printed).
+need_kb=$((9 * 1024 * 1024))
+free_kb="$(df -Pk "$root/target" | awk 'NR == 2 { print $4 }')"
+if ((free_kb < need_kb)); then
+    echo "python-env: only $((free_kb / 1024)) MiB free under $root/target; the venv needs ~9 GiB (torch with its CUDA libraries)" >&2
+    exit 1
+fi
 "$python" -m venv "$venv"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 "$venv/bin/python" -m pip install --quiet --editable "$root/models[dev]"
