@@ -79,6 +79,10 @@ pub struct Episode {
     pub anomalous_points: u64,
     pub max_score: f64,
     pub max_anomaly_score: f64,
+    /// Decided when the episode fires and kept to its end, so the resolution names the alert the
+    /// firing raised (Alertmanager identifies an alert by its labels, severity among them).
+    #[serde(default)]
+    pub severity: Severity,
     /// Consecutive normal points at the end (resets on an anomalous one).
     #[serde(skip)]
     normal_run: u32,
@@ -94,6 +98,11 @@ pub enum Transition {
 impl AlertState {
     pub fn is_firing(&self) -> bool {
         self.firing.is_some()
+    }
+
+    /// The episode in progress, if the key is firing.
+    pub fn episode(&self) -> Option<&Episode> {
+        self.firing.as_ref()
     }
 
     /// Feeds one judged point.
@@ -120,6 +129,11 @@ impl AlertState {
                     anomalous_points: 1,
                     max_score: score,
                     max_anomaly_score: anomaly_score,
+                    severity: if anomaly_score >= cfg.critical_above {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    },
                     normal_run: 0,
                 };
                 self.anomalous_run = 0;
@@ -167,6 +181,25 @@ impl EventKind {
     }
 }
 
+/// How urgent an episode is: `critical` when its anomaly score at firing reached
+/// `alert.critical_above`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
 /// One feature's contribution to the reconstruction error.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FeatureError {
@@ -204,12 +237,16 @@ pub struct AlertEvent {
     pub score: f64,
     pub threshold: f64,
     pub anomaly_score: f64,
-    /// `warning` or `critical`, from the episode's highest anomaly score.
-    pub severity: &'static str,
+    /// The episode's severity (the same in its firing and its resolution).
+    pub severity: Severity,
     pub top_features: Vec<FeatureError>,
     pub model: ModelRef,
     pub source: SourceRef,
     pub episode: Episode,
+    /// Why a `resolved` event ended its episode when not by `resolve_after` normal points:
+    /// `evicted` (the key was dropped to stay under `max_keys`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
 #[cfg(test)]

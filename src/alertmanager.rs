@@ -1,19 +1,23 @@
 //! The Alertmanager sink: each anomaly episode becomes an alert pushed to Alertmanager's v2 API.
 //!
-//! Alertmanager resolves an alert by itself when it stops hearing about it (after its
-//! `resolve_timeout`), so a firing episode is pushed again every `resend_interval` for as long
-//! as it lasts, and pushed once more with `endsAt` = now when it resolves. Pushes are idempotent
-//! (Alertmanager deduplicates on the labels), so a retry after a failure is harmless.
+//! The sink keeps, per key, the alert Alertmanager should know (the latest state of the key's
+//! episode) and pushes what changed. So a slow or absent Alertmanager costs memory bounded by
+//! the number of keys, never an event: a resolution that could not be pushed is retried (with
+//! backoff, 100 ms doubling up to `resend_interval`) until Alertmanager takes it, and only then
+//! forgotten. A firing episode is pushed again every `resend_interval`, as Alertmanager resolves
+//! an alert by itself when it stops hearing about it. Pushes are idempotent (Alertmanager
+//! deduplicates on the labels), so a retry after a failure is harmless.
 //!
-//! This sink is best effort: the alerts topic is the at-least-once record of every episode;
-//! offsets never wait on Alertmanager, and an episode pushed while Alertmanager is down reaches
-//! it with the next resend.
+//! The alerts topic, not this sink, is the at-least-once record of every episode: offsets never
+//! wait on Alertmanager.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{AlertEvent, EventKind};
@@ -100,7 +104,7 @@ impl AmAlert {
         labels.insert("alertname".into(), "AnomalyDetected".into());
         labels.insert("pipeline".into(), event.pipeline.clone());
         labels.insert("key".into(), event.key.clone());
-        labels.insert("severity".into(), event.severity.into());
+        labels.insert("severity".into(), event.severity.as_str().into());
         labels.insert("model".into(), event.model.name.clone());
         let top: Vec<&str> = event.top_features.iter().map(|f| f.name.as_str()).collect();
         let mut annotations = BTreeMap::new();
@@ -139,14 +143,51 @@ impl AmAlert {
     }
 }
 
-/// Pushes episodes of one pipeline to Alertmanager; fed with alert events through a channel.
+/// What the pipeline tells its Alertmanager sink, in stream order.
+#[derive(Debug)]
+pub enum AmInput {
+    /// A firing or resolved event, or an episode adopted with its partition's state.
+    Event(Box<AlertEvent>),
+    /// Partitions revoked: their firing episodes go with their state to the next owner, who
+    /// pushes them from now on (`handed_over`), or, with no state topic to carry them, end here.
+    Revoked {
+        partitions: Vec<(String, i32)>,
+        handed_over: bool,
+    },
+}
+
+/// Alerts in one push at most, so one request stays small whatever the backlog.
+const MAX_PER_PUSH: usize = 500;
+/// The first retry's delay after a failed push; it doubles up to `resend_interval`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// The alert of one key, as Alertmanager should know it.
+struct Tracked {
+    alert: AmAlert,
+    /// The partition of the key's records.
+    partition: (String, i32),
+    /// Bumped on every change, so a push that carried an older state does not clear a newer one.
+    version: u64,
+}
+
+/// What a push carried and how it went.
+type PushOutcome = (Vec<(String, u64)>, Result<(), String>);
+
+/// Pushes episodes of one pipeline to Alertmanager; fed with alert events through a channel that
+/// it drains at once (pushes run beside it), so the pipeline never waits on Alertmanager.
 pub struct AlertmanagerSink {
     cfg: AlertmanagerConfig,
     pipeline: String,
+    url: String,
     client: reqwest::Client,
     metrics: Metrics,
-    /// Firing episodes by key, as last pushed (`startsAt` kept from the first push).
-    firing: BTreeMap<String, AmAlert>,
+    /// Keys with a firing episode or a resolution not yet pushed.
+    alerts: BTreeMap<String, Tracked>,
+    /// Keys whose alert Alertmanager has not taken yet.
+    due: BTreeSet<String>,
+    version: u64,
+    /// The delay before the next retry, while pushes fail.
+    backoff: Option<Duration>,
 }
 
 impl AlertmanagerSink {
@@ -156,73 +197,182 @@ impl AlertmanagerSink {
             .build()
             .expect("an HTTP client with a timeout");
         AlertmanagerSink {
+            url: format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/')),
             cfg,
             pipeline: pipeline.to_string(),
             client,
             metrics,
-            firing: BTreeMap::new(),
+            alerts: BTreeMap::new(),
+            due: BTreeSet::new(),
+            version: 0,
+            backoff: None,
         }
     }
 
-    /// Runs until `events` closes or `stop` is cancelled.
-    pub async fn run(mut self, mut events: mpsc::Receiver<AlertEvent>, stop: CancellationToken) {
+    /// Runs until `events` closes or `stop` is cancelled, then makes one last attempt to push
+    /// what Alertmanager has not taken (resolutions above all).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<AmInput>,
+        stop: CancellationToken,
+    ) {
         let mut resend = tokio::time::interval(self.cfg.resend_interval);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: Option<JoinHandle<PushOutcome>> = None;
+        let mut retry_at = Instant::now();
         loop {
+            if in_flight.is_none() && !self.due.is_empty() && Instant::now() >= retry_at {
+                in_flight = Some(tokio::spawn(self.push_due()));
+            }
+            let waiting_to_retry = in_flight.is_none() && !self.due.is_empty();
             tokio::select! {
                 biased;
-                e = events.recv() => match e {
-                    Some(e) => self.on_event(&e).await,
-                    None => return,
+                _ = stop.cancelled() => break,
+                input = events.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => break,
                 },
-                _ = resend.tick() => {
-                    if !self.firing.is_empty() {
-                        let alerts: Vec<AmAlert> = self.firing.values().cloned().collect();
-                        self.push(&alerts).await;
+                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    if let Some(delay) = self.pushed(done.expect("a push does not panic")) {
+                        retry_at = Instant::now() + delay;
                     }
                 }
-                _ = stop.cancelled() => {
-                    // Deliver what the drain produced (resolutions above all), then stop.
-                    while let Ok(e) = events.try_recv() {
-                        self.on_event(&e).await;
+                _ = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
+                _ = resend.tick() => {
+                    let firing = self.alerts.iter().filter(|(_, t)| t.alert.ends_at.is_none());
+                    self.due.extend(firing.map(|(k, _)| k.clone()));
+                }
+            }
+            self.metrics
+                .alertmanager_pending
+                .with_label_values(&[&self.pipeline])
+                .set(self.due.len() as i64);
+        }
+        // Deliver what the drain produced, then stop.
+        while let Ok(input) = events.try_recv() {
+            self.on_input(input);
+        }
+        if let Some(push) = in_flight {
+            if let Ok(done) = push.await {
+                self.pushed(done);
+            }
+        }
+        while !self.due.is_empty() {
+            let done = self.push_due().await;
+            if self.pushed(done).is_some() {
+                break;
+            }
+        }
+    }
+
+    fn on_input(&mut self, input: AmInput) {
+        match input {
+            AmInput::Event(event) => self.on_event(&event),
+            AmInput::Revoked {
+                partitions,
+                handed_over,
+            } => {
+                let now = crate::time::now_rfc3339();
+                let firing: Vec<String> = self
+                    .alerts
+                    .iter()
+                    .filter(|(_, t)| t.alert.ends_at.is_none() && partitions.contains(&t.partition))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in firing {
+                    if handed_over {
+                        self.alerts.remove(&key);
+                        self.due.remove(&key);
+                    } else if let Some(t) = self.alerts.get_mut(&key) {
+                        self.version += 1;
+                        t.alert.ends_at = Some(now.clone());
+                        t.version = self.version;
+                        self.due.insert(key);
                     }
-                    return;
                 }
             }
         }
     }
 
-    async fn on_event(&mut self, event: &AlertEvent) {
+    fn on_event(&mut self, event: &AlertEvent) {
         let now = crate::time::now_rfc3339();
         let mut alert = AmAlert::from_event(event, &self.cfg.labels, &now);
-        match event.event {
-            EventKind::Firing => {
-                self.firing.insert(event.key.clone(), alert.clone());
-            }
-            EventKind::Resolved => {
-                if let Some(first) = self.firing.remove(&event.key) {
-                    alert.starts_at = first.starts_at;
-                }
+        if let Some(before) = self.alerts.get(&event.key) {
+            if event.event == EventKind::Resolved && before.alert.ends_at.is_none() {
+                // End the alert the firing raised: the same labels, its start.
+                alert.labels = before.alert.labels.clone();
+                alert.starts_at = before.alert.starts_at.clone();
             }
         }
-        self.push(&[alert]).await;
+        self.version += 1;
+        self.alerts.insert(
+            event.key.clone(),
+            Tracked {
+                alert,
+                partition: (event.source.topic.clone(), event.source.partition),
+                version: self.version,
+            },
+        );
+        self.due.insert(event.key.clone());
     }
 
-    async fn push(&self, alerts: &[AmAlert]) {
-        let url = format!("{}/api/v2/alerts", self.cfg.url.trim_end_matches('/'));
-        let result = match self.client.post(&url).json(alerts).send().await {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(format!("Alertmanager answered {}", r.status())),
-            // Without the URL, which may hold credentials; the log line names it, redacted.
-            Err(e) => Err(e.without_url().to_string()),
-        };
+    /// Takes up to [`MAX_PER_PUSH`] due alerts and returns the push that sends them.
+    fn push_due(&mut self) -> impl std::future::Future<Output = PushOutcome> + 'static {
+        let mut carried = Vec::new();
+        let mut alerts = Vec::new();
+        while carried.len() < MAX_PER_PUSH {
+            let Some(key) = self.due.pop_first() else {
+                break;
+            };
+            if let Some(t) = self.alerts.get(&key) {
+                alerts.push(t.alert.clone());
+                carried.push((key, t.version));
+            }
+        }
+        let request = self.client.post(&self.url).json(&alerts);
+        async move {
+            let result = match request.send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("Alertmanager answered {}", r.status())),
+                // Without the URL, which may hold credentials; the log line names it, redacted.
+                Err(e) => Err(e.without_url().to_string()),
+            };
+            (carried, result)
+        }
+    }
+
+    /// Settles a finished push: resolutions Alertmanager took are forgotten; after a failure the
+    /// alerts are due again and the delay before the retry is returned.
+    fn pushed(&mut self, (carried, result): PushOutcome) -> Option<Duration> {
         let outcome = crate::metrics::label::result(&result);
         self.metrics
             .alertmanager_pushes
             .with_label_values(&[self.pipeline.as_str(), outcome])
             .inc();
-        if let Err(e) = result {
-            tracing::warn!(pipeline = %self.pipeline, url = %redact_url(&url), "Pushing {} alert(s) to Alertmanager failed (firing ones are pushed again within {:?}): {e}", alerts.len(), self.cfg.resend_interval);
+        match result {
+            Ok(()) => {
+                self.backoff = None;
+                for (key, version) in carried {
+                    let settled = self
+                        .alerts
+                        .get(&key)
+                        .is_some_and(|t| t.version == version && t.alert.ends_at.is_some());
+                    if settled {
+                        self.alerts.remove(&key);
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                let delay = self
+                    .backoff
+                    .map_or(FIRST_RETRY, |d| (d * 2).min(self.cfg.resend_interval));
+                self.backoff = Some(delay);
+                tracing::warn!(pipeline = %self.pipeline, url = %redact_url(&self.url), "Pushing {} alert(s) to Alertmanager failed (retrying in {delay:?}): {e}", carried.len());
+                self.due.extend(carried.into_iter().map(|(key, _)| key));
+                Some(delay)
+            }
         }
     }
 }
@@ -241,7 +391,7 @@ mod tests {
             score: 2.0,
             threshold: 0.1,
             anomaly_score: 0.95,
-            severity: "critical",
+            severity: crate::alert::Severity::Critical,
             top_features: vec![FeatureError {
                 name: "latency_ms".into(),
                 error: 7.5,
@@ -258,6 +408,7 @@ mod tests {
                 offset: 1,
             },
             episode: Episode::default(),
+            reason: None,
         }
     }
 
@@ -281,5 +432,85 @@ mod tests {
             r.labels, a.labels,
             "the same labels, so Alertmanager resolves that alert"
         );
+    }
+
+    fn sink() -> AlertmanagerSink {
+        let cfg = AlertmanagerConfig {
+            url: "http://127.0.0.1:9".into(),
+            resend_interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+            labels: BTreeMap::new(),
+        };
+        AlertmanagerSink::new(cfg, "fleet", Metrics::new())
+    }
+
+    fn firing_on(key: &str, partition: i32) -> AmInput {
+        let mut e = event(EventKind::Firing);
+        e.key = key.into();
+        e.source.partition = partition;
+        AmInput::Event(Box::new(e))
+    }
+
+    /// Issue 10, finding 3: a firing key dropped on revoke was pushed firing by its old owner
+    /// forever. Now its episode goes with the partition's state to the next owner, or, with no
+    /// state topic, is resolved here.
+    #[test]
+    fn revoked_episodes_are_handed_over_or_resolved() {
+        for handed_over in [true, false] {
+            let mut s = sink();
+            s.on_input(firing_on("a", 0));
+            s.on_input(firing_on("b", 1));
+            s.due.clear();
+            s.on_input(AmInput::Revoked {
+                partitions: vec![("metrics".into(), 0)],
+                handed_over,
+            });
+            let ended =
+                |s: &AlertmanagerSink, k: &str| s.alerts.get(k).map(|t| t.alert.ends_at.is_some());
+            assert_eq!(
+                ended(&s, "b"),
+                Some(false),
+                "another partition's key keeps firing"
+            );
+            if handed_over {
+                assert_eq!(ended(&s, "a"), None, "no longer pushed by this owner");
+                assert!(s.due.is_empty());
+            } else {
+                assert_eq!(ended(&s, "a"), Some(true), "resolved");
+                assert_eq!(s.due.iter().collect::<Vec<_>>(), ["a"]);
+            }
+        }
+    }
+
+    /// A resolution ends the alert its firing raised (same labels, same start), and is kept
+    /// until a push of that very state succeeds.
+    #[test]
+    fn a_resolution_is_forgotten_only_once_pushed() {
+        let mut s = sink();
+        s.on_input(firing_on("a", 0));
+        let firing = s.alerts["a"].alert.clone();
+        let mut resolved = event(EventKind::Resolved);
+        resolved.key = "a".into();
+        resolved.severity = crate::alert::Severity::Warning;
+        s.on_input(AmInput::Event(Box::new(resolved)));
+        let t = &s.alerts["a"];
+        assert_eq!(
+            (&t.alert.labels, &t.alert.starts_at),
+            (&firing.labels, &firing.starts_at)
+        );
+        let version = t.version;
+        let carried = vec![("a".to_string(), version)];
+        s.due.clear();
+        assert!(s.pushed((carried.clone(), Err("timeout".into()))).is_some());
+        assert!(s.due.contains("a"), "due again after a failed push");
+        assert!(s
+            .pushed((vec![("a".to_string(), version - 1)], Ok(())))
+            .is_none());
+        assert!(
+            s.alerts.contains_key("a"),
+            "an older state's push does not settle it"
+        );
+        s.pushed((carried, Ok(())));
+        assert!(!s.alerts.contains_key("a"));
     }
 }

@@ -144,11 +144,26 @@ pub struct Scored {
     pub top: Top,
     /// The firing or resolved event, when this record changed the key's alert state.
     pub event: Option<AlertEvent>,
+    /// The resolution of another key's episode, when this record's new key evicted that key
+    /// while it was firing (every episode that fires resolves, at every sink).
+    pub evicted: Option<AlertEvent>,
     /// The model's reconstruction of the record (for sequence models, of the window's last
     /// row): the denoised values, when the pipeline emits them.
     pub reconstruction: Option<Vec<f32>>,
     /// The model that scored it.
     pub model: Arc<Model>,
+}
+
+/// The `reason` of the resolution of a firing key evicted to stay under `max_keys`.
+pub const EVICTED: &str = "evicted";
+/// The `reason` of a firing episode taken over with its partition's state.
+pub const ADOPTED: &str = "adopted";
+
+/// A key's episode in progress, for an event no record of the key triggered.
+struct KeyEpisode {
+    key: String,
+    episode: crate::alert::Episode,
+    threshold: f64,
 }
 
 /// What a detector is built from: the detection settings of its pipeline's section
@@ -398,37 +413,34 @@ impl Detector {
     }
 
     /// Returns the key's threshold and alert state, creating it (and evicting the least recent
-    /// key if full): one hash lookup for a known key.
-    fn state(&mut self, key: &str, origin: &Origin) -> &mut KeyState {
-        let full = self.keys.len() == self.keys.cap().get();
-        // Who goes if this key is new, for its tombstone (only when the map is full and
-        // changes are recorded: a key flood, not the steady state).
-        let lru = match (&self.evicted, full) {
-            (Some(_), true) => self
-                .keys
-                .peek_lru()
-                .map(|(k, s)| (s.source.clone(), k.clone())),
-            _ => None,
-        };
-        let template = &self.template;
-        let mut created = false;
-        let state = self.keys.get_or_insert_mut_ref(key, || {
-            created = true;
-            KeyState {
-                threshold: template.clone(),
-                alert: AlertState::default(),
-                source: Source::of(origin),
-                dirty: false,
+    /// key if full): one hash lookup for a known key. Also returns the key evicted, if it was
+    /// firing, with its episode and last threshold.
+    fn state(&mut self, key: &str, origin: &Origin) -> (&mut KeyState, Option<KeyEpisode>) {
+        let full = self.keys.len() == self.keys.cap().get() && !self.keys.contains(key);
+        // Who goes if this key is new: a key flood, not the steady state.
+        let mut evicted = None;
+        if full {
+            if let Some((gone, s)) = self.keys.peek_lru() {
+                if let Some(recorded) = &mut self.evicted {
+                    recorded.push((s.source.clone(), gone.clone()));
+                }
+                evicted = s.alert.episode().map(|episode| KeyEpisode {
+                    key: gone.clone(),
+                    episode: episode.clone(),
+                    threshold: s.threshold.threshold(),
+                });
             }
-        });
-        if created && full {
             self.evictions += 1;
-            if let (Some(evicted), Some(gone)) = (&mut self.evicted, lru) {
-                evicted.push(gone);
-            }
         }
+        let template = &self.template;
+        let state = self.keys.get_or_insert_mut_ref(key, || KeyState {
+            threshold: template.clone(),
+            alert: AlertState::default(),
+            source: Source::of(origin),
+            dirty: false,
+        });
         state.dirty = true;
-        state
+        (state, evicted)
     }
 
     /// Step 3: scores, judges and alerts, in record order.
@@ -465,7 +477,12 @@ impl Detector {
             let sample = &inference.reconstructions[i * per_sample..(i + 1) * per_sample];
             let reconstruction = &sample[per_sample - row_len..];
             let top = Top::of(errors);
-            let state = self.state(&entry.record.key, &entry.origin);
+            let source = SourceRef {
+                topic: entry.origin.topic.to_string(),
+                partition: entry.origin.partition,
+                offset: entry.origin.offset,
+            };
+            let (state, evicted) = self.state(&entry.record.key, &entry.origin);
             let verdict = state.threshold.judge(score);
             let transition = state.alert.observe(
                 &alert_cfg,
@@ -474,6 +491,8 @@ impl Detector {
                 verdict.anomaly_score,
                 entry.record.timestamp.as_deref(),
             );
+            let evicted = evicted
+                .map(|gone| self.episode_event(EventKind::Resolved, gone, source.clone(), EVICTED));
             let event = transition.map(|t| {
                 let (kind, episode) = match t {
                     Transition::Fired(e) => (EventKind::Firing, e),
@@ -488,11 +507,7 @@ impl Detector {
                     score,
                     threshold: verdict.threshold,
                     anomaly_score: verdict.anomaly_score,
-                    severity: if episode.max_anomaly_score >= alert_cfg.critical_above {
-                        "critical"
-                    } else {
-                        "warning"
-                    },
+                    severity: episode.severity,
                     top_features: top
                         .iter()
                         .map(|i| FeatureError {
@@ -504,12 +519,9 @@ impl Detector {
                         })
                         .collect(),
                     model: model_ref.clone(),
-                    source: SourceRef {
-                        topic: entry.origin.topic.to_string(),
-                        partition: entry.origin.partition,
-                        offset: entry.origin.offset,
-                    },
+                    source,
                     episode,
+                    reason: None,
                 }
             });
             out.push(Outcome::Scored(Box::new(Scored {
@@ -520,6 +532,7 @@ impl Detector {
                 verdict,
                 top,
                 event,
+                evicted,
                 reconstruction: self.keep_reconstructions.then(|| reconstruction.to_vec()),
                 model: model.clone(),
             })));
@@ -700,11 +713,56 @@ impl Detector {
                     source,
                     dirty: false,
                 };
+                if let Some(episode) = state.alert.episode() {
+                    let firing = KeyEpisode {
+                        key: k.key.clone(),
+                        episode: episode.clone(),
+                        threshold: state.threshold.threshold(),
+                    };
+                    let source = SourceRef {
+                        topic: k.topic.clone(),
+                        partition: k.partition,
+                        // No record triggered it.
+                        offset: -1,
+                    };
+                    let event = self.episode_event(EventKind::Firing, firing, source, ADOPTED);
+                    done.firing.push(event);
+                }
                 let _ = self.keys.push(k.key, state);
             }
             done.keys += 1;
         }
         done
+    }
+
+    /// An event about a key's episode that no record of the key triggered (an eviction, a
+    /// handover): the episode's peaks stand for the scores, and no features are named.
+    fn episode_event(
+        &self,
+        kind: EventKind,
+        gone: KeyEpisode,
+        source: SourceRef,
+        reason: &'static str,
+    ) -> AlertEvent {
+        let c = &self.model.contract;
+        AlertEvent {
+            event: kind,
+            pipeline: self.pipeline.clone(),
+            key: gone.key,
+            timestamp: None,
+            score: gone.episode.max_score,
+            threshold: gone.threshold,
+            anomaly_score: gone.episode.max_anomaly_score,
+            severity: gone.episode.severity,
+            top_features: Vec::new(),
+            model: ModelRef {
+                name: c.name.clone(),
+                version: c.version.clone(),
+            },
+            source,
+            episode: gone.episode,
+            reason: Some(reason),
+        }
     }
 
     /// Number of keys currently firing.
@@ -723,6 +781,9 @@ pub struct Restored {
     pub keys: usize,
     /// Why some state was restored only in part, or not at all.
     pub partly: Option<String>,
+    /// The episodes firing in the restored state (`reason` `adopted`), for the Alertmanager
+    /// sink to keep pushing: the previous owner stopped when the partition was revoked.
+    pub firing: Vec<AlertEvent>,
 }
 
 /// The `TOP_FEATURES` features with the largest error, largest first, as indices into the
@@ -881,6 +942,45 @@ mod tests {
         assert_eq!((d.keys(), d.evictions()), (3, 2));
     }
 
+    /// Issue 10, finding 3: a firing key evicted by `max_keys` used to vanish without a
+    /// resolution, so Alertmanager and the alerts topic kept it firing.
+    #[test]
+    fn evicting_a_firing_key_resolves_its_episode() {
+        let mut d = detector("demo-dense.onnx", 2);
+        let wild = [5000.0, 30.0, 99.0, 0.0];
+        let out = run(&mut d, (0..3).map(|_| record("a", wild.to_vec())).collect());
+        let fired: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Scored(s) => s.event.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fired.len(), 1, "fires after the default 3 anomalous points");
+        let out = run(
+            &mut d,
+            vec![record("b", NORMAL.to_vec()), record("c", NORMAL.to_vec())],
+        );
+        let Outcome::Scored(c) = &out[1] else {
+            panic!("scored")
+        };
+        let resolved = c.evicted.as_ref().expect("c evicted the firing a");
+        assert_eq!(
+            (resolved.key.as_str(), resolved.event, resolved.reason),
+            ("a", EventKind::Resolved, Some(EVICTED))
+        );
+        assert_eq!(resolved.severity, fired[0].severity);
+        assert_eq!(
+            resolved.episode, fired[0].episode,
+            "the episode as it was when evicted"
+        );
+        let Outcome::Scored(b) = &out[0] else {
+            panic!("scored")
+        };
+        assert!(b.evicted.is_none(), "b filled a free slot");
+        assert_eq!(d.evictions(), 1);
+    }
+
     #[test]
     fn changes_are_the_keys_touched_since_the_last_take_and_evicted_keys_become_tombstones() {
         let mut d = detector("demo-dense.onnx", 2);
@@ -935,6 +1035,33 @@ mod tests {
         );
         assert_eq!(l, f, "the restored threshold is the learned one");
         assert_ne!(l, c, "and not the calibration's");
+    }
+
+    /// Issue 10, finding 3: the next owner of a partition takes its firing episodes over, so
+    /// that its Alertmanager sink keeps them alive until they resolve.
+    #[test]
+    fn a_restored_firing_episode_is_adopted() {
+        let mut old = detector("demo-dense.onnx", 10);
+        old.record_changes();
+        let wild = [5000.0, 30.0, 99.0, 0.0];
+        run(
+            &mut old,
+            (0..3).map(|_| record("a", wild.to_vec())).collect(),
+        );
+        run(&mut old, vec![record("b", NORMAL.to_vec())]);
+        let states = old
+            .take_changes()
+            .into_iter()
+            .filter_map(|c| c.state)
+            .collect();
+        let restored = detector("demo-dense.onnx", 10).restore(states);
+        assert_eq!(restored.keys, 2);
+        let keys: Vec<_> = restored
+            .firing
+            .iter()
+            .map(|e| (e.key.as_str(), e.event, e.reason))
+            .collect();
+        assert_eq!(keys, [("a", EventKind::Firing, Some(ADOPTED))]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -91,11 +92,13 @@ pub struct Metrics {
     pub model_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub alertmanager_pushes: IntCounterVec,
+    pub alertmanager_pending: IntGaugeVec,
     pub state_writes: IntCounterVec,
     pub state_records: IntCounterVec,
     pub state_restore_failures: IntCounterVec,
     pub keys_restored: IntCounterVec,
     pub ready: IntGauge,
+    pub http_connections: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -154,17 +157,21 @@ impl Metrics {
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
             alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
+            alertmanager_pending: gauge(&r, "anomalyd_alertmanager_pending_alerts", "Alerts (firings, resolutions, resends) Alertmanager has not taken yet; retried until it does.", &["pipeline"]),
             state_writes: counter(&r, "anomalyd_state_writes_total", "Writes of changed key states to the state topic, by result: ok or error.", &["pipeline", "result"]),
             state_records: counter(&r, "anomalyd_state_records_total", "Key states (and tombstones of evicted keys) written to the state topic.", &["pipeline"]),
             state_restore_failures: counter(&r, "anomalyd_state_restore_failures_total", "Assignments whose keys' state could not be read from the state topic (they start from the calibration).", &["pipeline"]),
             keys_restored: counter(&r, "anomalyd_keys_restored_total", "Keys whose state was restored from the state topic as their partitions were assigned.", &["pipeline"]),
             build_info: gauge(&r, "anomalyd_build_info", "anomalyd's version (value 1).", &["version"]),
             ready: IntGauge::new("anomalyd_ready", "1 when models are loaded and every pipeline has partitions assigned.").expect("valid metric"),
+            http_connections: IntGauge::new("anomalyd_http_connections", "Connections open to this HTTP endpoint (at most 128; idle ones close after 10 s).").expect("valid metric"),
             registry: r,
         };
-        m.registry
-            .register(Box::new(m.ready.clone()))
-            .expect("unique metric");
+        for g in [&m.ready, &m.http_connections] {
+            m.registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -354,6 +361,7 @@ pub async fn serve(
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let connections = metrics.http_connections.clone();
     let app = Router::new()
         .route(
             "/metrics",
@@ -378,10 +386,146 @@ pub async fn serve(
                 }
             }),
         );
+    let listener = Guarded {
+        listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS)),
+        open: connections,
+    };
     let handle = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
     });
     Ok((bound, handle))
+}
+
+/// Connections the HTTP endpoint serves at once; more wait in the kernel's backlog until one
+/// closes. Prometheus and the probes need a handful; the limit keeps a flood of idle clients from
+/// taking the file descriptors the pipelines need (a model reload, a broker connection).
+pub const MAX_HTTP_CONNECTIONS: usize = 128;
+
+/// A connection that moves no byte either way for this long is closed: it frees the slot of a
+/// client that sent half a request, or sits idle between scrapes.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The endpoint's listener: at most [`MAX_HTTP_CONNECTIONS`] connections, each closed after
+/// [`HTTP_IDLE_TIMEOUT`] without progress.
+struct Guarded {
+    listener: tokio::net::TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    open: IntGauge,
+}
+
+impl axum::serve::Listener for Guarded {
+    type Io = GuardedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (GuardedStream, SocketAddr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    self.open.inc();
+                    let stream = GuardedStream {
+                        stream,
+                        idle: Box::pin(tokio::time::sleep(HTTP_IDLE_TIMEOUT)),
+                        _slot: slot,
+                        open: self.open.clone(),
+                    };
+                    return (stream, addr);
+                }
+                // Out of file descriptors, or a connection reset before it was accepted: wait a
+                // little rather than spin, as axum's own listener does.
+                Err(e) => {
+                    tracing::debug!("Accepting an HTTP connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection of the endpoint, holding its slot until it closes.
+struct GuardedStream {
+    stream: tokio::net::TcpStream,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl GuardedStream {
+    /// Restarts the idle timer after progress; fails the pending operation once it has run out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        match poll {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + HTTP_IDLE_TIMEOUT;
+                self.idle.as_mut().reset(deadline);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match std::future::Future::poll(self.idle.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "idle HTTP connection",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl tokio::io::AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.watch(cx, poll)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -39,7 +39,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::alertmanager::AlertmanagerSink;
+use crate::alertmanager::{AlertmanagerSink, AmInput};
 use crate::batch::MicroBatcher;
 use crate::changelog::{Changelog, ChangelogError};
 use crate::config::PipelineConfig;
@@ -202,7 +202,8 @@ impl Parts {
             })?;
         let (alertmanager_tx, alertmanager) = match cfg.alertmanager.clone() {
             Some(am) => {
-                let (tx, rx) = mpsc::channel(1024);
+                // Unbounded: the sink drains it at once into per-key state (bounded by the keys).
+                let (tx, rx) = mpsc::unbounded_channel();
                 let stop = CancellationToken::new();
                 let sink = AlertmanagerSink::new(am, name, shared.metrics.clone());
                 (
@@ -502,6 +503,10 @@ impl DetectorTask {
                 if let Some(why) = restored.partly {
                     tracing::warn!(pipeline = %self.name, "Restored only part of the keys' state: {why}.");
                 }
+                for episode in restored.firing {
+                    self.outputs
+                        .to_alertmanager(AmInput::Event(Box::new(episode)));
+                }
                 tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, "Partitions assigned.");
             }
             Input::Revoked {
@@ -749,6 +754,10 @@ impl DetectorTask {
             positions.retain(|(p, _)| !partitions.contains(p));
         }
         let dropped = self.detector.forget_partitions(&partitions);
+        self.outputs.to_alertmanager(AmInput::Revoked {
+            partitions: partitions.clone(),
+            handed_over: self.changelog.is_some(),
+        });
         if !settled {
             tracing::warn!(pipeline = %self.name, "Drain timeout on revoke: records still in flight will be processed again by the partitions' next owner.");
         }

@@ -18,7 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::alert::AlertEvent;
+use crate::alertmanager::AmInput;
 use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
@@ -47,6 +47,8 @@ pub struct ScoreRow<'a> {
     pub anomaly_score: f64,
     pub is_anomaly: bool,
     pub top_features: Vec<&'a str>,
+    /// The record's topic (a pipeline may read several), partition and offset.
+    pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
     pub model_version: &'a str,
@@ -62,6 +64,7 @@ impl<'a> ScoreRow<'a> {
             anomaly_score: s.verdict.anomaly_score,
             is_anomaly: s.verdict.is_anomaly,
             top_features: s.top.names(&s.model.contract.features).collect(),
+            topic: &s.origin.topic,
             partition: s.origin.partition,
             offset: s.origin.offset,
             model_version: &s.model.contract.version,
@@ -107,7 +110,7 @@ pub struct Outputs {
     /// Throttles the log lines of failed deliveries.
     failures: crate::log::Throttle,
     /// Alert events for the Alertmanager sink, if the pipeline has one.
-    alertmanager: Option<mpsc::Sender<AlertEvent>>,
+    alertmanager: Option<mpsc::UnboundedSender<AmInput>>,
 }
 
 impl Outputs {
@@ -117,7 +120,7 @@ impl Outputs {
         features: Vec<String>,
         producer: FutureProducer<ProducerContext>,
         metrics: Metrics,
-        alertmanager: Option<mpsc::Sender<AlertEvent>>,
+        alertmanager: Option<mpsc::UnboundedSender<AmInput>>,
     ) -> Outputs {
         Outputs {
             pipeline: pipeline.to_string(),
@@ -132,6 +135,14 @@ impl Outputs {
             metrics,
             failures: crate::log::Throttle::new(Duration::from_secs(10)),
             alertmanager,
+        }
+    }
+
+    /// Tells the Alertmanager sink, if the pipeline has one.
+    pub fn to_alertmanager(&self, input: AmInput) {
+        if let Some(am) = &self.alertmanager {
+            // Fails only once the sink has stopped, at shutdown.
+            let _ = am.send(input);
         }
     }
 
@@ -169,7 +180,7 @@ impl Outputs {
     fn messages_for(&self, s: &Scored) -> Vec<OutMessage> {
         let mut out = Vec::new();
         let key = Some(s.key.as_bytes().to_vec());
-        if let Some(event) = &s.event {
+        for event in s.evicted.iter().chain(&s.event) {
             self.metrics
                 .alerts
                 .with_label_values(&[&self.pipeline, event.event.as_str()])
@@ -178,16 +189,13 @@ impl Outputs {
             if self.stdout {
                 self.print(&json);
             }
-            if let Some(am) = &self.alertmanager {
-                if am.try_send(event.clone()).is_err() {
-                    tracing::warn!(pipeline = %self.pipeline, key = %event.key, "The Alertmanager sink is not keeping up; this event reaches the alerts topic only.");
-                }
-            }
+            self.to_alertmanager(AmInput::Event(Box::new(event.clone())));
             if !self.alerts_topic.is_empty() {
                 out.push(OutMessage {
                     sink: label::ALERTS,
                     topic: self.alerts_topic.clone(),
-                    key: key.clone(),
+                    // The event's own key: an eviction's resolution is of another key.
+                    key: Some(event.key.as_bytes().to_vec()),
                     payload: json,
                     headers: vec![("anomalyd.event", event.event.as_str().to_string())],
                     reduced: false,

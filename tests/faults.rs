@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anomalyd::daemon::Daemon;
@@ -466,4 +467,143 @@ async fn a_daemon_paused_by_a_failing_output_still_shuts_down() {
         matches!(ended, Ok(Ok(()))),
         "the daemon did not end: {ended:?}"
     );
+}
+
+/// What a fake Alertmanager received: `(key, resolved, labels)` per alert, in order.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, bool, serde_json::Value)>>>;
+
+/// An Alertmanager that answers after 5 s (past the sink's timeout) until `healthy` is set.
+async fn slow_alertmanager(
+    received: Received,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use std::sync::atomic::Ordering;
+    let app = axum::Router::new().route(
+        "/api/v2/alerts",
+        axum::routing::post(move |body: String| {
+            let (received, healthy) = (received.clone(), healthy.clone());
+            async move {
+                let alerts: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if !healthy.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let mut got = received.lock().unwrap();
+                for a in alerts.as_array().unwrap() {
+                    let key = a["labels"]["key"].as_str().unwrap().to_string();
+                    got.push((key, a.get("endsAt").is_some(), a["labels"].clone()));
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn alert_event(key: &str, kind: anomalyd::alert::EventKind) -> anomalyd::alert::AlertEvent {
+    use anomalyd::alert::*;
+    AlertEvent {
+        event: kind,
+        pipeline: "fleet".into(),
+        key: key.into(),
+        timestamp: None,
+        score: 2.0,
+        threshold: 0.1,
+        anomaly_score: 0.9,
+        severity: Severity::Warning,
+        top_features: Vec::new(),
+        model: ModelRef {
+            name: "m".into(),
+            version: "1".into(),
+        },
+        source: SourceRef {
+            topic: "metrics".into(),
+            partition: 0,
+            offset: 0,
+        },
+        episode: Episode::default(),
+        reason: None,
+    }
+}
+
+/// Issue 10, finding 3: 1500 episodes fire and resolve while Alertmanager answers too slowly;
+/// once it recovers, every episode reaches it resolved, and nothing is pushed firing after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_episode_resolves_at_alertmanager_after_it_was_too_slow() {
+    use anomalyd::alert::{EventKind, Severity};
+    use anomalyd::alertmanager::{AlertmanagerConfig, AlertmanagerSink, AmInput};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let received = Received::default();
+    let healthy = std::sync::Arc::new(AtomicBool::new(false));
+    let url = slow_alertmanager(received.clone(), healthy.clone()).await;
+    let metrics = anomalyd::metrics::Metrics::new();
+    let cfg = AlertmanagerConfig {
+        url,
+        resend_interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(200),
+        labels: Default::default(),
+    };
+    let sink = AlertmanagerSink::new(cfg, "fleet", metrics.clone());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(sink.run(rx, stop.clone()));
+    let keys: Vec<String> = (0..1500).map(|i| format!("host-{i:04}")).collect();
+    for k in &keys {
+        tx.send(AmInput::Event(Box::new(alert_event(k, EventKind::Firing))))
+            .unwrap();
+    }
+    let failed = |n: u64| {
+        let m = metrics.clone();
+        move || {
+            m.alertmanager_pushes
+                .with_label_values(&["fleet", "error"])
+                .get()
+                >= n
+        }
+    };
+    assert!(wait_for(Duration::from_secs(60), failed(2)).await);
+    for k in &keys {
+        let mut resolved = alert_event(k, EventKind::Resolved);
+        // A resolution that names another severity still ends the alert its firing raised.
+        resolved.severity = Severity::Critical;
+        tx.send(AmInput::Event(Box::new(resolved))).unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(60), failed(4)).await);
+    healthy.store(true, Ordering::SeqCst);
+    let all_resolved = || {
+        let got = received.lock().unwrap();
+        let resolved: BTreeSet<&str> = got
+            .iter()
+            .filter(|(_, r, _)| *r)
+            .map(|(k, _, _)| k.as_str())
+            .collect();
+        resolved.len() == keys.len()
+    };
+    assert!(
+        wait_for(Duration::from_secs(120), all_resolved).await,
+        "{} alerts received",
+        received.lock().unwrap().len()
+    );
+    // Two resend intervals: a firing alert still held would be pushed again by now.
+    let pending = metrics.alertmanager_pending.with_label_values(&["fleet"]);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.cancel();
+    task.await.unwrap();
+    let got = received.lock().unwrap();
+    let mut last: BTreeMap<&str, (bool, &serde_json::Value)> = BTreeMap::new();
+    for (k, r, labels) in got.iter() {
+        last.insert(k, (*r, labels));
+    }
+    assert_eq!(last.len(), keys.len());
+    for (k, (resolved, labels)) in &last {
+        assert!(
+            resolved,
+            "{k}: the last alert Alertmanager got is a firing one"
+        );
+        assert_eq!(labels["severity"], "warning", "{k}: {labels}");
+    }
+    assert_eq!(pending.get(), 0);
 }

@@ -218,6 +218,10 @@ pub fn scored_offsets(scores: &[Got]) -> (BTreeSet<(i32, i64)>, usize) {
     let mut duplicates = 0;
     for s in scores {
         let v = s.json();
+        assert!(
+            v["topic"].as_str().is_some_and(|t| !t.is_empty()),
+            "a score names its record's topic: {v}"
+        );
         let key = (
             v["partition"].as_i64().expect("partition") as i32,
             v["offset"].as_i64().expect("offset"),
