@@ -156,6 +156,14 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Before anything slow: from here a SIGTERM is this process's to handle (and to log),
+        // even one that arrives while the models load.
+        let signals = Signals::install();
+        tracing::info!(
+            pipelines = config.pipelines.len(),
+            "Starting anomalyd {}: loading models.",
+            env!("CARGO_PKG_VERSION")
+        );
         let shutdown = CancellationToken::new();
         let daemon = match daemon::Daemon::start(config, shutdown.clone()).await {
             Ok(d) => d,
@@ -170,7 +178,10 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::spawn(signals(shutdown.clone(), daemon.reload_handle()));
+        match signals {
+            Ok(s) => drop(tokio::spawn(s.watch(shutdown.clone(), daemon.reload_handle()))),
+            Err(e) => tracing::error!("Cannot install signal handlers ({e}); stop the daemon with SIGKILL."),
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let watchdog = sd_notify::watchdog_enabled().map(|timeout| {
             // Twice per watchdog period, as systemd recommends, so one late tick is not fatal.
@@ -205,39 +216,52 @@ fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT (a second one exits at once); SIGHUP makes every
-/// pipeline check its model file for a new version.
-async fn signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync::Notify>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("Cannot install signal handlers; stop the daemon with SIGKILL.");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: checking model files for new versions.");
-                reload.notify_waiters();
+/// The daemon's signal handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Cancels `shutdown` on SIGTERM or SIGINT (a second one exits at once); SIGHUP makes every
+    /// pipeline check its model file for a new version.
+    async fn watch(
+        mut self,
+        shutdown: CancellationToken,
+        reload: std::sync::Arc<tokio::sync::Notify>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: checking model files for new versions.");
+                    reload.notify_waiters();
+                }
             }
         }
+        tracing::info!("Shutdown requested: draining (send the signal again to exit at once).");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        shutdown.cancel();
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        tracing::warn!(
+            "Second signal: exiting without draining; uncommitted records will be processed again."
+        );
+        std::process::exit(130);
     }
-    tracing::info!("Shutdown requested: draining (send the signal again to exit at once).");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!(
-        "Second signal: exiting without draining; uncommitted records will be processed again."
-    );
-    std::process::exit(130);
 }
 
 /// Writes a command's output. A reader that went away (`anomalyd inspect m.onnx | head`) ends

@@ -33,11 +33,14 @@ pub enum DecodeError {
         found: usize,
         expected: usize,
     },
+    /// A CSV row (of `anomalyd score`) that cannot be split into fields.
+    #[error("row is not valid CSV: {0}")]
+    MalformedCsv(String),
 }
 
 impl DecodeError {
     /// Every reason label, for metrics to start at zero.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "too_large",
         "invalid_json",
         "not_an_object",
@@ -46,6 +49,7 @@ impl DecodeError {
         "not_a_number",
         "non_finite",
         "wrong_dimensions",
+        "malformed_csv",
     ];
 
     /// A short, stable, low-cardinality label.
@@ -59,6 +63,7 @@ impl DecodeError {
             DecodeError::NotANumber(_) => "not_a_number",
             DecodeError::NonFinite(_) => "non_finite",
             DecodeError::WrongDimensions { .. } => "wrong_dimensions",
+            DecodeError::MalformedCsv(_) => "malformed_csv",
         }
     }
 }

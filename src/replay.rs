@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::PipelineConfig;
-use crate::decode::{CsvColumns, DecodeError, Record};
+use crate::decode::{DecodeError, Record};
 use crate::detect::{Detector, DetectorError, Origin, Outcome, Top};
 use crate::model::{Model, ModelError};
 
@@ -317,33 +317,206 @@ pub fn replay(
         sink: RowSink::new(output_format, output)?,
         summary: Summary::default(),
     };
+    // Lines are read whole up to the record limit and skipped beyond it, so memory follows
+    // `max_record_bytes`, not the longest line; a bad line is one row's error, never the run's.
+    let limit = cfg.max_record_bytes;
+    let mut lines = Lines::new(input, limit);
     match input_format {
         Format::Ndjson => {
-            let mut input = input;
-            let mut line = Vec::with_capacity(1024);
-            loop {
-                line.clear();
-                if input.read_until(b'\n', &mut line)? == 0 {
-                    break;
-                }
-                let record = line.trim_ascii();
-                if !record.is_empty() {
-                    r.push(decoder.decode_json(record))?;
+            while let Some(line) = lines.next()? {
+                match line {
+                    Ok(text) if text.trim_ascii().is_empty() => {}
+                    Ok(text) => r.push(decoder.decode_json(text.trim_ascii()))?,
+                    Err(size) => r.push(Err(DecodeError::TooLarge { size, limit }))?,
                 }
             }
         }
         Format::Csv => {
-            let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
-            let columns: CsvColumns = decoder
-                .csv_columns(reader.headers()?)
-                .map_err(ReplayError::Header)?;
-            let mut row = csv::StringRecord::new();
-            while reader.read_record(&mut row)? {
-                r.push(decoder.decode_csv(&row, &columns))?;
+            let mut csv = CsvLine::default();
+            let columns = loop {
+                let Some(line) = lines.next()? else {
+                    return Err(ReplayError::Header("the input is empty".into()));
+                };
+                let header = line
+                    .map_err(|size| {
+                        format!("the header line is {size} bytes, over max_record_bytes")
+                    })
+                    .and_then(|text| csv.parse(text).map_err(|e| format!("the header: {e}")))
+                    .map_err(ReplayError::Header)?;
+                if header.len() > 1 || header.get(0).is_some_and(|h| !h.trim().is_empty()) {
+                    break decoder.csv_columns(header).map_err(ReplayError::Header)?;
+                }
+            };
+            while let Some(line) = lines.next()? {
+                let row = match line {
+                    Ok(text) if text.trim_ascii().is_empty() => continue,
+                    Ok(text) => csv.parse(text).map_err(DecodeError::MalformedCsv),
+                    Err(size) => Err(DecodeError::TooLarge { size, limit }),
+                };
+                r.push(row.and_then(|row| decoder.decode_csv(row, &columns)))?;
             }
         }
     }
     r.flush()?;
     r.sink.finish()?;
     Ok(r.summary)
+}
+
+/// The lines of an input, each at most `limit` bytes (its terminator aside).
+struct Lines<R> {
+    input: R,
+    limit: usize,
+    line: Vec<u8>,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn new(input: R, limit: usize) -> Lines<R> {
+        Lines {
+            input,
+            limit,
+            line: Vec::with_capacity(1024),
+        }
+    }
+
+    /// The next line with its terminator, or the length of a line over the limit (skipped
+    /// without being held in memory); `None` at the end of the input.
+    fn next(&mut self) -> std::io::Result<Option<Result<&[u8], usize>>> {
+        self.line.clear();
+        let (mut size, mut ended) = (0, false);
+        loop {
+            let chunk = self.input.fill_buf()?;
+            if chunk.is_empty() {
+                break;
+            }
+            let (taken, done) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (chunk.len(), false),
+            };
+            if size + taken <= self.limit + 1 {
+                self.line.extend_from_slice(&chunk[..taken]);
+            }
+            size += taken;
+            self.input.consume(taken);
+            if done {
+                ended = true;
+                break;
+            }
+        }
+        if size == 0 {
+            return Ok(None);
+        }
+        let content = size - usize::from(ended);
+        Ok(Some(if content > self.limit {
+            Err(content)
+        } else {
+            Ok(&self.line)
+        }))
+    }
+}
+
+/// Parses one line of CSV. Records are one line each: a quoted field that runs past its line is
+/// broken quoting (it would swallow the rows after it), reported as that row's error.
+struct CsvLine {
+    parser: csv_core::Reader,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+    row: csv::StringRecord,
+}
+
+impl Default for CsvLine {
+    fn default() -> CsvLine {
+        CsvLine {
+            // `new`, not `default`: it builds the parser's state machine.
+            parser: csv_core::Reader::new(),
+            out: Vec::new(),
+            ends: Vec::new(),
+            row: csv::StringRecord::new(),
+        }
+    }
+}
+
+impl CsvLine {
+    fn parse(&mut self, line: &[u8]) -> Result<&csv::StringRecord, String> {
+        use csv_core::ReadRecordResult;
+        self.parser.reset();
+        self.out.resize(line.len() + 1, 0);
+        self.ends.resize(line.len() + 2, 0);
+        // A terminator ends the record, even for a last line without one.
+        let (result, _, _, fields) = match line.last() {
+            Some(b'\n') => self.parser.read_record(line, &mut self.out, &mut self.ends),
+            _ => {
+                let (_, _, out, ends) =
+                    self.parser.read_record(line, &mut self.out, &mut self.ends);
+                let (result, read, more_out, more_ends) =
+                    self.parser
+                        .read_record(b"\n", &mut self.out[out..], &mut self.ends[ends..]);
+                (result, read, out + more_out, ends + more_ends)
+            }
+        };
+        if result != ReadRecordResult::Record {
+            return Err("a quoted field is not closed on its line".into());
+        }
+        self.row.clear();
+        let mut start = 0;
+        for &end in &self.ends[..fields] {
+            let field = std::str::from_utf8(&self.out[start..end])
+                .map_err(|_| format!("field {} is not valid UTF-8", self.row.len() + 1))?;
+            self.row.push_field(field);
+            start = end;
+        }
+        Ok(&self.row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10, finding 13: `score` held a whole line in memory however long; now a line over
+    /// the record limit is skipped as it streams by, reported by its length.
+    #[test]
+    fn a_line_over_the_limit_is_skipped_without_being_held() {
+        let mut input = vec![b'x'; 10 << 20];
+        input.extend_from_slice(b"\nshort\nlast");
+        let mut lines = Lines::new(std::io::BufReader::new(input.as_slice()), 1000);
+        assert_eq!(lines.next().unwrap(), Some(Err(10 << 20)));
+        assert!(
+            lines.line.capacity() < 64 << 10,
+            "{}",
+            lines.line.capacity()
+        );
+        assert_eq!(lines.next().unwrap(), Some(Ok(&b"short\n"[..])));
+        assert_eq!(lines.next().unwrap(), Some(Ok(&b"last"[..])));
+        assert_eq!(lines.next().unwrap(), None);
+        let mut exact = Lines::new(&b"12345\n123456"[..], 5);
+        assert_eq!(exact.next().unwrap(), Some(Ok(&b"12345\n"[..])));
+        assert_eq!(exact.next().unwrap(), Some(Err(6)));
+    }
+
+    /// Issue 10, finding 13: a broken quote swallowed every row after it into one field, and a
+    /// byte that is not UTF-8 aborted the run; now each is its own row's error.
+    #[test]
+    fn a_malformed_csv_line_is_its_own_error() {
+        let mut csv = CsvLine::default();
+        let fields = |r: &csv::StringRecord| r.iter().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            fields(csv.parse(b"a,\"b,c\",d\r\n").unwrap()),
+            ["a", "b,c", "d"]
+        );
+        assert_eq!(
+            fields(csv.parse(b"a,\"say \"\"hi\"\"\"").unwrap()),
+            ["a", "say \"hi\""]
+        );
+        assert_eq!(fields(csv.parse(b",\n").unwrap()), ["", ""]);
+        assert!(csv.parse(b"a,\"b,c\n").unwrap_err().contains("not closed"));
+        assert!(csv
+            .parse(b"a,\xff\xfe,c\n")
+            .unwrap_err()
+            .contains("field 2"));
+        assert_eq!(
+            fields(csv.parse(b"x,y").unwrap()),
+            ["x", "y"],
+            "usable after errors"
+        );
+    }
 }

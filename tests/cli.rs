@@ -164,17 +164,24 @@ fn score_replays_a_file_one_row_per_input_row() {
         "200",
     ]);
     assert!(o.status.success(), "{}", text(&o).1);
-    // One broken row in the middle.
-    let mut csv = std::fs::read_to_string(&data).unwrap();
-    csv.push_str("host-01,2026-02-01T00:00:00Z,NaN,1,1,1\n");
+    // Broken rows at the end: a NaN, an unclosed quote, bytes that are not UTF-8, a line over
+    // max_record_bytes; then a good row, which must still be scored.
+    let good = std::fs::read_to_string(&data).unwrap();
+    let mut csv = good.clone().into_bytes();
+    csv.extend_from_slice(b"host-01,2026-02-01T00:00:00Z,NaN,1,1,1\n");
+    csv.extend_from_slice(b"host-01,\"2026-02-01T00:01:00Z,1,1,1,1\n");
+    csv.extend_from_slice(b"host-01,2026-02-01T00:02:00Z,\xff,1,1,1\n");
+    csv.extend_from_slice(format!("host-01,{}\n", "9".repeat(20_000)).as_bytes());
+    let last_good = good.lines().last().unwrap();
+    csv.extend_from_slice(format!("{last_good}\n").as_bytes());
     std::fs::write(&data, &csv).unwrap();
-    let input_rows = csv.lines().count() - 1;
+    let input_rows = csv.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() - 1;
 
     let cfg = dir.path().join("a.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[pipelines.fleet]\ntopics = [\"metrics\"]\nmodel = \"{}\"\nkey_field = \"host\"\n",
+            "[pipelines.fleet]\ntopics = [\"metrics\"]\nmodel = \"{}\"\nkey_field = \"host\"\nmax_record_bytes = 10000\n",
             demo_model().display()
         ),
     )
@@ -212,8 +219,15 @@ fn score_replays_a_file_one_row_per_input_row() {
     );
     let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
     assert_eq!(rows.len(), input_rows);
-    let last = rows.last().unwrap();
-    assert!(last[8].starts_with("non_finite"), "{last:?}");
+    let errors: Vec<&str> = rows[rows.len() - 5..]
+        .iter()
+        .map(|r| r.get(8).unwrap())
+        .collect();
+    assert!(errors[0].starts_with("non_finite"), "{errors:?}");
+    assert!(errors[1].starts_with("malformed_csv"), "{errors:?}");
+    assert!(errors[2].starts_with("malformed_csv"), "{errors:?}");
+    assert!(errors[3].starts_with("too_large"), "{errors:?}");
+    assert_eq!(errors[4], "", "the row after them is scored");
     let anomalous = rows.iter().filter(|r| &r[5] == "true").count();
     // Normal data, warm-started thresholds at q = 0.999: very few points over the threshold.
     assert!(
@@ -292,4 +306,44 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(o.status.success(), "{args:?}: {:?}\n{err}", o.status);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+/// Issue 10, finding 13: a SIGTERM that arrived while the daemon started (its models loading)
+/// killed it with an empty log. The handlers now come first: the signal is logged and drains.
+#[test]
+fn a_signal_during_start_up_is_logged_and_stops_cleanly() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:9\"\ngroup_id = \"start-up\"\n[http]\nlisten = \"\"\n\
+             [pipelines.fleet]\ntopics = [\"metrics\"]\nmodel = \"{}\"\nkey_field = \"host\"\n",
+            demo_model().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anomalyd"))
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("Starting anomalyd") {
+        assert!(
+            err.read_line(&mut log).unwrap() > 0,
+            "no start-up line:\n{log}"
+        );
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    err.read_to_string(&mut log).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}:\n{log}");
+    assert!(log.contains("Shutdown requested"), "{log}");
 }

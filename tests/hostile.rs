@@ -295,3 +295,64 @@ fn secrets_in_the_configuration_are_never_echoed() {
         );
     }
 }
+
+/// Issue 10, finding 9: a client that sends half a request, or a crowd of idle ones, held the
+/// HTTP endpoint's connections (and file descriptors) for good. Now a connection that moves
+/// nothing for 10 s is closed, at most 128 are open at once, and the probes still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_http_clients_cannot_hold_the_endpoint() {
+    use anomalyd::metrics::{self, Health, Metrics, MAX_HTTP_CONNECTIONS};
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let m = Metrics::new();
+    let health = std::sync::Arc::new(Health::new(Vec::new(), &m));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (addr, server) = metrics::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        m.clone(),
+        health,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let half_sent = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+            Err(e) => Err(e.kind()),
+        }
+    });
+    assert_eq!(half_sent.await.unwrap(), Ok(0), "the server closed it");
+
+    let crowd: Vec<std::net::TcpStream> = (0..MAX_HTTP_CONNECTIONS + 60)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let open = m.http_connections.clone();
+    assert!(
+        wait_for(Duration::from_secs(60), || open.get()
+            == MAX_HTTP_CONNECTIONS as i64)
+        .await
+    );
+    let probe = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).map(|_| text)
+    });
+    let answer = probe
+        .await
+        .unwrap()
+        .expect("answered once idle connections were closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(open.get() <= MAX_HTTP_CONNECTIONS as i64);
+    drop(crowd);
+    stop.cancel();
+    server.await.unwrap();
+}
