@@ -541,8 +541,6 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
     }
     let n = input.len() / per;
     let out = model.infer(&input, n)?;
-    // Reconstructions are in raw units, where float32 itself steps by more than 1e-4 above a few
-    // hundred: their differences are relative to max(1, |expected|). Errors are absolute.
     let max_diff = |got: &[f32], want: &[f32], name: &str, relative: bool| -> anyhow::Result<f64> {
         if got.len() != want.len() {
             bail!(
@@ -551,18 +549,7 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
                 got.len()
             );
         }
-        Ok(got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| {
-                let scale = if relative {
-                    (*b as f64).abs().max(1.0)
-                } else {
-                    1.0
-                };
-                (*a as f64 - *b as f64).abs() / scale
-            })
-            .fold(0.0, f64::max))
+        Ok(max_difference(got, want, relative))
     };
     let error = max_diff(&out.errors, &error, "error", false)?;
     let reconstruction = max_diff(&out.reconstructions, &recon, "reconstruction", true)?;
@@ -576,4 +563,41 @@ fn verify(model: &Model, path: &Path, tolerance: f64) -> anyhow::Result<Verifica
             && error.is_finite()
             && reconstruction.is_finite(),
     })
+}
+
+/// The largest difference between `got` and `want`; NaN if any is NaN (`f64::max` would drop it
+/// and report a NaN output as a match). Reconstructions are in raw units, where float32 itself
+/// steps by more than 1e-4 above a few hundred: their differences are `relative` to
+/// max(1, |expected|). Errors are absolute.
+fn max_difference(got: &[f32], want: &[f32], relative: bool) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&a, &b)| {
+            let scale = if relative {
+                (b as f64).abs().max(1.0)
+            } else {
+                1.0
+            };
+            (a as f64 - b as f64).abs() / scale
+        })
+        .fold(0.0, |m: f64, d| {
+            if m.is_nan() || d.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Issue 10, finding 7: `inspect --verify` reported max |Δ| 0, "ok", for NaN outputs.
+    #[test]
+    fn a_nan_output_is_never_a_match() {
+        use super::max_difference;
+        assert_eq!(max_difference(&[1.0, 2.5], &[1.0, 2.0], false), 0.5);
+        assert_eq!(max_difference(&[300.0], &[200.0], true), 0.5);
+        assert!(max_difference(&[f32::NAN, 2.0], &[1.0, 2.0], false).is_nan());
+        assert!(max_difference(&[1.0, f32::NAN], &[1.0, 2.0], true).is_nan());
+    }
 }

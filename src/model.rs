@@ -239,8 +239,19 @@ impl Model {
         };
         // Run one sample through the plan now, so a model that loads but cannot run (or whose
         // outputs have the wrong shape) is refused at start-up rather than on the first record.
+        // A model whose weights went NaN in training passes every other check and then judges
+        // nothing (every record a `non_finite_score` dead letter): refuse it here too.
         let probe = vec![0.0f32; model.contract.sample_len()];
-        model.infer(&probe, 1)?;
+        let out = model.infer(&probe, 1)?;
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(&out.errors) || !finite(&out.reconstructions) {
+            return Err(ModelError::Contract {
+                path: path.to_path_buf(),
+                reason: "its outputs on a probe sample (all zeros) are not finite numbers \
+                         (NaN or infinity): its weights are probably broken"
+                    .into(),
+            });
+        }
         Ok(model)
     }
 

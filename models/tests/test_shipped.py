@@ -169,3 +169,30 @@ def test_regenerate_script_names_every_shipped_model():
     for p in SHIPPED:
         assert p.name in script, f"{p.name} is shipped but models/regenerate.sh does not make it"
     assert REPO.joinpath("models", "demo", "fleet-normal.csv").exists()
+
+
+def test_the_daemon_refuses_a_model_whose_weights_are_nan(tmp_path):
+    """Issue 10, finding 7: a model whose outputs are all NaN (weights broken in training) passed
+    `check`, `inspect` and the start-up probe, and then judged nothing. The daemon now refuses it
+    at load, naming the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(MODELS / "demo-dense.onnx"))
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 16:  # the layers' weights, not the normalisation
+            init.CopyFrom(numpy_helper.from_array(np.full_like(w, np.nan), init.name))
+    broken = tmp_path / "nan-dense.onnx"
+    onnx.save(model, str(broken))
+    out = subprocess.run([str(binary()), "inspect", str(broken)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stdout
+    assert "nan-dense.onnx" in out.stderr and "not finite" in out.stderr, out.stderr
+    cfg = tmp_path / "anomalyd.toml"
+    cfg.write_text(
+        f'[kafka]\nbrokers = "127.0.0.1:9092"\n\n[pipelines.broken]\ntopics = ["metrics"]\n'
+        f'model = {json.dumps(str(broken))}\nkey_field = "host"\n'
+    )
+    out = subprocess.run([str(binary()), "check", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 64, out.stdout + out.stderr
+    assert "not finite" in out.stdout + out.stderr
