@@ -33,6 +33,14 @@ pub enum DecodeError {
         found: usize,
         expected: usize,
     },
+    /// A key or timestamp longer than [`MAX_TEXT_BYTES`]: each key's state holds its key and
+    /// timestamps, so their length bounds the memory `max_keys` keys take.
+    #[error("field `{field}` is {size} bytes, over the limit of {limit} for keys and timestamps")]
+    TooLong {
+        field: &'static str,
+        size: usize,
+        limit: usize,
+    },
     /// A CSV row (of `anomalyd score`) that cannot be split into fields.
     #[error("row is not valid CSV: {0}")]
     MalformedCsv(String),
@@ -40,7 +48,7 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Every reason label, for metrics to start at zero.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "too_large",
         "invalid_json",
         "not_an_object",
@@ -49,6 +57,7 @@ impl DecodeError {
         "not_a_number",
         "non_finite",
         "wrong_dimensions",
+        "too_long",
         "malformed_csv",
     ];
 
@@ -63,9 +72,31 @@ impl DecodeError {
             DecodeError::NotANumber(_) => "not_a_number",
             DecodeError::NonFinite(_) => "non_finite",
             DecodeError::WrongDimensions { .. } => "wrong_dimensions",
+            DecodeError::TooLong { .. } => "too_long",
             DecodeError::MalformedCsv(_) => "malformed_csv",
         }
     }
+}
+
+/// The longest key or timestamp accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// The record, if its key and timestamp are within [`MAX_TEXT_BYTES`].
+fn bounded(record: Record) -> Result<Record, DecodeError> {
+    let texts = [
+        ("key", Some(&record.key)),
+        ("timestamp", record.timestamp.as_ref()),
+    ];
+    for (field, text) in texts {
+        if let Some(t) = text.filter(|t| t.len() > MAX_TEXT_BYTES) {
+            return Err(DecodeError::TooLong {
+                field,
+                size: t.len(),
+                limit: MAX_TEXT_BYTES,
+            });
+        }
+    }
+    Ok(record)
 }
 
 /// A decoded record: one row of features (or one image) of one entity.
@@ -131,6 +162,7 @@ impl Decoder {
             Some(record) => Ok(record),
             None => self.decode_complete(bytes),
         }
+        .and_then(bounded)
     }
 
     /// The complete path: serde_json with the record visitor.
@@ -236,7 +268,7 @@ impl Decoder {
                 .map_err(|_| DecodeError::NotANumber(name.clone()))?;
             values.push(finite(v, name)?);
         }
-        Ok(Record {
+        bounded(Record {
             key: key.to_string(),
             timestamp,
             values,
@@ -690,6 +722,28 @@ impl<'de> de::Deserialize<'de> for NumberOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 10, findings 1 and 12: a key of 600 KB sat in memory with its state (2000 such
+    /// keys took 1.1 GB under `max_keys`) and twice in each output message; keys and timestamps
+    /// are now bounded, so the state of `max_keys` keys is too.
+    #[test]
+    fn keys_and_timestamps_over_the_limit_are_refused() {
+        let d = Decoder::new("host", "ts", vec!["cpu".into()], 1, 1 << 20);
+        let record = |key: &str, ts: &str| format!(r#"{{"host":"{key}","ts":"{ts}","cpu":1}}"#);
+        let at_limit = "k".repeat(MAX_TEXT_BYTES);
+        assert!(d.decode_json(record(&at_limit, "t").as_bytes()).is_ok());
+        for (key, ts, field) in [
+            ("k".repeat(600_000), "t".to_string(), "key"),
+            ("k".to_string(), "t".repeat(MAX_TEXT_BYTES + 1), "timestamp"),
+        ] {
+            let e = d.decode_json(record(&key, &ts).as_bytes()).unwrap_err();
+            assert!(
+                matches!(e, DecodeError::TooLong { field: f, .. } if f == field),
+                "{e}"
+            );
+            assert_eq!(e.reason(), "too_long");
+        }
+    }
 
     fn row_decoder() -> Decoder {
         Decoder::new("host", "ts", vec!["a".into(), "b".into()], 1, 1024)

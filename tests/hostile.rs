@@ -55,6 +55,8 @@ fn check(result: Result<anomalyd::decode::Record, DecodeError>, per_field: usize
             assert_eq!(r.values.len(), FIELDS.len() * per_field);
             assert!(r.values.iter().all(|v| v.is_finite()), "{r:?}");
             assert!(!r.key.is_empty());
+            let longest = r.key.len().max(r.timestamp.map_or(0, |t| t.len()));
+            assert!(longest <= anomalyd::decode::MAX_TEXT_BYTES);
         }
         Err(e) => assert!(
             DecodeError::REASONS.contains(&e.reason()),
