@@ -253,17 +253,23 @@ impl AlertmanagerSink {
         while let Ok(input) = events.try_recv() {
             self.on_input(input);
         }
-        if let Some(push) = in_flight {
-            if let Ok(done) = push.await {
-                self.pushed(done);
+        // Bounded, so that a slow Alertmanager cannot hold the shutdown up: what is still due
+        // after one push timeout is left to Alertmanager's own resolve_timeout.
+        let timeout = self.cfg.timeout;
+        let last_chance = async {
+            if let Some(push) = in_flight {
+                if let Ok(done) = push.await {
+                    self.pushed(done);
+                }
             }
-        }
-        while !self.due.is_empty() {
-            let done = self.push_due().await;
-            if self.pushed(done).is_some() {
-                break;
+            while !self.due.is_empty() {
+                let done = self.push_due().await;
+                if self.pushed(done).is_some() {
+                    break;
+                }
             }
-        }
+        };
+        let _ = tokio::time::timeout(timeout, last_chance).await;
     }
 
     fn on_input(&mut self, input: AmInput) {
