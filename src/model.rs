@@ -462,6 +462,7 @@ mod tests {
             .into_iter()
             .collect();
             meta.extend(changes.iter().copied());
+            meta.retain(|_, v| *v != "<absent>");
             parse_metadata(path, &meta)
                 .map(|_| ())
                 .map_err(|e| match e {
@@ -484,6 +485,15 @@ mod tests {
             parse(&[("features", r#"["a", "b", "a"]"#)]),
             Err("features")
         );
+        // Issue 10, finding 11: the contract's required metadata, and a calibration that can
+        // warm-start a threshold (1500/1500 normal points flagged without one).
+        for key in ["calibration", "version", "trained_at", "training_data"] {
+            assert_eq!(parse(&[(key, "<absent>")]), Err(key));
+        }
+        let zeros = r#"{"count": 10, "mean": 0.0, "std": 0.0, "sample": [0.0, 0.0]}"#;
+        let empty = r#"{"count": 0, "mean": 0.1, "std": 0.01, "sample": []}"#;
+        assert_eq!(parse(&[("calibration", zeros)]), Err("calibration"));
+        assert_eq!(parse(&[("calibration", empty)]), Err("calibration"));
     }
 
     /// A call sees nothing of the one before (the recurrent model's hidden state included),
