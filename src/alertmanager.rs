@@ -148,12 +148,9 @@ impl AmAlert {
 pub enum AmInput {
     /// A firing or resolved event, or an episode adopted with its partition's state.
     Event(Box<AlertEvent>),
-    /// Partitions revoked: their firing episodes go with their state to the next owner, who
-    /// pushes them from now on (`handed_over`), or, with no state topic to carry them, end here.
-    Revoked {
-        partitions: Vec<(String, i32)>,
-        handed_over: bool,
-    },
+    /// Partitions revoked from a pipeline whose state follows its partitions: their firing
+    /// episodes now belong to the next owner, who pushes them from now on.
+    HandedOver(Vec<(String, i32)>),
 }
 
 /// Alerts in one push at most, so one request stays small whatever the backlog.
@@ -275,27 +272,16 @@ impl AlertmanagerSink {
     fn on_input(&mut self, input: AmInput) {
         match input {
             AmInput::Event(event) => self.on_event(&event),
-            AmInput::Revoked {
-                partitions,
-                handed_over,
-            } => {
-                let now = crate::time::now_rfc3339();
-                let firing: Vec<String> = self
+            AmInput::HandedOver(partitions) => {
+                let theirs: Vec<String> = self
                     .alerts
                     .iter()
                     .filter(|(_, t)| t.alert.ends_at.is_none() && partitions.contains(&t.partition))
                     .map(|(k, _)| k.clone())
                     .collect();
-                for key in firing {
-                    if handed_over {
-                        self.alerts.remove(&key);
-                        self.due.remove(&key);
-                    } else if let Some(t) = self.alerts.get_mut(&key) {
-                        self.version += 1;
-                        t.alert.ends_at = Some(now.clone());
-                        t.version = self.version;
-                        self.due.insert(key);
-                    }
+                for key in theirs {
+                    self.alerts.remove(&key);
+                    self.due.remove(&key);
                 }
             }
         }
@@ -458,34 +444,19 @@ mod tests {
     }
 
     /// Issue 10, finding 3: a firing key dropped on revoke was pushed firing by its old owner
-    /// forever. Now its episode goes with the partition's state to the next owner, or, with no
-    /// state topic, is resolved here.
+    /// forever, even after the next owner resolved it. Its episode now goes with the
+    /// partition's state to the next owner, and this one stops pushing it.
     #[test]
-    fn revoked_episodes_are_handed_over_or_resolved() {
-        for handed_over in [true, false] {
-            let mut s = sink();
-            s.on_input(firing_on("a", 0));
-            s.on_input(firing_on("b", 1));
-            s.due.clear();
-            s.on_input(AmInput::Revoked {
-                partitions: vec![("metrics".into(), 0)],
-                handed_over,
-            });
-            let ended =
-                |s: &AlertmanagerSink, k: &str| s.alerts.get(k).map(|t| t.alert.ends_at.is_some());
-            assert_eq!(
-                ended(&s, "b"),
-                Some(false),
-                "another partition's key keeps firing"
-            );
-            if handed_over {
-                assert_eq!(ended(&s, "a"), None, "no longer pushed by this owner");
-                assert!(s.due.is_empty());
-            } else {
-                assert_eq!(ended(&s, "a"), Some(true), "resolved");
-                assert_eq!(s.due.iter().collect::<Vec<_>>(), ["a"]);
-            }
-        }
+    fn handed_over_episodes_are_no_longer_pushed() {
+        let mut s = sink();
+        s.on_input(firing_on("a", 0));
+        s.on_input(firing_on("b", 1));
+        s.on_input(AmInput::HandedOver(vec![("metrics".into(), 0)]));
+        assert!(!s.alerts.contains_key("a") && !s.due.contains("a"));
+        assert!(
+            s.alerts.contains_key("b"),
+            "another partition's key keeps firing"
+        );
     }
 
     /// A resolution ends the alert its firing raised (same labels, same start), and is kept

@@ -158,6 +158,18 @@ pub struct Scored {
 pub const EVICTED: &str = "evicted";
 /// The `reason` of a firing episode taken over with its partition's state.
 pub const ADOPTED: &str = "adopted";
+/// The `reason` of the resolution of a firing episode whose partition was revoked from a
+/// pipeline without a state topic (nobody carries it on).
+pub const REVOKED: &str = "revoked";
+
+/// What [`Detector::forget_partitions`] dropped.
+#[derive(Debug)]
+pub struct Forgotten {
+    pub keys: usize,
+    /// The resolutions of the episodes that were firing, for a pipeline whose state does not
+    /// follow its partitions to send (with a state topic, the next owner carries them on).
+    pub resolved: Vec<AlertEvent>,
+}
 
 /// A key's episode in progress, for an event no record of the key triggered.
 struct KeyEpisode {
@@ -541,8 +553,8 @@ impl Detector {
     }
 
     /// Drops the state of every key seen on the given partitions (they were revoked: their next
-    /// owner rebuilds it).
-    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) -> usize {
+    /// owner restores it from the state topic, or rebuilds it).
+    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) -> Forgotten {
         let mut doomed: std::collections::BTreeSet<String> = self
             .keys
             .iter()
@@ -555,11 +567,28 @@ impl Detector {
                 .filter(|(_, w)| w.source.is_in(partitions))
                 .map(|(k, _)| k.clone()),
         );
+        let mut resolved = Vec::new();
         for k in &doomed {
-            self.keys.pop(k);
             self.windows.pop(k);
+            let Some(s) = self.keys.pop(k) else { continue };
+            if let Some(episode) = s.alert.episode() {
+                let firing = KeyEpisode {
+                    key: k.clone(),
+                    episode: episode.clone(),
+                    threshold: s.threshold.threshold(),
+                };
+                let source = SourceRef {
+                    topic: s.source.topic.to_string(),
+                    partition: s.source.partition,
+                    offset: -1,
+                };
+                resolved.push(self.episode_event(EventKind::Resolved, firing, source, REVOKED));
+            }
         }
-        doomed.len()
+        Forgotten {
+            keys: doomed.len(),
+            resolved,
+        }
     }
 
     /// From now on, remember which keys change, for [`Detector::take_changes`].
@@ -925,7 +954,7 @@ mod tests {
             recs.push((origin, record));
         }
         run(&mut d, recs);
-        assert_eq!(d.forget_partitions(&[("in".into(), 1)]), 2);
+        assert_eq!(d.forget_partitions(&[("in".into(), 1)]).keys, 2);
         assert_eq!(d.keys(), 1);
         assert_eq!((d.windows.len(), d.windows.contains("a")), (1, true));
     }
@@ -1035,6 +1064,28 @@ mod tests {
         );
         assert_eq!(l, f, "the restored threshold is the learned one");
         assert_ne!(l, c, "and not the calibration's");
+    }
+
+    /// Issue 10, finding 3: a firing key dropped on revoke never resolved. Its resolution now
+    /// comes with the drop, for a pipeline without a state topic to send.
+    #[test]
+    fn forgetting_a_firing_key_resolves_its_episode() {
+        let mut d = detector("demo-dense.onnx", 10);
+        let wild = [5000.0, 30.0, 99.0, 0.0];
+        let mut on_1 = record("a", wild.to_vec());
+        on_1.0.partition = 1;
+        run(&mut d, vec![on_1.clone(), on_1.clone(), on_1]);
+        run(&mut d, (0..3).map(|_| record("b", wild.to_vec())).collect());
+        assert_eq!(d.firing(), 2);
+        let gone = d.forget_partitions(&[("in".into(), 1)]);
+        assert_eq!(gone.keys, 1);
+        let resolved: Vec<_> = gone
+            .resolved
+            .iter()
+            .map(|e| (e.key.as_str(), e.event, e.reason, e.source.partition))
+            .collect();
+        assert_eq!(resolved, [("a", EventKind::Resolved, Some(REVOKED), 1)]);
+        assert_eq!(d.firing(), 1, "b, on partition 0, fires on");
     }
 
     /// Issue 10, finding 3: the next owner of a partition takes its firing episodes over, so

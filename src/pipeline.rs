@@ -753,15 +753,18 @@ impl DetectorTask {
         {
             positions.retain(|(p, _)| !partitions.contains(p));
         }
-        let dropped = self.detector.forget_partitions(&partitions);
-        self.outputs.to_alertmanager(AmInput::Revoked {
-            partitions: partitions.clone(),
-            handed_over: self.changelog.is_some(),
-        });
+        let forgotten = self.detector.forget_partitions(&partitions);
+        if self.changelog.is_some() {
+            self.outputs
+                .to_alertmanager(AmInput::HandedOver(partitions.clone()));
+        } else {
+            // Nobody carries these episodes on: they end here, at every sink.
+            self.outputs.resolve_dropped(forgotten.resolved);
+        }
         if !settled {
             tracing::warn!(pipeline = %self.name, "Drain timeout on revoke: records still in flight will be processed again by the partitions' next owner.");
         }
-        tracing::info!(pipeline = %self.name, ?partitions, keys_dropped = dropped, elapsed_ms = started.elapsed().as_millis() as u64, "Partitions revoked.");
+        tracing::info!(pipeline = %self.name, ?partitions, keys_dropped = forgotten.keys, elapsed_ms = started.elapsed().as_millis() as u64, "Partitions revoked.");
     }
 
     fn reload(&mut self, model: Arc<Model>) {

@@ -18,6 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::alert::AlertEvent;
 use crate::alertmanager::AmInput;
 use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
@@ -177,30 +178,47 @@ impl Outputs {
         }
     }
 
+    /// Counts an alert event, prints it and tells Alertmanager; returns its alerts-topic message.
+    fn alert(&self, event: &AlertEvent) -> Option<OutMessage> {
+        self.metrics
+            .alerts
+            .with_label_values(&[&self.pipeline, event.event.as_str()])
+            .inc();
+        let json = serde_json::to_vec(event).expect("alert events serialise");
+        if self.stdout {
+            self.print(&json);
+        }
+        self.to_alertmanager(AmInput::Event(Box::new(event.clone())));
+        (!self.alerts_topic.is_empty()).then(|| OutMessage {
+            sink: label::ALERTS,
+            topic: self.alerts_topic.clone(),
+            key: Some(event.key.as_bytes().to_vec()),
+            payload: json,
+            headers: vec![("anomalyd.event", event.event.as_str().to_string())],
+            reduced: false,
+        })
+    }
+
+    /// Sends the resolutions of episodes whose keys were dropped with a revoked partition. No
+    /// offset waits on them (the partition is gone); they are delivered in the background, as
+    /// persistently as any output, and flushed at shutdown.
+    pub fn resolve_dropped(self: &Arc<Self>, events: Vec<AlertEvent>) {
+        for event in events {
+            let origin = Origin {
+                topic: Arc::from(event.source.topic.as_str()),
+                partition: event.source.partition,
+                offset: event.source.offset,
+            };
+            let sent = self.send(origin, self.alert(&event).into_iter().collect());
+            tokio::spawn(self.clone().delivered(sent));
+        }
+    }
+
     fn messages_for(&self, s: &Scored) -> Vec<OutMessage> {
         let mut out = Vec::new();
         let key = Some(s.key.as_bytes().to_vec());
         for event in s.evicted.iter().chain(&s.event) {
-            self.metrics
-                .alerts
-                .with_label_values(&[&self.pipeline, event.event.as_str()])
-                .inc();
-            let json = serde_json::to_vec(event).expect("alert events serialise");
-            if self.stdout {
-                self.print(&json);
-            }
-            self.to_alertmanager(AmInput::Event(Box::new(event.clone())));
-            if !self.alerts_topic.is_empty() {
-                out.push(OutMessage {
-                    sink: label::ALERTS,
-                    topic: self.alerts_topic.clone(),
-                    // The event's own key: an eviction's resolution is of another key.
-                    key: Some(event.key.as_bytes().to_vec()),
-                    payload: json,
-                    headers: vec![("anomalyd.event", event.event.as_str().to_string())],
-                    reduced: false,
-                });
-            }
+            out.extend(self.alert(event));
         }
         if !self.scores_topic.is_empty() {
             out.push(OutMessage {
