@@ -132,8 +132,11 @@ fn replay(c: &mut Criterion) {
                     "p",
                     p,
                     model.clone(),
-                    input.as_bytes(),
-                    anomalyd::replay::Format::Ndjson,
+                    anomalyd::replay::Input {
+                        reader: input.as_bytes(),
+                        format: anomalyd::replay::Format::Ndjson,
+                        series: None,
+                    },
                     &mut out,
                     format,
                 )

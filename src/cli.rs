@@ -67,14 +67,26 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "model"])))]
 struct ScoreArgs {
-    /// The configuration file (TOML) holding the pipeline.
+    /// The model to score with, all other settings defaulted (no configuration file needed).
+    #[arg(short, long, conflicts_with_all = ["config", "pipeline"])]
+    model: Option<PathBuf>,
+    /// A configuration file (TOML) whose pipeline's model, fields and threshold settings to use.
     #[arg(short, long)]
-    config: PathBuf,
-    /// The pipeline whose model, fields and threshold settings to use.
-    #[arg(short, long)]
-    pipeline: String,
-    /// Input file, or `-` for standard input.
+    config: Option<PathBuf>,
+    /// The pipeline of --config to use; needed only when the file has several.
+    #[arg(short, long, requires = "config")]
+    pipeline: Option<String>,
+    /// With --model: the field naming each record's entity. Without it, records (or CSV columns)
+    /// without a `key` field are one series, named after the input file.
+    #[arg(long, requires = "model")]
+    key_field: Option<String>,
+    /// With --model: the field holding each record's timestamp (text, carried as it is; default `ts`).
+    #[arg(long, requires = "model")]
+    timestamp_field: Option<String>,
+    /// Input file, or `-` for standard input. CSV's delimiter (comma, semicolon, tab or pipe) is
+    /// read from its header.
     #[arg(short, long)]
     input: String,
     /// Output file (`.csv` or `.ndjson`); standard output when absent.
@@ -313,19 +325,63 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args.config) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
+/// The pipeline `score` uses: one of a configuration file, or the defaults around `--model`.
+/// Either way through [`Config::from_toml`]'s checks, so `score` refuses what `check` refuses.
+fn score_pipeline(
+    args: &ScoreArgs,
+) -> Result<(String, crate::config::PipelineConfig, String), ExitCode> {
+    let (config, origin) = match (&args.model, &args.config) {
+        (Some(model), _) => {
+            let quoted = |s: &str| serde_json::to_string(s).expect("a string serialises");
+            let mut toml = format!(
+                "[pipelines.score]\ntopics = [\"-\"]\nmodel = {}\n",
+                quoted(&model.to_string_lossy())
+            );
+            for (key, value) in [
+                ("key_field", &args.key_field),
+                ("timestamp_field", &args.timestamp_field),
+            ] {
+                if let Some(v) = value {
+                    toml.push_str(&format!("{key} = {}\n", quoted(v)));
+                }
+            }
+            match Config::from_toml(&toml, Some(Default::default())) {
+                Ok(c) => (c, "--model".to_string()),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Err(ExitCode::from(EXIT_CONFIG));
+                }
+            }
+        }
+        (None, Some(path)) => (load_config(path)?, path.display().to_string()),
+        (None, None) => unreachable!("clap requires --model or --config"),
     };
-    let Some(pipeline) = config.pipelines.get(&args.pipeline) else {
+    let mut pipelines = config.pipelines;
+    let name = match &args.pipeline {
+        Some(p) => p.clone(),
+        None if pipelines.len() == 1 => pipelines.keys().next().cloned().expect("one"),
+        None => {
+            eprintln!(
+                "{origin}: several pipelines ({:?}): name one with --pipeline",
+                pipelines.keys().collect::<Vec<_>>()
+            );
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let Some(pipeline) = pipelines.remove(&name) else {
         eprintln!(
-            "{}: no pipeline {:?} (pipelines: {:?})",
-            args.config.display(),
-            args.pipeline,
-            config.pipelines.keys().collect::<Vec<_>>()
+            "{origin}: no pipeline {name:?} (pipelines: {:?})",
+            pipelines.keys().collect::<Vec<_>>()
         );
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        return Err(ExitCode::from(EXIT_CONFIG));
+    };
+    Ok((name, pipeline, origin))
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    let (name, pipeline, origin) = match score_pipeline(&args) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
     };
     let model = match Model::load(&pipeline.model) {
         Ok(m) => Arc::new(m),
@@ -335,9 +391,17 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Err(e) = pipeline.detector().fits(&model) {
-        eprintln!("{}: pipelines.{}.{e}", args.config.display(), args.pipeline);
+        eprintln!("{origin}: pipelines.{name}.{e}");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
+    // A file of one series needs no key: with --model and no --key-field, records without one
+    // are that series, named after the file.
+    let series = (args.model.is_some() && args.key_field.is_none()).then(|| {
+        Path::new(&args.input)
+            .file_stem()
+            .filter(|_| args.input != "-")
+            .map_or("stdin".to_string(), |s| s.to_string_lossy().into_owned())
+    });
     let (reader, input_format): (Box<dyn std::io::BufRead>, Format) = if args.input == "-" {
         let mut stdin = BufReader::with_capacity(1 << 16, std::io::stdin());
         let format = match args.input_format {
@@ -368,26 +432,22 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| args.output.as_deref().and_then(Format::from_path))
         .unwrap_or(Format::Csv);
     let started = std::time::Instant::now();
+    let input = replay::Input {
+        reader,
+        format: input_format,
+        series,
+    };
     let summary = match &args.output {
         Some(path) if path != "-" => {
             let file = std::fs::File::create(path)
                 .with_context(|| format!("cannot create the output {path}"))?;
-            replay::replay(
-                &args.pipeline,
-                pipeline,
-                model,
-                reader,
-                input_format,
-                file,
-                output_format,
-            )
+            replay::replay(&name, &pipeline, model, input, file, output_format)
         }
         _ => replay::replay(
-            &args.pipeline,
-            pipeline,
+            &name,
+            &pipeline,
             model,
-            reader,
-            input_format,
+            input,
             std::io::stdout().lock(),
             output_format,
         ),

@@ -119,6 +119,8 @@ pub struct Decoder {
     /// Values per feature: 1 for rows, H·W for image models.
     per_field: usize,
     max_bytes: usize,
+    /// The key of records without one: a file of one series, scored offline.
+    default_key: Option<String>,
 }
 
 impl Decoder {
@@ -135,7 +137,15 @@ impl Decoder {
             fields,
             per_field,
             max_bytes,
+            default_key: None,
         }
+    }
+
+    /// Records without a key (and CSV without a key column) belong to the one series `key`:
+    /// the common case of a file offline, not of a stream of many entities.
+    pub fn with_default_key(mut self, key: &str) -> Decoder {
+        self.default_key = Some(key.to_string());
+        self
     }
 
     pub fn fields(&self) -> &[String] {
@@ -247,9 +257,11 @@ impl Decoder {
         row: &csv::StringRecord,
         columns: &CsvColumns,
     ) -> Result<Record, DecodeError> {
-        let key = row
-            .get(columns.key)
+        let key = columns
+            .key
+            .and_then(|i| row.get(i))
             .filter(|k| !k.is_empty())
+            .or(self.default_key.as_deref())
             .ok_or_else(|| DecodeError::MissingKey(self.key_field.clone()))?;
         let timestamp = columns
             .timestamp
@@ -281,8 +293,10 @@ impl Decoder {
             return Err("image models read NDJSON, not CSV".into());
         }
         let find = |name: &str| header.iter().position(|h| h.trim() == name);
-        let key = find(&self.key_field)
-            .ok_or_else(|| format!("the header has no key column `{}`", self.key_field))?;
+        let key = find(&self.key_field);
+        if key.is_none() && self.default_key.is_none() {
+            return Err(format!("the header has no key column `{}`", self.key_field));
+        }
         let missing: Vec<&str> = self
             .fields
             .iter()
@@ -305,7 +319,7 @@ impl Decoder {
 /// Column indexes of a CSV file's fields.
 #[derive(Debug, Clone)]
 pub struct CsvColumns {
-    key: usize,
+    key: Option<usize>,
     timestamp: Option<usize>,
     features: Vec<usize>,
 }
@@ -486,6 +500,7 @@ impl Found {
     fn finish(self, decoder: &Decoder) -> Result<Record, DecodeError> {
         let key = self
             .key
+            .or_else(|| decoder.default_key.clone())
             .ok_or_else(|| DecodeError::MissingKey(decoder.key_field.clone()))?;
         if let Some(i) = self.seen.iter().position(|s| !s) {
             return Err(DecodeError::MissingField(decoder.fields[i].clone()));

@@ -118,6 +118,7 @@ pub enum Outcome {
     Warming {
         origin: Origin,
         key: String,
+        timestamp: Option<String>,
     },
     Scored(Box<Scored>),
     /// The model's error on it is not a finite number (values at the edge of f32, or a model
@@ -473,6 +474,7 @@ impl Detector {
                 out.push(Outcome::Warming {
                     origin: entry.origin,
                     key: entry.record.key,
+                    timestamp: entry.record.timestamp,
                 });
                 continue;
             };

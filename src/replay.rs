@@ -243,10 +243,11 @@ impl<W: Write> Replayer<W> {
                     })?;
                 }
                 Ok(()) => match outcomes.next().expect("one outcome per record") {
-                    Outcome::Warming { key, .. } => {
+                    Outcome::Warming { key, timestamp, .. } => {
                         summary.warming += 1;
                         self.sink.write(&Row {
                             key: Some(&key),
+                            timestamp: timestamp.as_deref(),
                             ..Row::default()
                         })?;
                     }
@@ -289,13 +290,21 @@ impl<W: Write> Replayer<W> {
     }
 }
 
+/// What to score: records in a format.
+pub struct Input<R> {
+    pub reader: R,
+    pub format: Format,
+    /// The key of records without one (a file of one series, offline); `None` when every record
+    /// must name its key.
+    pub series: Option<String>,
+}
+
 /// Replays `input` through `model` with pipeline `cfg`'s settings, writing rows to `output`.
 pub fn replay(
     name: &str,
     cfg: &PipelineConfig,
     model: Arc<Model>,
-    input: impl BufRead,
-    input_format: Format,
+    input: Input<impl BufRead>,
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
@@ -306,7 +315,10 @@ pub fn replay(
             pipeline: name.to_string(),
             source,
         })?;
-    let decoder = detector.decoder().clone();
+    let mut decoder = detector.decoder().clone();
+    if let Some(key) = &input.series {
+        decoder = decoder.with_default_key(key);
+    }
     let batch_size = cfg.batch.max_size.max(1);
     let mut r = Replayer {
         detector,
@@ -320,8 +332,8 @@ pub fn replay(
     // Lines are read whole up to the record limit and skipped beyond it, so memory follows
     // `max_record_bytes`, not the longest line; a bad line is one row's error, never the run's.
     let limit = cfg.max_record_bytes;
-    let mut lines = Lines::new(input, limit);
-    match input_format {
+    let mut lines = Lines::new(input.reader, limit);
+    match input.format {
         Format::Ndjson => {
             while let Some(line) = lines.next()? {
                 match line {
@@ -332,21 +344,7 @@ pub fn replay(
             }
         }
         Format::Csv => {
-            let mut csv = CsvLine::default();
-            let columns = loop {
-                let Some(line) = lines.next()? else {
-                    return Err(ReplayError::Header("the input is empty".into()));
-                };
-                let header = line
-                    .map_err(|size| {
-                        format!("the header line is {size} bytes, over max_record_bytes")
-                    })
-                    .and_then(|text| csv.parse(text).map_err(|e| format!("the header: {e}")))
-                    .map_err(ReplayError::Header)?;
-                if header.len() > 1 || header.get(0).is_some_and(|h| !h.trim().is_empty()) {
-                    break decoder.csv_columns(header).map_err(ReplayError::Header)?;
-                }
-            };
+            let (columns, mut csv) = csv_header(&mut lines, &decoder)?;
             while let Some(line) = lines.next()? {
                 let row = match line {
                     Ok(text) if text.trim_ascii().is_empty() => continue,
@@ -360,6 +358,64 @@ pub fn replay(
     r.flush()?;
     r.sink.finish()?;
     Ok(r.summary)
+}
+
+/// Reads the header (the first line that is not blank), guessing the delimiter from it, and
+/// finds the columns the decoder needs.
+fn csv_header<R: BufRead>(
+    lines: &mut Lines<R>,
+    decoder: &crate::decode::Decoder,
+) -> Result<(crate::decode::CsvColumns, CsvLine), ReplayError> {
+    loop {
+        let Some(line) = lines.next()? else {
+            return Err(ReplayError::Header("the input is empty".into()));
+        };
+        let text = line.map_err(|size| {
+            ReplayError::Header(format!(
+                "the header line is {size} bytes, over max_record_bytes"
+            ))
+        })?;
+        if text.trim_ascii().is_empty() {
+            continue;
+        }
+        let separator = delimiter(text);
+        let mut csv = CsvLine::new(separator);
+        let header = csv
+            .parse(text)
+            .map_err(|e| ReplayError::Header(format!("the header: {e}")))?;
+        let columns = decoder.csv_columns(header).map_err(|e| {
+            let shown: Vec<&str> = header.iter().take(30).collect();
+            ReplayError::Header(format!(
+                "{e} (the header, read as {}-separated, has: {})",
+                delimiter_name(separator),
+                shown.join(", ")
+            ))
+        })?;
+        return Ok((columns, csv));
+    }
+}
+
+/// The delimiters a CSV header is tried with.
+const DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
+
+/// The delimiter of a CSV file, from its header: the most frequent of `,` `;` tab `|`, a comma
+/// when none occurs (a one-column file).
+fn delimiter(header: &[u8]) -> u8 {
+    let count = |d: u8| header.iter().filter(|&&b| b == d).count();
+    DELIMITERS
+        .into_iter()
+        .filter(|&d| count(d) > 0)
+        .max_by_key(|&d| (count(d), d == b','))
+        .unwrap_or(b',')
+}
+
+fn delimiter_name(d: u8) -> &'static str {
+    match d {
+        b';' => "semicolon",
+        b'\t' => "tab",
+        b'|' => "pipe",
+        _ => "comma",
+    }
 }
 
 /// The lines of an input, each at most `limit` bytes (its terminator aside).
@@ -423,11 +479,10 @@ struct CsvLine {
     row: csv::StringRecord,
 }
 
-impl Default for CsvLine {
-    fn default() -> CsvLine {
+impl CsvLine {
+    fn new(delimiter: u8) -> CsvLine {
         CsvLine {
-            // `new`, not `default`: it builds the parser's state machine.
-            parser: csv_core::Reader::new(),
+            parser: csv_core::ReaderBuilder::new().delimiter(delimiter).build(),
             out: Vec::new(),
             ends: Vec::new(),
             row: csv::StringRecord::new(),
@@ -497,7 +552,7 @@ mod tests {
     /// byte that is not UTF-8 aborted the run; now each is its own row's error.
     #[test]
     fn a_malformed_csv_line_is_its_own_error() {
-        let mut csv = CsvLine::default();
+        let mut csv = CsvLine::new(b',');
         let fields = |r: &csv::StringRecord| r.iter().map(str::to_string).collect::<Vec<_>>();
         assert_eq!(
             fields(csv.parse(b"a,\"b,c\",d\r\n").unwrap()),
@@ -518,5 +573,19 @@ mod tests {
             ["x", "y"],
             "usable after errors"
         );
+    }
+
+    /// Issue 16, item 1: the delimiter is read from the header, a comma when in doubt.
+    #[test]
+    fn the_delimiter_is_the_headers_most_frequent() {
+        assert_eq!(delimiter(b"a,b,c\n"), b',');
+        assert_eq!(delimiter(b"datetime;a;b;c\n"), b';');
+        assert_eq!(delimiter(b"t\ta\tb\n"), b'\t');
+        assert_eq!(delimiter(b"a|b\n"), b'|');
+        assert_eq!(delimiter(b"value\n"), b',');
+        assert_eq!(delimiter(b"a;b,c\n"), b',', "a tie goes to the comma");
+        let mut csv = CsvLine::new(b';');
+        let row = csv.parse(b"x;\"1;5\";2\n").unwrap();
+        assert_eq!(row.iter().collect::<Vec<_>>(), ["x", "1;5", "2"]);
     }
 }

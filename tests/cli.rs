@@ -347,3 +347,66 @@ fn a_signal_during_start_up_is_logged_and_stops_cleanly() {
     assert!(status.success(), "exit {status:?}:\n{log}");
     assert!(log.contains("Shutdown requested"), "{log}");
 }
+
+/// Issue 16, items 1–3 and 6: a user's own file (semicolons, a `datetime` column written as
+/// people write it, no key column) scores with nothing but the model: no configuration, one
+/// series named after the file, timestamps carried as written.
+#[test]
+fn score_needs_only_a_model_and_a_file_of_one_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pump-7.csv");
+    let mut csv = String::from("datetime;cpu_pct;requests_per_s;latency_ms;net_out_mbps\n");
+    for i in 0..50 {
+        csv.push_str(&format!(
+            "2020-03-09 10:{:02}:33;{};{};{};{}\n",
+            i,
+            50.0 + (i % 5) as f64,
+            300.0,
+            35.0,
+            30.0
+        ));
+    }
+    std::fs::write(&data, &csv).unwrap();
+    let model = demo_model();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let o = anomalyd(&[
+        "score",
+        "--model",
+        m,
+        "--input",
+        d,
+        "--timestamp-field",
+        "datetime",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 50, "{out}");
+    assert!(
+        rows.iter().all(|r| r[0] == "pump-7"),
+        "one series, named after the file"
+    );
+    assert_eq!(rows[14][1], "2020-03-09 10:14:33");
+    assert!(
+        rows.iter().all(|r| !r[2].is_empty()),
+        "every row scored: {out}"
+    );
+
+    // A key field named but absent: the error says how the header was read.
+    let o = anomalyd(&["score", "--model", m, "--input", d, "--key-field", "host"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no key column `host`") && err.contains("semicolon-separated"),
+        "{err}"
+    );
+    assert!(err.contains("datetime, cpu_pct"), "{err}");
+    // Neither a model nor a configuration: clap says what is needed.
+    let o = anomalyd(&["score", "--input", d]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("--model"), "{}", text(&o).1);
+}

@@ -113,20 +113,37 @@ def load(
     return Table(path=path, features=list(features), values=values, keys=keys, sha256=file_sha256(path))
 
 
+DELIMITERS = ",;\t|"
+
+
+def delimiter(header: str) -> str:
+    """The delimiter of a CSV file, from its header line: the most frequent of , ; tab |
+    (a comma when none occurs, as in a one-column file)."""
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] > 0 else ","
+
+
+def _delimiter_name(d: str) -> str:
+    return {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[d]
+
+
 def _load_csv(path: str, features: list[str], key: str | None):
     with open(path, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path} is empty (expected a header line)") from None
-        header = [h.strip() for h in header]
+        first = f.readline()
+        if not first.strip():
+            raise DataError(f"{path} is empty (expected a header line)")
+        sep = delimiter(first)
+        f.seek(0)
+        reader = csv.reader(f, delimiter=sep)
+        header = [h.strip() for h in next(reader)]
         index = {name: i for i, name in enumerate(header)}
+        seen = f"{path}, read as {_delimiter_name(sep)}-separated"
         for name in features:
             if name not in index:
-                raise _missing(path, "feature", name, header)
+                raise _missing(seen, "feature", name, header)
         if key is not None and key not in index:
-            raise _missing(path, "key", key, header)
+            raise _missing(seen, "key", key, header)
         cols = [index[name] for name in features]
         kcol = index[key] if key is not None else None
         rows, keys = [], []
@@ -134,7 +151,7 @@ def _load_csv(path: str, features: list[str], key: str | None):
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue
             if len(record) != len(header):
-                raise DataError(f"{path}:{line}: {len(record)} fields, the header has {len(header)}")
+                raise DataError(f"{path}:{line}: {len(record)} fields, the header has {len(header)} ({_delimiter_name(sep)}-separated)")
             rows.append([_number(record[c], path, str(line), features[j]) for j, c in enumerate(cols)])
             if kcol is not None:
                 keys.append(record[kcol])
@@ -187,6 +204,15 @@ def block_length(window: int) -> int:
     return 1 if window == 1 else max(8 * window, 64)
 
 
+def _windows(s: np.ndarray, window: int) -> np.ndarray:
+    """All windows of `window` consecutive rows of one series (stride 1): [n, window, F], or
+    [n, C, H, W] for image rows (window 1)."""
+    if window == 1:
+        return s[:, None] if s.ndim == 2 else s
+    w = np.lib.stride_tricks.sliding_window_view(s, window, axis=0)  # [n-T+1, F, T]
+    return np.moveaxis(w, -1, 1)  # [n-T+1, T, F]
+
+
 def split_windows(
     parts: list[np.ndarray], window: int, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -194,11 +220,35 @@ def split_windows(
 
     Each series is cut into blocks of `block_length(window)` rows; a seeded draw sends each block
     to validation with probability `val_fraction`. A window belongs to a set when all its rows do;
-    windows straddling a training and a validation block are dropped.
+    windows straddling a training and a validation block are dropped. When that leaves either
+    side without windows (short data: a block as long as the series), each series long enough
+    is split once instead: its last `val_fraction` of rows (at least a window, at most all but
+    window + 1 rows) for validation. So whenever one entity has 2 x window + 1 rows, both sides
+    get windows.
     Returns (train, val), each [n, window, F] (or [n, C, H, W] for image data with window 1).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    longest = max((len(s) for s in parts), default=0)
+    if longest < 2 * window + 1:
+        most = (longest - 1) // 2
+        hint = f"give a --window of at most {most}" if most >= 1 else "give more rows"
+        raise DataError(
+            f"too little data for a window of {window} rows: the longest entity has {longest} rows, "
+            f"and one needs at least {2 * window + 1} (two training windows and one validation "
+            f"window); {hint}, or more rows"
+        )
+    tr, va = _random_blocks(parts, window, val_fraction, seed)
+    if len(tr) < 2 or len(va) < 1:
+        tr, va = _tail_split(parts, window, val_fraction)
+    return tr, va
+
+
+def _stack(windows: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(windows), dtype=np.float32)
+
+
+def _random_blocks(parts, window, val_fraction, seed):
     rng = np.random.default_rng(seed)
     blen = block_length(window)
     train, val = [], []
@@ -216,26 +266,29 @@ def split_windows(
             continue
         is_val = np.repeat(is_val_block, blen)[: len(s)]
         if window == 1:
-            w = s[:, None] if s.ndim == 2 else s  # [n, 1, F] or [n, C, H, W]
             mask_val, mask_train = is_val, ~is_val
         else:
-            w = np.lib.stride_tricks.sliding_window_view(s, window, axis=0)  # [n-T+1, F, T]
-            w = np.moveaxis(w, -1, 1)  # [n-T+1, T, F]
             flags = np.lib.stride_tricks.sliding_window_view(is_val, window)
             mask_val, mask_train = flags.all(axis=1), (~flags).all(axis=1)
+        w = _windows(s, window)
         train.append(w[mask_train])
         val.append(w[mask_val])
-    if not train:
-        longest = max((len(s) for s in parts), default=0)
-        raise DataError(f"no entity has {window} rows (the window); the longest has {longest}")
-    tr = np.ascontiguousarray(np.concatenate(train), dtype=np.float32)
-    va = np.ascontiguousarray(np.concatenate(val), dtype=np.float32)
-    if len(tr) < 2 or len(va) < 1:
-        raise DataError(
-            f"too little data: {len(tr)} training and {len(va)} validation windows of {window} rows; "
-            "give more rows, a smaller --window or another --val-fraction"
-        )
-    return tr, va
+    return _stack(train), _stack(val)
+
+
+def _tail_split(parts, window, val_fraction):
+    train, val = [], []
+    for s in parts:
+        n = len(s)
+        if n < window:
+            continue
+        if n < 2 * window + 1:
+            train.append(_windows(s, window))
+            continue
+        n_val = min(max(window, round(n * val_fraction)), n - window - 1)
+        train.append(_windows(s[: n - n_val], window))
+        val.append(_windows(s[n - n_val :], window))
+    return _stack(train), _stack(val)
 
 
 def normalisation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

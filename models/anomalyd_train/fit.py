@@ -118,6 +118,15 @@ def fit(opts: FitOptions) -> FitResult:
         raise data.DataError(f"--out must name a .onnx file, got {opts.out}")
     validate(opts)
     window = resolve_window(opts)
+    if opts.kind == "pca" and opts.shape is None and window * len(opts.features) < 2:
+        # PCA keeps at most D - 1 of D components; with D = 1 it would keep the one there is and
+        # reconstruct every point exactly: every score 0, nothing ever flagged.
+        raise data.DataError(
+            "kind pca needs at least 2 input values per sample (window x features), here 1: it keeps "
+            "at most D-1 of D components, so on one value every score would be 0. Give a --window "
+            "of 2 or more (a PCA of the series' recent shape), more --features, or another --kind "
+            "(dense works on a single value)"
+        )
     seed_everything(opts.seed, opts.threads)
     started = time.perf_counter()
 

@@ -260,12 +260,16 @@ pub fn reference_firing(stream: &Stream) -> Vec<(String, String)> {
         .map(|(_, v)| format!("{v}\n"))
         .collect();
     let mut out = Vec::new();
+    let input = anomalyd::replay::Input {
+        reader: input.as_bytes(),
+        format: anomalyd::replay::Format::Ndjson,
+        series: None,
+    };
     anomalyd::replay::replay(
         "fleet",
         pipeline,
         model,
-        input.as_bytes(),
-        anomalyd::replay::Format::Ndjson,
+        input,
         &mut out,
         anomalyd::replay::Format::Ndjson,
     )
@@ -445,12 +449,16 @@ pub fn replay_rows(records: &[(String, String)], extra_pipeline: &str) -> Vec<se
     let model = std::sync::Arc::new(anomalyd::model::Model::load(&pipeline.model).unwrap());
     let input: String = records.iter().map(|(_, v)| format!("{v}\n")).collect();
     let mut out = Vec::new();
+    let input = anomalyd::replay::Input {
+        reader: input.as_bytes(),
+        format: anomalyd::replay::Format::Ndjson,
+        series: None,
+    };
     anomalyd::replay::replay(
         "fleet",
         pipeline,
         model,
-        input.as_bytes(),
-        anomalyd::replay::Format::Ndjson,
+        input,
         &mut out,
         anomalyd::replay::Format::Ndjson,
     )
