@@ -157,9 +157,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, metavar="FILE.csv")
 
+    from .machines import add_parser as add_machines
     from .nab_cli import add_parser as add_nab
 
     add_nab(sub)
+    add_machines(sub)
     return p
 
 
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "synth":
             return _synth(args)
+        if args.command == "machines":
+            from .machines import main as run_machines
+
+            return run_machines(args)
         if args.command in ("nab", "nab-plot"):
             from .nab_cli import run as run_nab
 
