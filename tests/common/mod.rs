@@ -251,33 +251,8 @@ pub fn firing(alerts: &[Got]) -> Vec<(String, String)> {
 /// The firing events an uninterrupted run gives on the stream: the same detector, through
 /// `anomalyd score`'s code path, with the test pipeline's settings.
 pub fn reference_firing(stream: &Stream) -> Vec<(String, String)> {
-    let cfg = config("unused:9092", "reference", "");
-    let pipeline = &cfg.pipelines["fleet"];
-    let model = std::sync::Arc::new(anomalyd::model::Model::load(&pipeline.model).unwrap());
-    let input: String = stream
-        .records
-        .iter()
-        .map(|(_, v)| format!("{v}\n"))
-        .collect();
-    let mut out = Vec::new();
-    let input = anomalyd::replay::Input {
-        reader: input.as_bytes(),
-        format: anomalyd::replay::Format::Ndjson,
-        series: None,
-    };
-    anomalyd::replay::replay(
-        "fleet",
-        pipeline,
-        model,
-        input,
-        &mut out,
-        anomalyd::replay::Format::Ndjson,
-    )
-    .unwrap();
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    replay_rows(&stream.records, "")
+        .into_iter()
         .filter(|r| r["event"] == "firing")
         .map(|r| {
             (
