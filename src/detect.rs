@@ -759,11 +759,39 @@ impl Detector {
                     let event = self.episode_event(EventKind::Firing, firing, source, ADOPTED);
                     done.firing.push(event);
                 }
-                let _ = self.keys.push(k.key, state);
+                let key = k.key.clone();
+                if let Some((gone_key, gone)) = self.keys.push(k.key, state) {
+                    if gone_key != key {
+                        self.evicted_to_restore(gone_key, gone, &mut done);
+                    }
+                }
             }
             done.keys += 1;
         }
         done
+    }
+
+    /// A key evicted to make room for a restored one: counted, tombstoned like any eviction, and
+    /// its episode, if firing, resolved.
+    fn evicted_to_restore(&mut self, key: String, gone: KeyState, done: &mut Restored) {
+        self.evictions += 1;
+        if let Some(recorded) = &mut self.evicted {
+            recorded.push((gone.source.clone(), key.clone()));
+        }
+        if let Some(episode) = gone.alert.episode() {
+            let firing = KeyEpisode {
+                key,
+                episode: episode.clone(),
+                threshold: gone.threshold.threshold(),
+            };
+            let source = SourceRef {
+                topic: gone.source.topic.to_string(),
+                partition: gone.source.partition,
+                offset: -1,
+            };
+            let event = self.episode_event(EventKind::Resolved, firing, source, EVICTED);
+            done.evicted.push(event);
+        }
     }
 
     /// An event about a key's episode that no record of the key triggered (an eviction, a
@@ -815,6 +843,9 @@ pub struct Restored {
     /// The episodes firing in the restored state (`reason` `adopted`), for the Alertmanager
     /// sink to keep pushing: the previous owner stopped when the partition was revoked.
     pub firing: Vec<AlertEvent>,
+    /// The resolutions (`reason` `evicted`) of firing keys evicted to make room for restored
+    /// ones, beyond `max_keys`.
+    pub evicted: Vec<AlertEvent>,
 }
 
 /// The `TOP_FEATURES` features with the largest error, largest first, as indices into the
@@ -1115,6 +1146,34 @@ mod tests {
             .map(|e| (e.key.as_str(), e.event, e.reason))
             .collect();
         assert_eq!(keys, [("a", EventKind::Firing, Some(ADOPTED))]);
+    }
+
+    /// A firing key evicted to make room for restored ones (more keys than `max_keys` after a
+    /// rebalance) resolves, like any eviction, instead of vanishing.
+    #[test]
+    fn a_firing_key_evicted_by_a_restore_resolves() {
+        let mut old = detector("demo-dense.onnx", 10);
+        old.record_changes();
+        run(
+            &mut old,
+            vec![record("x", NORMAL.to_vec()), record("y", NORMAL.to_vec())],
+        );
+        let states = old
+            .take_changes()
+            .into_iter()
+            .filter_map(|c| c.state)
+            .collect();
+        let mut d = detector("demo-dense.onnx", 2);
+        let wild = [5000.0, 30.0, 99.0, 0.0];
+        run(&mut d, (0..3).map(|_| record("a", wild.to_vec())).collect());
+        let restored = d.restore(states);
+        let evicted: Vec<_> = restored
+            .evicted
+            .iter()
+            .map(|e| (e.key.as_str(), e.event, e.reason))
+            .collect();
+        assert_eq!(evicted, [("a", EventKind::Resolved, Some(EVICTED))]);
+        assert_eq!((d.keys(), d.evictions()), (2, 1));
     }
 
     #[test]

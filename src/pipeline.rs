@@ -507,6 +507,7 @@ impl DetectorTask {
                     self.outputs
                         .to_alertmanager(AmInput::Event(Box::new(episode)));
                 }
+                self.outputs.resolve_dropped(restored.evicted);
                 tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, "Partitions assigned.");
             }
             Input::Revoked {
