@@ -165,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Fewer validation windows than this cannot place a 0.999 quantile (their max is the estimate).
+SMALL_CALIBRATION = 1000
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .data import DataError
@@ -211,6 +215,15 @@ def _fit(args) -> int:
         f"validation score p50 {q['0.5']:.4g}, p99 {q['0.99']:.4g}"
         + (f"; loss curve {res.png}" if res.png else "")
     )
+    if len(res.val) < SMALL_CALIBRATION:
+        print(
+            f"anomalyd-train fit: warning: the calibration rests on {len(res.val)} validation windows"
+            + (" that overlap" if int(res.meta["anomalyd.window"]) > 1 else "")
+            + ": a threshold at a high quantile (0.999 by default) will be rough and flag normal "
+            "data more often than it should. Give more normal rows if you have them, and look at "
+            "the scores of a stretch you know is normal before trusting alerts.",
+            file=sys.stderr,
+        )
     return 0
 
 

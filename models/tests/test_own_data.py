@@ -5,6 +5,7 @@ without a key column, few rows for a long window, and no configuration file."""
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 
 import numpy as np
@@ -90,3 +91,13 @@ def test_a_users_file_goes_through_fit_and_score_with_nothing_else(tmp_path):
     scored = [r for r in rows if r["score"]]
     assert len(scored) == 300 - 59, "every row scored once its window is full"
     assert all(r["error"] == "" for r in rows)
+
+
+def test_fit_warns_when_the_calibration_is_small(tmp_path, capsys):
+    """What the user of a short file needs to know: its thresholds rest on few samples."""
+    path = tmp_path / "short.csv"
+    own_file(path, 400)
+    assert cli.main(["fit", "--kind", "dense", "--data", str(path), "--features", ",".join(FEATURES),
+                     "--out", str(tmp_path / "m.onnx"), "-q", "--no-plot", "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"calibration rests on \d+ validation windows:", err) and "rough" in err
