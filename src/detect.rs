@@ -177,6 +177,20 @@ struct KeyEpisode {
     key: String,
     episode: crate::alert::Episode,
     threshold: f64,
+    /// The partition of the key's records.
+    source: Source,
+}
+
+impl KeyState {
+    /// The episode of `key`, if it is firing.
+    fn episode(&self, key: &str) -> Option<KeyEpisode> {
+        self.alert.episode().map(|episode| KeyEpisode {
+            key: key.to_string(),
+            episode: episode.clone(),
+            threshold: self.threshold.threshold(),
+            source: self.source.clone(),
+        })
+    }
 }
 
 /// What a detector is built from: the detection settings of its pipeline's section
@@ -437,11 +451,7 @@ impl Detector {
                 if let Some(recorded) = &mut self.evicted {
                     recorded.push((s.source.clone(), gone.clone()));
                 }
-                evicted = s.alert.episode().map(|episode| KeyEpisode {
-                    key: gone.clone(),
-                    episode: episode.clone(),
-                    threshold: s.threshold.threshold(),
-                });
+                evicted = s.episode(gone);
             }
             self.evictions += 1;
         }
@@ -505,8 +515,9 @@ impl Detector {
                 verdict.anomaly_score,
                 entry.record.timestamp.as_deref(),
             );
-            let evicted = evicted
-                .map(|gone| self.episode_event(EventKind::Resolved, gone, source.clone(), EVICTED));
+            let evicted = evicted.map(|gone| {
+                self.episode_event(EventKind::Resolved, gone, Some(source.clone()), EVICTED)
+            });
             let event = transition.map(|t| {
                 let (kind, episode) = match t {
                     Transition::Fired(e) => (EventKind::Firing, e),
@@ -573,18 +584,8 @@ impl Detector {
         for k in &doomed {
             self.windows.pop(k);
             let Some(s) = self.keys.pop(k) else { continue };
-            if let Some(episode) = s.alert.episode() {
-                let firing = KeyEpisode {
-                    key: k.clone(),
-                    episode: episode.clone(),
-                    threshold: s.threshold.threshold(),
-                };
-                let source = SourceRef {
-                    topic: s.source.topic.to_string(),
-                    partition: s.source.partition,
-                    offset: -1,
-                };
-                resolved.push(self.episode_event(EventKind::Resolved, firing, source, REVOKED));
+            if let Some(firing) = s.episode(k) {
+                resolved.push(self.episode_event(EventKind::Resolved, firing, None, REVOKED));
             }
         }
         Forgotten {
@@ -744,19 +745,8 @@ impl Detector {
                     source,
                     dirty: false,
                 };
-                if let Some(episode) = state.alert.episode() {
-                    let firing = KeyEpisode {
-                        key: k.key.clone(),
-                        episode: episode.clone(),
-                        threshold: state.threshold.threshold(),
-                    };
-                    let source = SourceRef {
-                        topic: k.topic.clone(),
-                        partition: k.partition,
-                        // No record triggered it.
-                        offset: -1,
-                    };
-                    let event = self.episode_event(EventKind::Firing, firing, source, ADOPTED);
+                if let Some(firing) = state.episode(&k.key) {
+                    let event = self.episode_event(EventKind::Firing, firing, None, ADOPTED);
                     done.firing.push(event);
                 }
                 let key = k.key.clone();
@@ -778,29 +768,20 @@ impl Detector {
         if let Some(recorded) = &mut self.evicted {
             recorded.push((gone.source.clone(), key.clone()));
         }
-        if let Some(episode) = gone.alert.episode() {
-            let firing = KeyEpisode {
-                key,
-                episode: episode.clone(),
-                threshold: gone.threshold.threshold(),
-            };
-            let source = SourceRef {
-                topic: gone.source.topic.to_string(),
-                partition: gone.source.partition,
-                offset: -1,
-            };
-            let event = self.episode_event(EventKind::Resolved, firing, source, EVICTED);
+        if let Some(firing) = gone.episode(&key) {
+            let event = self.episode_event(EventKind::Resolved, firing, None, EVICTED);
             done.evicted.push(event);
         }
     }
 
     /// An event about a key's episode that no record of the key triggered (an eviction, a
-    /// handover): the episode's peaks stand for the scores, and no features are named.
+    /// handover): the episode's peaks stand for the scores, and no features are named. Its
+    /// `source` is the record that caused it, if one did, else the key's partition at offset −1.
     fn episode_event(
         &self,
         kind: EventKind,
         gone: KeyEpisode,
-        source: SourceRef,
+        source: Option<SourceRef>,
         reason: &'static str,
     ) -> AlertEvent {
         let c = &self.model.contract;
@@ -818,7 +799,11 @@ impl Detector {
                 name: c.name.clone(),
                 version: c.version.clone(),
             },
-            source,
+            source: source.unwrap_or_else(|| SourceRef {
+                topic: gone.source.topic.to_string(),
+                partition: gone.source.partition,
+                offset: -1,
+            }),
             episode: gone.episode,
             reason: Some(reason),
         }
