@@ -222,24 +222,26 @@ impl AlertmanagerSink {
                 in_flight = Some(tokio::spawn(self.push_due()));
             }
             let waiting_to_retry = in_flight.is_none() && !self.due.is_empty();
+            // Biased, the rare branches first: a flood of events must not starve the push's
+            // completion or the resend.
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                input = events.recv() => match input {
-                    Some(input) => self.on_input(input),
-                    None => break,
-                },
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     in_flight = None;
                     if let Some(delay) = self.pushed(done.expect("a push does not panic")) {
                         retry_at = Instant::now() + delay;
                     }
                 }
-                _ = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
                 _ = resend.tick() => {
                     let firing = self.alerts.iter().filter(|(_, t)| t.alert.ends_at.is_none());
                     self.due.extend(firing.map(|(k, _)| k.clone()));
                 }
+                input = events.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
             }
             self.metrics
                 .alertmanager_pending
