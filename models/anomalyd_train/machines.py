@@ -196,9 +196,16 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from .nab import find_anomalyd
+    import sys
 
-    binary = find_anomalyd(args.anomalyd)
+    from .nab import find_anomalyd
+    from .nab_score import NabError
+
+    try:
+        binary = find_anomalyd(args.anomalyd)
+    except NabError as e:
+        print(f"anomalyd-train machines: error: {e}", file=sys.stderr)
+        return 2
     runs = [run(args.rows, args.seed * 1000 + i, args.train_rows) for i in range(args.runs)]
     figures = [evaluate(k, runs, binary, args.train_rows) for k in args.kinds.split(",") if k]
     print(table(figures))
