@@ -148,36 +148,5 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-/// SPOT judging a sustained level shift: every score a peak (above the initial level, below the
-/// gross-anomaly bound), the case that refitted the tail on every record.
-fn spot_level_shift(c: &mut Criterion) {
-    use anomalyd::threshold::evt::{Spot, SpotConfig};
-    use rand::{rngs::SmallRng, SeedableRng};
-    use rand_distr::{Distribution, Normal};
-    let mut rng = SmallRng::seed_from_u64(7);
-    let normal = Normal::new(1.0, 0.1).unwrap();
-    let calibration: Vec<f64> = (0..2000).map(|_| normal.sample(&mut rng)).collect();
-    let spot = Spot::calibrate(&SpotConfig::default(), &calibration);
-    // Just above the initial level (the calibration's 0.98 quantile, about 1.2).
-    let shifted = Normal::new(1.25, 0.01).unwrap();
-    let stream: Vec<f64> = (0..10_000).map(|_| shifted.sample(&mut rng)).collect();
-    let mut g = c.benchmark_group("spot");
-    g.throughput(Throughput::Elements(stream.len() as u64));
-    g.sample_size(10);
-    g.bench_function("level shift", |b| {
-        b.iter_batched(
-            || spot.clone(),
-            |mut s| {
-                for &x in &stream {
-                    black_box(s.judge(x));
-                }
-                s
-            },
-            BatchSize::LargeInput,
-        )
-    });
-    g.finish();
-}
-
-criterion_group!(benches, stages, replay, spot_level_shift);
+criterion_group!(benches, stages, replay);
 criterion_main!(benches);

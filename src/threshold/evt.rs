@@ -7,9 +7,8 @@
 //! `q` (the risk), however far in the tail that is, and the tail probability of any score above
 //! `t`, which is the calibrated anomaly score: `1 − P(S ≥ s)`.
 //!
-//! SPOT: a score above `z_q` is an anomaly; a score above `t` is a peak, and the GPD is refitted
-//! once an eighth of the peaks window is new (the thresholds follow the peaks' weight at every
-//! peak); anything else only counts. DSPOT does the same on the score minus a local level (the mean of
+//! SPOT: a score above `z_q` is an anomaly; a score above `t` is a peak and the GPD is refitted;
+//! anything else only counts. DSPOT does the same on the score minus a local level (the mean of
 //! the last `depth` normal scores), so it follows a drifting baseline instead of alarming on it.
 //!
 //! One departure from the paper: an anomaly is kept out of the peaks only when it is *gross*,
@@ -19,12 +18,6 @@
 //! here: a false-alarm rate of 1.7e-2 instead of 1e-3 on a stationary Gaussian stream with a
 //! window of 200 peaks). Scores between the two thresholds are flagged but still learned, which
 //! keeps the fit unbiased; gross anomalies, the ones that matter, never feed it.
-//!
-//! A sustained shift: scores between `t` and `z_{q·exclude}` are learned, so a shift there is
-//! absorbed once it fills the peaks window (`max_peaks` peaks) and stops alerting; a shift beyond
-//! is a gross anomaly, never learned, and alerts until it ends. A shift below `t` only counts
-//! and never alerts. SPOT has no other notion of a shift: accepting one as the new normal, or
-//! refusing to, is not this module's decision.
 //!
 //! Warm start: the model's calibration sample (held-back normal scores) sets `t` and the first
 //! peaks. The fitted template is shared by every new key until the key's own first peak, so a
@@ -287,15 +280,7 @@ pub struct Spot {
     z: f64,
     /// Beyond this, anomalies are not learned.
     z_far: f64,
-    /// Peaks learned since the tail was last fitted.
-    since_fit: usize,
 }
-
-/// The tail is refitted once this share of the peaks window is new (every 25 peaks of 200):
-/// fitting is O(peaks × grid), so refitting on every peak made a sustained shift, where every
-/// record is a peak, cost ~600× a quantile threshold. Between fits the threshold still moves
-/// with the peaks' weight (`n_peaks / n`), which is what a shift changes first.
-const REFIT_FRACTION: usize = 8;
 
 impl Spot {
     /// Calibrates on normal scores (any order).
@@ -331,29 +316,19 @@ impl Spot {
             },
             z: f64::INFINITY,
             z_far: f64::INFINITY,
-            since_fit: 0,
         };
         spot.refit();
         spot
     }
 
-    /// Fits the tail to the peaks, then places the thresholds.
     fn refit(&mut self) {
-        self.since_fit = 0;
-        if !self.peaks.is_empty() {
-            let peaks: Vec<f64> = self.peaks.iter().copied().collect();
-            self.gpd = Gpd::fit(&peaks);
-        }
-        self.place();
-    }
-
-    /// The thresholds under the current tail and the peaks' current weight.
-    fn place(&mut self) {
         if self.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
             self.z_far = f64::INFINITY;
             return;
         }
+        let peaks: Vec<f64> = self.peaks.iter().copied().collect();
+        self.gpd = Gpd::fit(&peaks);
         let ratio = self.q * self.n as f64 / self.n_peaks as f64;
         self.z = self.t + self.gpd.excess_at(ratio.min(1.0));
         self.z_far = self.t + self.gpd.excess_at((ratio * self.exclude).min(1.0));
@@ -390,12 +365,7 @@ impl Spot {
                 peaks.pop_front();
             }
             peaks.push_back(x - self.t);
-            self.since_fit += 1;
-            if self.since_fit >= (peaks.len() / REFIT_FRACTION).max(1) {
-                self.refit();
-            } else {
-                self.place();
-            }
+            self.refit();
         }
         verdict
     }
@@ -527,46 +497,6 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, Exp, Pareto};
-
-    /// Issue 17, item 4: the policy under a sustained shift. A shift below the gross bound
-    /// (`z_far`) is learned: its alerts stop once its scores fill the peaks window. A gross one
-    /// is never learned and alerts on every record. Either way the tail is refitted once per
-    /// `max_peaks / 8` new peaks, not on every record.
-    #[test]
-    fn a_sustained_shift_is_absorbed_unless_gross_and_refits_are_bounded() {
-        use rand_distr::Normal;
-        let mut rng = SmallRng::seed_from_u64(3);
-        let normal = Normal::new(1.0, 0.1).unwrap();
-        let calibration: Vec<f64> = (0..2000).map(|_| normal.sample(&mut rng)).collect();
-        let spot = Spot::calibrate(&SpotConfig::default(), &calibration);
-        let (t, z, z_far) = (spot.t, spot.z, spot.z_far);
-        assert!(t < z && z < z_far, "{t} {z} {z_far}");
-
-        let mut moderate = spot.clone();
-        let level = (z + z_far) / 2.0;
-        let flagged: Vec<bool> = (0..2000)
-            .map(|_| {
-                moderate
-                    .judge(level + 0.001 * rng.random::<f64>())
-                    .is_anomaly
-            })
-            .collect();
-        assert!(flagged[0], "a shift past the threshold alerts at first");
-        assert!(
-            !flagged[1000..].iter().any(|&a| a),
-            "and is learned within the peaks window"
-        );
-        assert!(
-            moderate.since_fit < 200 / REFIT_FRACTION,
-            "{} peaks since the last fit",
-            moderate.since_fit
-        );
-
-        let mut gross = spot.clone();
-        let far = z_far * 2.0;
-        assert!((0..2000).all(|_| gross.judge(far).is_anomaly));
-        assert_eq!(gross.threshold(), z, "a gross anomaly teaches nothing");
-    }
 
     #[test]
     fn grimshaw_recovers_known_shapes() {
