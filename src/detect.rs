@@ -912,6 +912,16 @@ mod tests {
     }
 
     const NORMAL: [f32; 4] = [50.0, 300.0, 35.0, 30.0];
+    /// Far from anything the demo model saw: three in a row fire the key.
+    const WILD: [f32; 4] = [5000.0, 30.0, 99.0, 0.0];
+
+    /// The states a detector recorded since the last take (tombstones left out).
+    fn states_of(d: &mut Detector) -> Vec<StateRecord> {
+        d.take_changes()
+            .into_iter()
+            .filter_map(|c| c.state)
+            .collect()
+    }
 
     /// Issue 10, finding 11 (field mapping): two features reading one field, or the key or
     /// timestamp field being a feature's, made every JSON record a dead letter and every CSV
@@ -994,8 +1004,7 @@ mod tests {
     #[test]
     fn evicting_a_firing_key_resolves_its_episode() {
         let mut d = detector("demo-dense.onnx", 2);
-        let wild = [5000.0, 30.0, 99.0, 0.0];
-        let out = run(&mut d, (0..3).map(|_| record("a", wild.to_vec())).collect());
+        let out = run(&mut d, (0..3).map(|_| record("a", WILD.to_vec())).collect());
         let fired: Vec<_> = out
             .iter()
             .filter_map(|o| match o {
@@ -1062,11 +1071,7 @@ mod tests {
             spiky[0] = 50.0 + (i % 7) as f32 * 3.0;
             run(&mut learned, vec![record("a", spiky.to_vec())]);
         }
-        let states = learned
-            .take_changes()
-            .into_iter()
-            .filter_map(|c| c.state)
-            .collect();
+        let states = states_of(&mut learned);
         let mut fresh = detector("demo-dense.onnx", 10);
         assert_eq!(fresh.restore(states).keys, 1);
         let mut cold = detector("demo-dense.onnx", 10);
@@ -1089,11 +1094,10 @@ mod tests {
     #[test]
     fn forgetting_a_firing_key_resolves_its_episode() {
         let mut d = detector("demo-dense.onnx", 10);
-        let wild = [5000.0, 30.0, 99.0, 0.0];
-        let mut on_1 = record("a", wild.to_vec());
+        let mut on_1 = record("a", WILD.to_vec());
         on_1.0.partition = 1;
         run(&mut d, vec![on_1.clone(), on_1.clone(), on_1]);
-        run(&mut d, (0..3).map(|_| record("b", wild.to_vec())).collect());
+        run(&mut d, (0..3).map(|_| record("b", WILD.to_vec())).collect());
         assert_eq!(d.firing(), 2);
         let gone = d.forget_partitions(&[("in".into(), 1)]);
         assert_eq!(gone.keys, 1);
@@ -1112,17 +1116,12 @@ mod tests {
     fn a_restored_firing_episode_is_adopted() {
         let mut old = detector("demo-dense.onnx", 10);
         old.record_changes();
-        let wild = [5000.0, 30.0, 99.0, 0.0];
         run(
             &mut old,
-            (0..3).map(|_| record("a", wild.to_vec())).collect(),
+            (0..3).map(|_| record("a", WILD.to_vec())).collect(),
         );
         run(&mut old, vec![record("b", NORMAL.to_vec())]);
-        let states = old
-            .take_changes()
-            .into_iter()
-            .filter_map(|c| c.state)
-            .collect();
+        let states = states_of(&mut old);
         let restored = detector("demo-dense.onnx", 10).restore(states);
         assert_eq!(restored.keys, 2);
         let keys: Vec<_> = restored
@@ -1143,14 +1142,9 @@ mod tests {
             &mut old,
             vec![record("x", NORMAL.to_vec()), record("y", NORMAL.to_vec())],
         );
-        let states = old
-            .take_changes()
-            .into_iter()
-            .filter_map(|c| c.state)
-            .collect();
+        let states = states_of(&mut old);
         let mut d = detector("demo-dense.onnx", 2);
-        let wild = [5000.0, 30.0, 99.0, 0.0];
-        run(&mut d, (0..3).map(|_| record("a", wild.to_vec())).collect());
+        run(&mut d, (0..3).map(|_| record("a", WILD.to_vec())).collect());
         let restored = d.restore(states);
         let evicted: Vec<_> = restored
             .evicted
