@@ -10,11 +10,12 @@
 //!    threshold, and run the alert hysteresis.
 //!
 //! Per-key state lives in LRU maps bounded by `max_keys`, one per step so that each step owns
-//! its state: the windows (sequence models only) for step 1, the threshold and alert state for
-//! step 3. A key-cardinality explosion evicts the least recently seen keys (counted) instead of
+//! its state: the inputs (windows of sequence models, levels of baselined features) for step 1,
+//! the threshold and alert state for step 3. A key-cardinality explosion evicts the least recently seen keys (counted) instead of
 //! exhausting memory; an evicted key that comes back starts again from the warm-started
 //! threshold and an empty window.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
 use crate::decode::{Decoder, Record};
-use crate::model::{Inference, Model};
+use crate::baseline::{Baseline, Level};
+use crate::model::{Contract, Inference, Model};
 use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
 use crate::window::Ring;
@@ -75,7 +77,10 @@ struct KeyState {
 
 #[derive(Debug)]
 struct WindowState {
+    /// The key's last rows as the model sees them (one row for a point model with a baseline).
     ring: Ring,
+    /// The key's levels, for a model with a baseline.
+    level: Option<Level>,
     source: Source,
     dirty: bool,
 }
@@ -96,6 +101,9 @@ pub struct Entry {
     pub record: Record,
     /// Index of the record's sample in the batch, or `None` while its key's window fills up.
     pub sample: Option<usize>,
+    /// For a model with a baseline: what was subtracted from each of the record's values before
+    /// the model saw them (the key's levels; 0 for features not baselined).
+    pub levels: Option<Box<[f32]>>,
 }
 
 impl Batch {
@@ -306,8 +314,10 @@ pub struct Detector {
     threshold: ThresholdConfig,
     /// The warm-started threshold every new key is cloned from.
     template: Box<dyn Threshold>,
-    /// Windows of sequence models (step 1).
+    /// Windows of sequence models and levels of baselined features (step 1).
     windows: LruCache<String, WindowState>,
+    /// A record's row with its baselined features made relative (reused).
+    row: Vec<f32>,
     /// Thresholds and alert states (step 3).
     keys: LruCache<String, KeyState>,
     evictions: u64,
@@ -344,6 +354,7 @@ impl Detector {
             decoder,
             alert: cfg.alert,
             windows: LruCache::new(cap),
+            row: Vec::new(),
             keys: LruCache::new(cap),
             evictions: 0,
             keep_reconstructions: cfg.keep_reconstructions,
@@ -365,7 +376,8 @@ impl Detector {
     }
 
     /// Swaps in a new model (a hot reload). It must read the same features with the same
-    /// window and shape, so that windows and records stay valid; its errors are on a new scale,
+    /// window, shape and baselined features, so that windows, levels and records stay valid (a
+    /// new half-life or clip applies from the next record on); its errors are on a new scale,
     /// so every key's threshold restarts from the new calibration (alert states are kept, so a
     /// firing episode still resolves). Batches already prepared finish with the old model.
     pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), String> {
@@ -374,6 +386,13 @@ impl Detector {
             return Err(format!(
                 "it reads features {:?} with window {} (shape {:?}), the running model reads {:?} with window {} (shape {:?}); change those with a restart",
                 new.features, new.window, new.shape, old.features, old.window, old.shape
+            ));
+        }
+        if baselined(old) != baselined(new) {
+            return Err(format!(
+                "it measures {:?} from a per-key baseline, the running model {:?}; change that with a restart",
+                baselined(new),
+                baselined(old)
             ));
         }
         self.template = self.threshold.build(&new.calibration);
@@ -385,8 +404,8 @@ impl Detector {
         Ok(())
     }
 
-    /// Keys currently tracked (every key seen has a window, for sequence models, or a
-    /// threshold, or both).
+    /// Keys currently tracked (every key seen has a window, for sequence models and baselines,
+    /// or a threshold, or both).
     pub fn keys(&self) -> usize {
         self.keys.len().max(self.windows.len())
     }
@@ -399,7 +418,8 @@ impl Detector {
     /// Step 1: windows the records and collects the samples to infer.
     pub fn prepare(&mut self, records: impl IntoIterator<Item = (Origin, Record)>) -> Batch {
         let contract = &self.model.contract;
-        let window = contract.is_sequence().then_some(contract.window);
+        let rows = input_rows(contract);
+        let baseline = contract.baseline.as_ref();
         let features = contract.features.len();
         let mut batch = Batch {
             model: self.model.clone(),
@@ -408,7 +428,8 @@ impl Detector {
         };
         let mut n = 0;
         for (origin, record) in records {
-            let ready = match window {
+            let mut levels = None;
+            let ready = match rows {
                 None => {
                     batch.samples.extend_from_slice(&record.values);
                     true
@@ -419,11 +440,22 @@ impl Detector {
                         self.windows
                             .get_or_insert_mut_ref(record.key.as_str(), || WindowState {
                                 ring: Ring::new(t, features),
+                                level: baseline.map(Baseline::start),
                                 source: Source::of(&origin),
                                 dirty: false,
                             });
                     w.dirty = true;
-                    w.ring.push(&record.values, &mut batch.samples)
+                    match (baseline, &mut w.level) {
+                        (Some(b), Some(level)) => {
+                            self.row.clear();
+                            self.row.extend_from_slice(&record.values);
+                            b.apply(level, &mut self.row);
+                            let subtracted = record.values.iter().zip(&self.row);
+                            levels = Some(subtracted.map(|(v, x)| v - x).collect());
+                            w.ring.push(&self.row, &mut batch.samples)
+                        }
+                        _ => w.ring.push(&record.values, &mut batch.samples),
+                    }
                 }
             };
             let sample = ready.then(|| {
@@ -434,6 +466,7 @@ impl Detector {
                 origin,
                 record,
                 sample,
+                levels,
             });
         }
         batch
@@ -498,8 +531,14 @@ impl Detector {
                 continue;
             }
             // The reconstruction of the sample's last row: the record's own values.
-            let sample = &inference.reconstructions[i * per_sample..(i + 1) * per_sample];
-            let reconstruction = &sample[per_sample - row_len..];
+            let last = (i + 1) * per_sample - row_len..(i + 1) * per_sample;
+            let mut reconstruction = Cow::Borrowed(&inference.reconstructions[last]);
+            if let Some(levels) = &entry.levels {
+                // The model saw baselined values relative to the key's level: what it expects
+                // of the record is the level plus the reconstruction.
+                let shifted = levels.iter().zip(reconstruction.iter());
+                reconstruction = Cow::Owned(shifted.map(|(l, r)| l + r).collect());
+            }
             let top = Top::of(errors);
             let source = SourceRef {
                 topic: entry.origin.topic.to_string(),
@@ -616,6 +655,7 @@ impl Detector {
                     topic: w.source.topic.to_string(),
                     partition: w.source.partition,
                     window: Some(w.ring.clone()),
+                    level: w.level.clone(),
                     threshold: None,
                     alert: None,
                 },
@@ -628,6 +668,7 @@ impl Detector {
                 topic: state.source.topic.to_string(),
                 partition: state.source.partition,
                 window: None,
+                level: None,
                 threshold: None,
                 alert: None,
             });
@@ -668,6 +709,7 @@ impl Detector {
             version: c.version.clone(),
             features: c.features.clone(),
             window: c.window,
+            baseline: baselined(c).to_vec(),
         }
     }
 
@@ -680,6 +722,9 @@ impl Detector {
         let me = self.identity();
         if (model.features.as_slice(), model.window) != (me.features.as_slice(), me.window) {
             return (false, false, Some(format!("it was learned with a model reading {:?} over {} rows; the running one reads {:?} over {}", model.features, model.window, me.features, me.window)));
+        }
+        if model.baseline != me.baseline {
+            return (false, false, Some(format!("it was learned with a model measuring {:?} from a per-key baseline; the running one measures {:?}", model.baseline, me.baseline)));
         }
         if (model.name.as_str(), model.version.as_str()) != (me.name.as_str(), me.version.as_str())
         {
@@ -708,8 +753,8 @@ impl Detector {
     /// Restores keys' states (see [`Detector::restorable`] for what of each is kept).
     pub fn restore(&mut self, records: Vec<StateRecord>) -> Restored {
         let c = &self.model.contract;
-        let (window, features) = (c.window, c.features.len());
-        let sequence = c.is_sequence();
+        let (rows, features) = (input_rows(c), c.features.len());
+        let baseline = c.baseline.clone();
         let mut done = Restored::default();
         for r in records {
             let (usable, thresholds, why) = self.restorable(&r.model, &r.method);
@@ -724,9 +769,18 @@ impl Detector {
                 topic: Arc::from(k.topic.as_str()),
                 partition: k.partition,
             };
-            if let Some(ring) = k.window.filter(|r| sequence && r.fits(window, features)) {
+            let ring = k
+                .window
+                .filter(|r| rows.is_some_and(|t| r.fits(t, features)));
+            let level = match (&baseline, k.level) {
+                (None, _) => Some(None),
+                (Some(b), Some(level)) if b.fits(&level) => Some(Some(level)),
+                _ => None,
+            };
+            if let (Some(ring), Some(level)) = (ring, level) {
                 let w = WindowState {
                     ring,
+                    level,
                     source: source.clone(),
                     dirty: false,
                 };
@@ -816,6 +870,21 @@ impl Detector {
             .filter(|(_, s)| s.alert.is_firing())
             .count()
     }
+}
+
+/// Rows of a key's input state: the window of a sequence model, one row for a point model with a
+/// baseline; `None` when the model keeps no input state per key.
+fn input_rows(c: &Contract) -> Option<usize> {
+    if c.is_sequence() {
+        Some(c.window)
+    } else {
+        c.baseline.as_ref().map(|_| 1)
+    }
+}
+
+/// The features a model measures from a per-key baseline.
+fn baselined(c: &Contract) -> &[String] {
+    c.baseline.as_ref().map_or(&[], |b| b.features.as_slice())
 }
 
 /// What [`Detector::restore`] did.

@@ -17,6 +17,7 @@
 //! | [`model`] | loading ONNX models under the model contract; batched inference |
 //! | [`decode`] | JSON / CSV records → typed records, or a dead-letter reason |
 //! | [`window`] | per-key ring buffers for sequence models |
+//! | [`baseline`] | per-key slow levels that drifting features are measured from (`anomalyd.baseline`) |
 //! | [`batch`] | micro-batching by size and age |
 //! | [`threshold`] | adaptive per-key thresholds; [`threshold::evt`]: the extreme-value ones, SPOT and DSPOT |
 //! | [`alert`] | hysteresis and alert events |
@@ -57,6 +58,7 @@
 
 pub mod alert;
 pub mod alertmanager;
+pub mod baseline;
 pub mod batch;
 pub mod changelog;
 pub mod cli;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::baseline::Baseline;
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
@@ -95,6 +96,8 @@ pub struct Contract {
     pub trained_at: Option<String>,
     pub training_data: Option<serde_json::Value>,
     pub calibration: Calibration,
+    /// Features measured from a slow per-key level (`anomalyd.baseline`), if any.
+    pub baseline: Option<Baseline>,
 }
 
 impl Contract {
@@ -408,6 +411,16 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
             "has no held-back score above zero (`count` 0, or `sample` empty or all zero): recalibrate the model on held-back normal data".into(),
         ));
     }
+    let baseline = meta
+        .get("baseline")
+        .map(|s| {
+            if shape.is_some() {
+                return Err("applies to tabular features, not to image-shaped records".to_string());
+            }
+            Baseline::new(json(s)?, &features)
+        })
+        .transpose()
+        .map_err(|e| bad("baseline", e))?;
     let version = required("version")?.trim();
     if version.is_empty() {
         return Err(bad("version", "is empty".into()));
@@ -431,6 +444,7 @@ fn parse_metadata(path: &Path, meta: &BTreeMap<&str, &str>) -> Result<Contract, 
         trained_at: Some(trained_at.to_string()),
         training_data: Some(training_data),
         calibration,
+        baseline,
     })
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertState;
+use crate::baseline::Level;
 use crate::threshold::ThresholdState;
 use crate::window::Ring;
 
@@ -18,6 +19,9 @@ pub struct ModelIdentity {
     pub version: String,
     pub features: Vec<String>,
     pub window: usize,
+    /// The features it measured from a per-key level (`anomalyd.baseline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<String>,
 }
 
 /// One key's state.
@@ -28,6 +32,9 @@ pub struct KeySnapshot {
     pub partition: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<Ring>,
+    /// The key's levels, for a model with a baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Level>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<ThresholdState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +75,7 @@ mod tests {
                 version: "1".into(),
                 features: vec!["a".into()],
                 window: 2,
+                baseline: vec![],
             },
             method: "ewma".into(),
             state: KeySnapshot {
@@ -75,6 +83,7 @@ mod tests {
                 topic: "t".into(),
                 partition: 3,
                 window: Some(ring),
+                level: None,
                 threshold: Some(ThresholdState::Ewma {
                     mean: 1.0,
                     var: 2.0,

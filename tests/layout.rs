@@ -9,6 +9,7 @@ const CORE: &[&str] = &[
     "model",
     "decode",
     "window",
+    "baseline",
     "batch",
     "threshold",
     "alert",

@@ -7,6 +7,7 @@ import json
 import sys
 
 from . import KINDS, __version__
+from .baseline import DEFAULT_HALF_LIFE
 
 DESCRIPTION = """\
 Train autoencoders on normal data and export them as self-describing ONNX models for the
@@ -89,6 +90,14 @@ def parser() -> argparse.ArgumentParser:
                    help="rows per sample (default 1; 16 for conv, lstm, gru)")
     g.add_argument("--shape", type=_shape, metavar="C,H,W",
                    help="conv only: image-shaped records (2-D model)")
+    g.add_argument("--baseline", type=_csv_list, default=[], metavar="A,B",
+                   help="features that drift (temperatures following the ambient, counters, ...): "
+                        "the model sees each one's distance from the key's own slow level instead of "
+                        "its value, so drift does not read as an anomaly while a step, spike or fast "
+                        "ramp still does (computed alike by the daemon; docs/MODEL-CONTRACT.md)")
+    g.add_argument("--baseline-half-life", type=float, default=DEFAULT_HALF_LIFE, metavar="N",
+                   help="records after which a value weighs half in a --baseline level "
+                        f"(default {DEFAULT_HALF_LIFE:g})")
     g.add_argument("--out", required=True, metavar="NAME.onnx", help="the model file to write")
     g.add_argument("--name", help="model name in the metadata (default: the file's stem)")
     g.add_argument("--version", dest="model_version", metavar="VERSION", default="1.0.0",
@@ -206,6 +215,7 @@ def _fit(args) -> int:
         name=args.name, quiet=args.quiet, plot=not args.no_plot, latent=args.latent, hidden=args.hidden,
         sparsity=args.sparsity, sparsity_weight=args.sparsity_weight, rho=args.rho, noise_std=args.noise_std,
         mask_prob=args.mask_prob, beta=args.beta, pretrain_epochs=args.pretrain_epochs, variance=args.variance,
+        baseline=args.baseline, baseline_half_life=args.baseline_half_life,
     )
     res = fit(opts)
     q = res.calibration["quantiles"]

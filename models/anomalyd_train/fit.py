@@ -11,6 +11,7 @@ import onnx
 import torch
 
 from . import KINDS, SEQUENCE_KINDS, __version__, calibrate, data, export, plots
+from . import baseline as baselines
 from .kinds import Core, Spec, build
 from .train import TrainConfig, fit_minibatch, fit_pca, fit_stacked, seed_everything
 
@@ -48,6 +49,9 @@ class FitOptions:
     pretrain_epochs: int | None = None
     variance: float = 0.95
     decoder: str = "position"
+    # features made relative to a slow per-key level (see baseline.py); none by default
+    baseline: list[str] = field(default_factory=list)
+    baseline_half_life: float = baselines.DEFAULT_HALF_LIFE
 
 
 @dataclass
@@ -132,6 +136,12 @@ def fit(opts: FitOptions) -> FitResult:
 
     table = data.load(opts.data, opts.features, key=opts.key, shape=opts.shape)
     parts = [table.values] if opts.shape is not None else data.series(table)
+    baseline = None
+    if opts.baseline:
+        if opts.shape is not None:
+            raise data.DataError("--baseline applies to tabular features, not to image-shaped (--shape) records")
+        baseline = baselines.fit(parts, opts.features, opts.baseline, opts.baseline_half_life)
+        parts = [baseline.apply(p, opts.features) for p in parts]
     train, val = data.split_windows(parts, window, opts.val_fraction, opts.seed)
     mean, std = data.normalisation(train)
     image = opts.shape is not None
@@ -197,6 +207,8 @@ def fit(opts: FitOptions) -> FitResult:
     }
     if image:
         meta["anomalyd.shape"] = list(opts.shape)
+    if baseline is not None:
+        meta["anomalyd.baseline"] = baseline.metadata()
     if opts.kind == "vae":
         meta["anomalyd.vae"] = {"latent": spec.code_size(), "latent_tensor": export.find_tensor(proto, "/core/mu/")}
     export.set_metadata(proto, meta)
