@@ -161,7 +161,11 @@ mod tests {
         let drift: Vec<f32> = (0..2000).map(|i| 20.0 + 0.001 * i as f32).collect();
         let out = run(&b, drift.iter().copied());
         let lag = 0.001 / (1.0 - (-1.0f64 / 50.0).exp2());
-        assert!((out[1999] as f64 - lag).abs() < 0.01, "{} vs {lag}", out[1999]);
+        assert!(
+            (out[1999] as f64 - lag).abs() < 0.01,
+            "{} vs {lag}",
+            out[1999]
+        );
         // A step of 10 (ten clips) for 100 records: the level moves by at most alpha * clip
         // per record, so the step still reads above 8 at its end.
         let mut stepped = drift.clone();
@@ -179,7 +183,10 @@ mod tests {
             clip: clip.to_vec(),
         };
         for (s, expected) in [
-            (spec(&["x"], 50.0, &[1.0]), "not one of the model's features"),
+            (
+                spec(&["x"], 50.0, &[1.0]),
+                "not one of the model's features",
+            ),
             (spec(&["t", "t"], 50.0, &[1.0, 1.0]), "twice"),
             (spec(&["t"], 0.5, &[1.0]), "half_life"),
             (spec(&["t"], 50.0, &[0.0]), "positive"),

@@ -26,8 +26,8 @@ use crate::alert::AlertConfig;
 use crate::alert::{
     AlertEvent, AlertState, EventKind, FeatureError, ModelRef, SourceRef, Transition,
 };
-use crate::decode::{Decoder, Record};
 use crate::baseline::{Baseline, Level};
+use crate::decode::{Decoder, Record};
 use crate::model::{Contract, Inference, Model};
 use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
@@ -1129,6 +1129,93 @@ mod tests {
             keys(&d.take_changes()),
             [("a".into(), false), ("c".into(), true)]
         );
+    }
+
+    /// The demo model, told that it measures latency from a per-key level (half-life 10,
+    /// clip 5 ms): the detector's side of the baseline, whatever the model learned.
+    fn baselined_detector() -> Detector {
+        let mut d = detector("demo-dense.onnx", 10);
+        let mut model = Model::load(&d.model().path).unwrap();
+        let spec = crate::baseline::BaselineSpec {
+            features: vec!["latency_ms".into()],
+            half_life: 10.0,
+            clip: vec![5.0],
+        };
+        model.contract.baseline = Some(Baseline::new(spec, &model.contract.features).unwrap());
+        d.model = Arc::new(model);
+        d
+    }
+
+    fn scored(outcomes: Vec<Outcome>) -> Box<Scored> {
+        match outcomes.into_iter().next() {
+            Some(Outcome::Scored(s)) => s,
+            other => panic!("not scored: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_baselined_feature_is_judged_against_its_level_and_expected_in_raw_units() {
+        let (mut d, mut plain) = (baselined_detector(), detector("demo-dense.onnx", 10));
+        d.record_changes();
+        d.keep_reconstructions = true;
+        // Latency drifts up by 0.1 ms per record: once the level has caught up, the baselined
+        // model sees the same input record after record, the plain one an ever larger latency.
+        let at = |i: usize| [50.0, 300.0, 35.0 + 0.1 * i as f32, 30.0];
+        let mut scores = (Vec::new(), Vec::new());
+        for i in 0..400 {
+            scores
+                .0
+                .push(scored(run(&mut d, vec![record("a", at(i).to_vec())])).score);
+            scores
+                .1
+                .push(scored(run(&mut plain, vec![record("a", at(i).to_vec())])).score);
+        }
+        let ratio = |s: &[f64]| s[399] / s[100];
+        assert!(
+            (ratio(&scores.0) - 1.0).abs() < 0.01,
+            "{}",
+            ratio(&scores.0)
+        );
+        assert!(ratio(&scores.1) > 2.0, "{}", ratio(&scores.1));
+
+        // The model saw latency less the key's level (which lags the drift by about
+        // 0.1 / alpha); what is expected of the record is that level plus the reconstruction.
+        let states = states_of(&mut d);
+        assert!(
+            states[0].state.level.is_some(),
+            "the level is part of the key's state"
+        );
+        let mut batch = d.prepare(vec![record("a", at(400).to_vec())]);
+        let input = std::mem::take(&mut batch.samples);
+        let levels = batch.entries[0].levels.clone().unwrap();
+        assert_eq!(levels[..2], [0.0, 0.0]);
+        let lag = 0.1 / (1.0 - (-0.1f64).exp2());
+        assert!((levels[2] as f64 - (75.0 - lag)).abs() < 0.01, "{levels:?}");
+        let inference = batch.model.infer(&input, 1).unwrap();
+        let s = scored(d.judge(batch, &inference));
+        let expected = s.reconstruction.unwrap();
+        assert_eq!(expected[2], levels[2] + inference.reconstructions[2]);
+        assert_eq!(expected[0], inference.reconstructions[0]);
+
+        // A detector restored from the state topic scores the next record exactly as the one
+        // it was taken from; one restored without levels cannot, and re-warms.
+        let next = || vec![record("a", at(401).to_vec())];
+        let states = states_of(&mut d);
+        let mut fresh = baselined_detector();
+        fresh.restore(states.clone());
+        let (a, b) = (scored(run(&mut d, next())), scored(run(&mut fresh, next())));
+        assert_eq!(a.score, b.score);
+        let mut without = states;
+        without.iter_mut().for_each(|r| r.state.level = None);
+        let mut rewarmed = baselined_detector();
+        rewarmed.restore(without);
+        assert!(
+            matches!(run(&mut rewarmed, next())[0], Outcome::Scored(ref s) if s.score != a.score)
+        );
+
+        // A model measuring other features from a baseline is refused on reload.
+        let e = d.set_model(plain.model().clone()).unwrap_err();
+        assert!(e.contains("baseline"), "{e}");
     }
 
     #[test]

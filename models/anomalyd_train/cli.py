@@ -106,8 +106,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     t = f.add_argument_group("training")
-    t.add_argument("--epochs", metavar="N", type=int, default=30,
-                   help="training epochs (default 30; pca ignores it)")
+    t.add_argument("--epochs", metavar="N", type=int,
+                   help="train exactly N epochs, keeping the best validation epoch's weights (default: "
+                        "until the validation loss stops improving, at most the epochs that make 5000 "
+                        "optimizer steps, at least 30; pca ignores it)")
     t.add_argument("--batch-size", metavar="N", type=int, default=64, help="mini-batch size (default 64)")
     t.add_argument("--lr", metavar="X", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--val-fraction", metavar="X", type=float, default=0.2,

@@ -55,6 +55,8 @@ def summary(path: str) -> dict:
     }
     if "anomalyd.shape" in meta:
         out["shape"] = json.loads(meta["anomalyd.shape"])
+    if "anomalyd.baseline" in meta:
+        out["baseline"] = json.loads(meta["anomalyd.baseline"])
     return out
 
 
@@ -113,6 +115,8 @@ def check(path: str) -> list[str]:
     cal = _json(meta, "anomalyd.calibration", problems)
     if cal is not None:
         problems += _check_calibration(cal, len(features))
+    if "anomalyd.baseline" in meta:
+        problems += _check_baseline(_json(meta, "anomalyd.baseline", problems), features, shape)
 
     # Graph signature.
     f = len(features)
@@ -166,6 +170,25 @@ def _check_calibration(cal, f: int) -> list[str]:
     fm = cal["feature_mean"]
     if not (isinstance(fm, list) and len(fm) == f):
         p.append(f"calibration feature_mean must hold {f} values (one per feature)")
+    return p
+
+
+def _check_baseline(b, features: list[str], shape) -> list[str]:
+    if b is None:
+        return []
+    if shape is not None:
+        return ["anomalyd.baseline applies to tabular features, not to image-shaped (anomalyd.shape) models"]
+    if not (isinstance(b, dict) and set(b) == {"features", "half_life", "clip"}):
+        return ['anomalyd.baseline must be {"features": [...], "half_life": N, "clip": [...]}']
+    names, clip = b["features"], b["clip"]
+    p = []
+    if not (isinstance(names, list) and names and all(n in features for n in names) and len(set(names)) == len(names)):
+        p.append(f"anomalyd.baseline features must name distinct model features, got {names}")
+    if not (isinstance(clip, list) and len(clip) == len(names or []) and all(
+            isinstance(c, (int, float)) and c > 0 for c in clip)):
+        p.append("anomalyd.baseline clip must hold one positive value per baselined feature")
+    if not (isinstance(b["half_life"], (int, float)) and b["half_life"] >= 1):
+        p.append(f"anomalyd.baseline half_life must be at least 1 record, got {b['half_life']}")
     return p
 
 

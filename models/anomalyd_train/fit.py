@@ -13,7 +13,7 @@ import torch
 from . import KINDS, SEQUENCE_KINDS, __version__, calibrate, data, export, plots
 from . import baseline as baselines
 from .kinds import Core, Spec, build
-from .train import TrainConfig, fit_minibatch, fit_pca, fit_stacked, seed_everything
+from .train import TrainConfig, auto_epochs, fit_minibatch, fit_pca, fit_stacked, seed_everything
 
 DEFAULT_SEQUENCE_WINDOW = 16
 
@@ -27,7 +27,7 @@ class FitOptions:
     key: str | None = None
     window: int | None = None  # default: 1, or 16 for conv (1-D), lstm and gru
     shape: tuple[int, int, int] | None = None  # conv 2-D: (C, H, W)
-    epochs: int = 30
+    epochs: int | None = None  # None: until the validation loss stops improving (train.auto_epochs)
     batch_size: int = 64
     lr: float = 1e-3
     val_fraction: float = 0.2
@@ -116,7 +116,7 @@ def resolve_window(opts: FitOptions) -> int:
 def fit(opts: FitOptions) -> FitResult:
     if opts.kind not in KINDS:
         raise data.DataError(f"unknown kind {opts.kind!r}; kinds: {', '.join(KINDS)}")
-    if opts.epochs < 1 and opts.kind != "pca":
+    if opts.epochs is not None and opts.epochs < 1 and opts.kind != "pca":
         raise data.DataError(f"--epochs must be at least 1, got {opts.epochs}")
     if not opts.out.endswith(".onnx"):
         raise data.DataError(f"--out must name a .onnx file, got {opts.out}")
@@ -155,9 +155,10 @@ def fit(opts: FitOptions) -> FitResult:
         sparsity_weight=opts.sparsity_weight, rho=opts.rho, noise_std=opts.noise_std,
         mask_prob=opts.mask_prob, beta=opts.beta, decoder=opts.decoder, variance=opts.variance,
     )
+    epochs, patience = (opts.epochs, None) if opts.epochs is not None else auto_epochs(len(train), opts.batch_size)
     cfg = TrainConfig(
-        epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
-        pretrain_epochs=opts.pretrain_epochs, threads=opts.threads, quiet=opts.quiet,
+        epochs=epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
+        pretrain_epochs=opts.pretrain_epochs, threads=opts.threads, quiet=opts.quiet, patience=patience,
     )
     if opts.kind == "pca":
         core, history = fit_pca(spec, train_n, val_n)
@@ -194,7 +195,8 @@ def fit(opts: FitOptions) -> FitResult:
             "toolkit": f"anomalyd-train {__version__}",
             "torch": torch.__version__,
             "seed": opts.seed,
-            "epochs": opts.epochs if opts.kind != "pca" else 0,
+            "epochs": sum(h["phase"] in ("train", "fine-tune") for h in history) if opts.kind != "pca" else 0,
+            "early_stopping": patience is not None and opts.kind != "pca",
             "batch_size": opts.batch_size,
             "lr": opts.lr,
             "val_fraction": opts.val_fraction,

@@ -23,6 +23,22 @@ from tqdm import tqdm
 from .kinds import PCA, Core, Spec, Stacked
 
 
+# Without --epochs, training runs until the validation loss stops improving, for at most as
+# many epochs as make this many optimizer steps (at least MIN_EPOCHS): on a few hundred rows, 30
+# epochs are 150 steps and leave a model still far from fitted (its loss curve still falling).
+AUTO_STEPS = 5000
+MIN_EPOCHS = 30
+MAX_EPOCHS = 2000
+
+
+def auto_epochs(train_windows: int, batch_size: int) -> tuple[int, int]:
+    """(most epochs, patience) for early stopping on this much training data: stop once the
+    validation loss has not improved by 0.1 % for `patience` epochs."""
+    steps_per_epoch = -(-train_windows // batch_size)
+    most = min(MAX_EPOCHS, max(MIN_EPOCHS, -(-AUTO_STEPS // steps_per_epoch)))
+    return most, max(10, most // 10)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -32,6 +48,8 @@ class TrainConfig:
     pretrain_epochs: int | None = None  # stacked: per level; default max(1, epochs // 3)
     threads: int = 1
     quiet: bool = False
+    # stop once the validation loss has not improved by 0.1 % for this many epochs (None: never)
+    patience: int | None = None
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -66,9 +84,11 @@ def fit_minibatch(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(core.parameters(), lr=cfg.lr)
     history = []
-    best, best_state = float("inf"), None
+    best, best_state, best_epoch = float("inf"), None, 0
     bar = tqdm(range(cfg.epochs), desc=phase, unit="epoch", disable=cfg.quiet, leave=True)
     for epoch in bar:
+        if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+            break
         core.train()
         total, count = 0.0, 0
         for idx in _batches(len(train), cfg.batch_size, gen):
@@ -82,6 +102,8 @@ def fit_minibatch(
         val_mse = reconstruction_mse(core, val)
         history.append({"phase": phase, "epoch": epoch + 1, "train": total / count, "val": val_mse})
         if val_mse < best:
+            if val_mse < best * (1 - 1e-3):
+                best_epoch = epoch
             best, best_state = val_mse, copy.deepcopy(core.state_dict())
         bar.set_postfix(loss=f"{total / count:.4g}", val=f"{val_mse:.4g}")
     if best_state is not None:
