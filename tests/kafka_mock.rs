@@ -582,6 +582,7 @@ async fn the_state_topic_gives_back_the_last_state_of_each_key_of_a_partition() 
                 version: version.into(),
                 features: vec!["a".into()],
                 window: 1,
+                baseline: vec![],
             },
             method: "ewma".into(),
             state: KeySnapshot {
@@ -589,6 +590,7 @@ async fn the_state_topic_gives_back_the_last_state_of_each_key_of_a_partition() 
                 topic: topic.into(),
                 partition,
                 window: None,
+                level: None,
                 threshold: None,
                 alert: None,
             },
