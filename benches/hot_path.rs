@@ -148,5 +148,64 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stages, replay);
+/// SPOT's judgement alone, per score: on a stationary stream (a peak every 50 scores) and on a
+/// sustained level shift (every score a peak, each refitting the tail), beside the quantile.
+fn thresholds(c: &mut Criterion) {
+    use anomalyd::threshold::evt::{Spot, SpotConfig};
+    use rand::{rngs::SmallRng, SeedableRng};
+    use rand_distr::{Distribution, Exp};
+
+    let mut rng = SmallRng::seed_from_u64(5);
+    let exp = Exp::new(1.0).unwrap();
+    let calibration: Vec<f64> = (0..2000).map(|_| exp.sample(&mut rng)).collect();
+    let n = 4096;
+    let stationary: Vec<f64> = (0..n).map(|_| exp.sample(&mut rng)).collect();
+    let spot = Spot::calibrate(&SpotConfig::default(), &calibration);
+    // A shift to between the threshold and the far limit: flagged, and learned.
+    let shifted: Vec<f64> = (0..n)
+        .map(|_| 1.2 * spot.threshold() + 0.1 * exp.sample(&mut rng))
+        .collect();
+    let quantile =
+        anomalyd::threshold::ThresholdConfig::default().build(&anomalyd::model::Calibration {
+            count: calibration.len() as u64,
+            sample: {
+                let mut s = calibration.clone();
+                s.sort_by(f64::total_cmp);
+                s
+            },
+            ..Default::default()
+        });
+    let mut g = c.benchmark_group("threshold");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(10);
+    for (name, scores) in [("stationary", &stationary), ("level shift", &shifted)] {
+        g.bench_function(format!("spot/{name}"), |b| {
+            b.iter_batched(
+                || spot.clone(),
+                |mut s| {
+                    scores
+                        .iter()
+                        .map(|&x| s.judge(x).is_anomaly as usize)
+                        .sum::<usize>()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.bench_function(format!("quantile/{name}"), |b| {
+            b.iter_batched(
+                || quantile.clone(),
+                |mut t| {
+                    scores
+                        .iter()
+                        .map(|&x| t.judge(x).is_anomaly as usize)
+                        .sum::<usize>()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, stages, replay, thresholds);
 criterion_main!(benches);

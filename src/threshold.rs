@@ -353,6 +353,55 @@ impl Threshold for Ewma {
     }
 }
 
+/// Fewest calibration scores a tail is extrapolated from (10 peaks at [`TAIL_LEVEL`]).
+const MIN_TAIL_SAMPLE: usize = 100;
+/// The quantile of the calibration scores above which they are peaks of the extrapolated tail.
+const TAIL_LEVEL: f64 = 0.9;
+
+/// The upper tail of a small calibration sample: a generalized Pareto distribution fitted to
+/// the excesses over its [`TAIL_LEVEL`] quantile, its shape held at 0 or above. From a few dozen
+/// peaks the fitted shape comes out negative (a bounded tail) more often than the scores' tail
+/// is (reconstruction errors are sums of squares: an exponential tail or heavier), and a
+/// bounded tail puts the extrapolated quantile too low; measured in docs/NOTES.md.
+struct SmallTail {
+    level: f64,
+    /// Share of the sample above `level`.
+    above: f64,
+    gpd: evt::Gpd,
+}
+
+impl SmallTail {
+    fn fit(sorted: &[f64]) -> SmallTail {
+        let level = interpolate(sorted, (sorted.len() - 1) as f64 * TAIL_LEVEL);
+        let excesses: Vec<f64> = sorted
+            .iter()
+            .filter(|&&s| s > level)
+            .map(|s| s - level)
+            .collect();
+        let mut gpd = evt::Gpd::fit(&excesses);
+        if gpd.gamma < 0.0 {
+            let mean = excesses.iter().sum::<f64>() / excesses.len().max(1) as f64;
+            gpd = evt::Gpd {
+                gamma: 0.0,
+                sigma: mean.max(f64::MIN_POSITIVE),
+            };
+        }
+        SmallTail {
+            level,
+            above: excesses.len() as f64 / sorted.len() as f64,
+            gpd,
+        }
+    }
+
+    /// The score exceeded with probability `1 - q`.
+    fn quantile(&self, q: f64) -> f64 {
+        if self.above <= 0.0 {
+            return self.level;
+        }
+        self.level + self.gpd.excess_at(((1.0 - q) / self.above).min(1.0))
+    }
+}
+
 /// The P² algorithm (Jain & Chlamtac, 1985): five markers track the minimum, the q/2, q and
 /// (1+q)/2 quantiles and the maximum in constant memory.
 ///
@@ -403,6 +452,17 @@ impl P2Quantile {
             p2.heights[i] = interpolate(&sample, at);
             p2.desired[i] = 1.0 + at;
             p2.positions[i] = (1.0 + at).round();
+        }
+        // Fewer than 1/(1-q) scores put the q-quantile at their maximum, which normal data
+        // exceeds about once in n + 1 (a model calibrated on 400 rows alarms several times as
+        // often as asked, and a censored quantile never rises). Extrapolate the two upper
+        // markers from the tail of the sample instead.
+        let count = calibration.count.max(sample.len() as u64) as f64;
+        if count * (1.0 - q) < 1.0 && sample.len() >= MIN_TAIL_SAMPLE {
+            let tail = SmallTail::fit(&sample);
+            p2.heights[2] = p2.heights[2].max(tail.quantile(q));
+            p2.heights[3] = p2.heights[3].max(tail.quantile(p2.increments[3]));
+            p2.heights[4] = p2.heights[4].max(p2.heights[3]);
         }
         p2.fix_positions();
         p2.initialized = true;

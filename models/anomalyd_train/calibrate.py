@@ -10,6 +10,9 @@ import numpy as np
 
 QUANTILES = ("0.5", "0.9", "0.95", "0.99", "0.999")
 MAX_SAMPLE = 2000
+# Fewer held-back scores than this cannot place a 0.999 quantile (their max is the estimate): fit
+# then adds out-of-fold scores, and warns if there are still fewer.
+SMALL_CALIBRATION = 1000
 
 
 def _r(x: float) -> float:

@@ -8,6 +8,7 @@ import sys
 
 from . import KINDS, __version__
 from .baseline import DEFAULT_HALF_LIFE
+from .calibrate import SMALL_CALIBRATION
 
 DESCRIPTION = """\
 Train autoencoders on normal data and export them as self-describing ONNX models for the
@@ -114,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", metavar="X", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--val-fraction", metavar="X", type=float, default=0.2,
                    help="share held back for validation and calibration (default 0.2)")
+    t.add_argument("--calibration-folds", metavar="K", type=int, default=5,
+                   help=f"with fewer than {SMALL_CALIBRATION} validation windows, also train K models on "
+                        "K-1 of K folds of the data and calibrate on their held-out scores too, so that "
+                        "every row gives a score the thresholds start from (default 5; 1: off)")
     t.add_argument("--seed", type=int, metavar="N", default=0,
                    help="random seed: same seed and data, same model (default 0)")
     t.add_argument("--threads", metavar="N", type=int, default=1,
@@ -176,10 +181,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# Fewer validation windows than this cannot place a 0.999 quantile (their max is the estimate).
-SMALL_CALIBRATION = 1000
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .data import DataError
@@ -218,6 +219,7 @@ def _fit(args) -> int:
         sparsity=args.sparsity, sparsity_weight=args.sparsity_weight, rho=args.rho, noise_std=args.noise_std,
         mask_prob=args.mask_prob, beta=args.beta, pretrain_epochs=args.pretrain_epochs, variance=args.variance,
         baseline=args.baseline, baseline_half_life=args.baseline_half_life,
+        calibration_folds=args.calibration_folds,
     )
     res = fit(opts)
     q = res.calibration["quantiles"]
@@ -227,12 +229,14 @@ def _fit(args) -> int:
         f"validation score p50 {q['0.5']:.4g}, p99 {q['0.99']:.4g}"
         + (f"; loss curve {res.png}" if res.png else "")
     )
-    if len(res.val) < SMALL_CALIBRATION:
+    count, folds = res.calibration["count"], res.meta["anomalyd.training"]["calibration_folds"]
+    if count < SMALL_CALIBRATION:
         print(
-            f"anomalyd-train fit: warning: the calibration rests on {len(res.val)} validation windows"
-            + (" that overlap" if int(res.meta["anomalyd.window"]) > 1 else "")
-            + ": a threshold at a high quantile (0.999 by default) will be rough and flag normal "
-            "data more often than it should. Give more normal rows if you have them, and look at "
+            f"anomalyd-train fit: warning: the calibration rests on {count} held-back scores"
+            + (f" (of the validation windows and of {folds} models trained on the other folds)" if folds else "")
+            + (", of windows that overlap" if int(res.meta["anomalyd.window"]) > 1 else "")
+            + ": the daemon extrapolates a high quantile's threshold (0.999 by default) from their "
+            "tail, which is rough on so few. Give more normal rows if you have them, and look at "
             "the scores of a stretch you know is normal before trusting alerts.",
             file=sys.stderr,
         )

@@ -291,6 +291,34 @@ def _tail_split(parts, window, val_fraction):
     return _stack(train), _stack(val)
 
 
+def folds(parts: list[np.ndarray], window: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`k` (train, held-out) splits whose held-out sets cover the data once, for out-of-fold
+    scores: rows are dealt to folds at random for point models; for sequence models each series
+    is cut into `k` contiguous chunks, and a window belongs to a fold when all its rows do (so no
+    row is both trained on and held out). Splits with no window on either side are left out."""
+    rng = np.random.default_rng(seed)
+    fold_of = []
+    for s in parts:
+        if window == 1:
+            fold_of.append(rng.permutation(np.arange(len(s)) % k))
+        else:
+            fold_of.append(np.minimum(np.arange(len(s)) * k // max(1, len(s)), k - 1))
+    out = []
+    for f in range(k):
+        train, held = [], []
+        for s, where in zip(parts, fold_of):
+            if len(s) < window:
+                continue
+            flags = np.lib.stride_tricks.sliding_window_view(where == f, window)
+            w = _windows(s, window)
+            held.append(w[flags.all(axis=1)])
+            train.append(w[(~flags).all(axis=1)])
+        tr, he = _stack(train), _stack(held)
+        if len(tr) >= 2 and len(he) >= 1:
+            out.append((tr, he))
+    return out
+
+
 def normalisation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature (per-channel for images) mean and standard deviation of the training windows.
 

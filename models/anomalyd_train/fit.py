@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,6 +54,9 @@ class FitOptions:
     # features made relative to a slow per-key level (see baseline.py); none by default
     baseline: list[str] = field(default_factory=list)
     baseline_half_life: float = baselines.DEFAULT_HALF_LIFE
+    # with fewer than calibrate.SMALL_CALIBRATION validation windows, calibrate on the held-out
+    # scores of this many fold models too (1: the validation windows alone)
+    calibration_folds: int = 5
 
 
 @dataclass
@@ -84,6 +89,7 @@ def validate(opts: FitOptions) -> None:
         (opts.batch_size >= 1, f"--batch-size must be at least 1, got {opts.batch_size}"),
         (opts.lr > 0, f"--lr must be positive, got {opts.lr}"),
         (opts.threads >= 1, f"--threads must be at least 1, got {opts.threads}"),
+        (opts.calibration_folds >= 1, f"--calibration-folds must be at least 1, got {opts.calibration_folds}"),
         (opts.noise_std >= 0, f"--noise-std must not be negative, got {opts.noise_std}"),
         (0 <= opts.mask_prob < 1, f"--mask-prob must be in [0, 1), got {opts.mask_prob}"),
         (0 < opts.rho < 1, f"--rho must be in (0, 1), got {opts.rho}"),
@@ -111,6 +117,42 @@ def resolve_window(opts: FitOptions) -> int:
     if opts.kind in ("lstm", "gru", "conv") and opts.window < 2:
         raise data.DataError(f"kind {opts.kind} needs a window of at least 2 rows, got {opts.window}")
     return opts.window
+
+
+def _train(spec: Spec, train_n: torch.Tensor, val_n: torch.Tensor, cfg: TrainConfig) -> tuple[Core, list[dict]]:
+    """One model of `spec` trained on normalised windows, in eval mode, its code bounded to
+    what the training windows produce."""
+    if spec.kind == "pca":
+        core, history = fit_pca(spec, train_n, val_n)
+    else:
+        core = build(spec)
+        if spec.kind == "stacked":
+            history = fit_stacked(core, train_n, val_n, cfg)
+        else:
+            history = fit_minibatch(core, train_n, val_n, cfg)
+    core.fit_code_bounds(train_n)
+    core.eval()
+    return core, history
+
+
+def _cross_errors(spec: Spec, parts: list[np.ndarray], window: int, norm, cfg: TrainConfig, k: int) -> np.ndarray:
+    """The `error` output, on each fold's held-out windows, of a model trained like the shipped
+    one (same kind, size, epochs rule and normalisation) on the other folds: [n, F]."""
+    mean, std, image = norm
+    bshape = (1, -1, 1, 1) if image else (1, 1, -1)
+
+    def normalised(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((x - mean.reshape(bshape)) / std.reshape(bshape)).float()
+
+    errors = []
+    for i, (train, held) in enumerate(data.folds(parts, window, k, cfg.seed)):
+        seed_everything(cfg.seed + 1 + i, cfg.threads)
+        fold_cfg = dataclasses.replace(cfg, seed=cfg.seed + 1 + i, quiet=True)
+        core, _ = _train(copy.deepcopy(spec), normalised(train), normalised(held), fold_cfg)
+        with torch.no_grad():
+            _, err = export.Exported(core, mean, std, image=image)(torch.from_numpy(held))
+        errors.append(err.numpy())
+    return np.concatenate(errors) if errors else np.zeros((0, spec.features), np.float32)
 
 
 def fit(opts: FitOptions) -> FitResult:
@@ -160,20 +202,18 @@ def fit(opts: FitOptions) -> FitResult:
         epochs=epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
         pretrain_epochs=opts.pretrain_epochs, threads=opts.threads, quiet=opts.quiet, patience=patience,
     )
-    if opts.kind == "pca":
-        core, history = fit_pca(spec, train_n, val_n)
-    else:
-        core = build(spec)
-        if opts.kind == "stacked":
-            history = fit_stacked(core, train_n, val_n, cfg)
-        else:
-            history = fit_minibatch(core, train_n, val_n, cfg)
-    core.fit_code_bounds(train_n)
-    core.eval()
+    core, history = _train(spec, train_n, val_n, cfg)
 
     model = export.Exported(core, mean, std, image=image)
     proto = export.to_onnx(model, torch.from_numpy(val[:2]))
     _, err = export.run(export.session(proto), val)
+    folds = 0
+    if len(val) < calibrate.SMALL_CALIBRATION and opts.calibration_folds > 1:
+        # Too few held-back windows to place a high quantile: add the held-out scores of
+        # models trained alike on the other folds, so every row counts once more.
+        cross = _cross_errors(spec, parts, window, (mean, std, image), cfg, opts.calibration_folds)
+        folds = opts.calibration_folds
+        err = np.concatenate([err, cross])
     calibration = calibrate.summarise(err)
 
     name = opts.name or os.path.splitext(os.path.basename(opts.out))[0]
@@ -204,6 +244,7 @@ def fit(opts: FitOptions) -> FitResult:
             "train_windows": int(len(train)),
             "val_windows": int(len(val)),
             "val_mse": float(f"{best_val_mse(history, spec):.6g}"),
+            "calibration_folds": folds,
             "architecture": {**spec.describe(), "code_clamped_to_training_range": core.bounded},
         },
     }

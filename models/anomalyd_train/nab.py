@@ -329,6 +329,9 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, val_fraction=opts.val_fraction,
         seed=opts.seed, threads=1, quiet=True, plot=False, hidden=opts.hidden, latent=opts.latent,
         name=f"nab-{Path(name).stem}",
+        # The NAB line was measured on the probation's validation windows alone (SPOT fits its
+        # tail on them); out-of-fold calibration is for the quantile's small-sample problem.
+        calibration_folds=1,
     )
     train_model(fit_opts, opts, feats_probation(feats, columns, probation), work)
     train_seconds = time.perf_counter() - started
