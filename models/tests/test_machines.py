@@ -38,3 +38,15 @@ def test_the_harness_counts_rows_after_training_through_the_daemon(tmp_path):
     assert abs(f.flag_everything_f1 - 2 * p / (1 + p)) < 1e-12
     assert (tmp_path / "dense-0-scores.csv").exists()
     assert "| dense |" in machines.table([f])
+
+
+def test_measuring_the_temperatures_from_their_level_cuts_the_false_alarms_of_drift(tmp_path):
+    """Issue 17, item 1: the same runs, the same model kind, with and without `--baseline` on the
+    two drifting temperatures (one calibration fold, to keep the test short)."""
+    runs = [machines.run(900, seed) for seed in (4, 5)]
+    fast = ["--calibration-folds", "1"]
+    plain = machines.evaluate("dense", runs, str(anomalyd_bin()), work=tmp_path, extra_fit=fast, baseline=[])
+    relative = machines.evaluate("dense", runs, str(anomalyd_bin()), work=tmp_path, extra_fit=fast)
+    print(machines.table([plain, relative]))
+    assert relative.false_alarm_rate < plain.false_alarm_rate / 2, (plain, relative)
+    assert relative.f1 > plain.f1
