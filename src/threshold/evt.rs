@@ -698,6 +698,45 @@ mod tests {
         assert!(spot.tail_probability(0.0) == 1.0);
     }
 
+    /// The policy on a sustained shift: flagged scores below `z_far` are learned, so a shift
+    /// the tail can reach is absorbed and its alarms stop; one beyond `z_far` is never learned
+    /// and keeps alarming. Past the filling of the peaks window, fits follow their root, and a
+    /// key restored mid-way judges as the one it was taken from.
+    #[test]
+    fn a_sustained_shift_within_reach_is_absorbed_and_one_beyond_keeps_alarming() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let calibration: Vec<f64> = (0..5000)
+            .map(|_| Exp::new(1.0).unwrap().sample(&mut rng))
+            .collect();
+        let cfg = SpotConfig {
+            q: 1e-3,
+            ..SpotConfig::default()
+        };
+        let mut near = Spot::calibrate(&cfg, &calibration);
+        let mut far = near.clone();
+        let (z, z_far) = (near.threshold(), near.z_far);
+        let shifted = |i: usize| z + 0.3 * (z_far - z) + 0.01 * (i % 7) as f64;
+        let mut alarms = 0;
+        for i in 0..600 {
+            alarms += usize::from(near.judge(shifted(i)).is_anomaly);
+            if i == 400 {
+                assert!(near.refined > 0, "the full window's fits follow their root");
+                let mut restored = Spot::calibrate(&cfg, &calibration);
+                assert!(restored.restore(&near.snapshot()));
+                let mut again = near.clone();
+                for j in 0..50 {
+                    assert_eq!(restored.judge(shifted(j)), again.judge(shifted(j)));
+                }
+            }
+        }
+        assert!(alarms < 50, "absorbed after {alarms} alarms");
+        assert!(!near.judge(shifted(0)).is_anomaly);
+
+        let beyond = 2.0 * z_far;
+        assert!((0..600).all(|_| far.judge(beyond).is_anomaly));
+        assert_eq!(far.threshold(), z, "nothing beyond z_far is learned");
+    }
+
     #[test]
     fn a_key_shares_the_template_peaks_until_its_own_first_peak() {
         let scores: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0).collect();
