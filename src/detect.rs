@@ -11,9 +11,9 @@
 //!
 //! Per-key state lives in LRU maps bounded by `max_keys`, one per step so that each step owns
 //! its state: the inputs (windows of sequence models, levels of baselined features) for step 1,
-//! the threshold and alert state for step 3. A key-cardinality explosion evicts the least recently seen keys (counted) instead of
-//! exhausting memory; an evicted key that comes back starts again from the warm-started
-//! threshold and an empty window.
+//! the threshold and alert state for step 3. A key-cardinality explosion evicts the least
+//! recently seen keys (counted) instead of exhausting memory; an evicted key that comes back
+//! starts again from the warm-started threshold, an empty window and no level.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
