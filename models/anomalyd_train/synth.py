@@ -6,6 +6,9 @@
   correlation), the "easy case" of the detection tests.
 - `blobs`: image-shaped records (a Gaussian blob, its second channel a dimmer copy).
 - `noisy_series`: a clean quasi-periodic signal and a noisy copy (the denoising test).
+- `machine`: one run of a machine whose temperatures drift with the ambient, normal for its
+  first rows, then labelled faults of five shapes (issue 17; `machines.py` holds the generator
+  and the benchmark that scores the defaults on it).
 """
 
 from __future__ import annotations
@@ -214,3 +217,10 @@ def fleet_incident(rows: np.ndarray, kind: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown incident {kind!r}")
     return rows
+
+
+def machine(rows: int, seed: int, train_rows: int = 400):
+    """A drifting machine's run with labelled faults (`machines.Run`: values, labels, faults)."""
+    from .machines import run
+
+    return run(rows, seed, train_rows)
