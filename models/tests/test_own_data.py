@@ -100,4 +100,6 @@ def test_fit_warns_when_the_calibration_is_small(tmp_path, capsys):
     assert cli.main(["fit", "--kind", "dense", "--data", str(path), "--features", ",".join(FEATURES),
                      "--out", str(tmp_path / "m.onnx"), "-q", "--no-plot", "--epochs", "2"]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"calibration rests on \d+ validation windows:", err) and "rough" in err
+    # 80 validation windows and the held-out scores of 5 fold models: every row once, plus 80.
+    assert re.search(r"calibration rests on 481 held-back scores \(of the validation windows and of 5 models", err)
+    assert "extrapolates" in err and "rough" in err
