@@ -89,6 +89,11 @@ impl Baseline {
         })
     }
 
+    /// Records after which a value weighs half in a level.
+    pub fn half_life(&self) -> f64 {
+        self.half_life
+    }
+
     /// A new key's levels: set by its first record.
     pub fn start(&self) -> Level {
         Level {

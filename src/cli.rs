@@ -510,6 +510,14 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         )?;
         writeln!(text, "features     {}", c.features.join(", "))?;
         writeln!(text, "window       {}", c.window)?;
+        if let Some(b) = &c.baseline {
+            writeln!(
+                text,
+                "baseline     {} measured from a per-key level (half-life {} records)",
+                b.features.join(", "),
+                b.half_life()
+            )?;
+        }
         writeln!(
             text,
             "input        input {} float32",

@@ -57,6 +57,8 @@ def test_fit_writes_the_baseline_into_the_contract_and_refuses_what_cannot_work(
     b = json.loads(meta["anomalyd.baseline"])
     assert b["features"] == TEMPS and b["half_life"] == 30 and all(c > 0 for c in b["clip"])
     assert contract.summary(path)["baseline"] == b
+    shown = subprocess.run([str(anomalyd_bin()), "inspect", path], capture_output=True, text=True)
+    assert "baseline     temp_motor, temp_bearing measured from a per-key level (half-life 30 records)" in shown.stdout
 
     for bad, message in [(["--baseline", "temp_x"], "not one of --features"),
                          (["--baseline", "temp_motor,temp_motor"], "twice"),
