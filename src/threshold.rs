@@ -373,12 +373,7 @@ struct SmallTail {
 
 impl SmallTail {
     fn fit(sorted: &[f64]) -> SmallTail {
-        let level = interpolate(sorted, (sorted.len() - 1) as f64 * TAIL_LEVEL);
-        let excesses: Vec<f64> = sorted
-            .iter()
-            .filter(|&&s| s > level)
-            .map(|s| s - level)
-            .collect();
+        let (level, excesses) = evt::excesses(sorted, TAIL_LEVEL);
         let mut gpd = evt::Gpd::fit(&excesses);
         if gpd.gamma < 0.0 {
             let mean = excesses.iter().sum::<f64>() / excesses.len().max(1) as f64;
@@ -546,7 +541,7 @@ impl P2Quantile {
 }
 
 /// Linear interpolation in a sorted slice at fractional index `at`.
-fn interpolate(sorted: &[f64], at: f64) -> f64 {
+pub(crate) fn interpolate(sorted: &[f64], at: f64) -> f64 {
     let lo = at.floor() as usize;
     let hi = (lo + 1).min(sorted.len() - 1);
     let frac = at - lo as f64;

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Calibration;
-use crate::threshold::{Threshold, ThresholdState, Verdict};
+use crate::threshold::{interpolate, Threshold, ThresholdState, Verdict};
 
 /// A fitted generalized Pareto distribution of the excesses over `t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -336,6 +336,19 @@ impl SpotConfig {
     }
 }
 
+/// The `level` quantile `t` of sorted scores (0 for none) and the scores' excesses over it, in
+/// ascending order: the peaks a tail is fitted to.
+pub fn excesses(sorted: &[f64], level: f64) -> (f64, Vec<f64>) {
+    if sorted.is_empty() {
+        return (0.0, Vec::new());
+    }
+    let t = interpolate(sorted, (sorted.len() - 1) as f64 * level);
+    (
+        t,
+        sorted.iter().filter(|&&s| s > t).map(|s| s - t).collect(),
+    )
+}
+
 /// SPOT's state for one key (DSPOT adds the local level around it).
 #[derive(Debug, Clone)]
 pub struct Spot {
@@ -371,15 +384,7 @@ impl Spot {
     pub fn calibrate(cfg: &SpotConfig, scores: &[f64]) -> Spot {
         let mut sorted: Vec<f64> = scores.iter().copied().filter(|s| s.is_finite()).collect();
         sorted.sort_by(f64::total_cmp);
-        let t = if sorted.is_empty() {
-            0.0
-        } else {
-            let at = (sorted.len() - 1) as f64 * cfg.level;
-            let lo = at.floor() as usize;
-            let hi = (lo + 1).min(sorted.len() - 1);
-            sorted[lo] + (at - lo as f64) * (sorted[hi] - sorted[lo])
-        };
-        let excesses: Vec<f64> = sorted.iter().filter(|&&s| s > t).map(|s| s - t).collect();
+        let (t, excesses) = excesses(&sorted, cfg.level);
         // More peaks than we keep: keep evenly spaced order statistics, which preserve the
         // shape of the excess distribution (the largest ones alone would not).
         let keep = excesses.len().min(cfg.max_peaks);
@@ -602,6 +607,14 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_distr::{Distribution, Exp, Pareto};
 
+    /// `n` seeded scores of the unit exponential distribution.
+    fn exponential(seed: u64, n: usize) -> Vec<f64> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| Exp::new(1.0).unwrap().sample(&mut rng))
+            .collect()
+    }
+
     #[test]
     fn grimshaw_recovers_known_shapes() {
         let mut rng = SmallRng::seed_from_u64(1);
@@ -679,10 +692,7 @@ mod tests {
 
     #[test]
     fn the_threshold_has_the_requested_tail_probability() {
-        let mut rng = SmallRng::seed_from_u64(2);
-        let scores: Vec<f64> = (0..20_000)
-            .map(|_| Exp::new(1.0).unwrap().sample(&mut rng))
-            .collect();
+        let scores = exponential(2, 20_000);
         let cfg = SpotConfig {
             q: 1e-3,
             ..SpotConfig::default()
@@ -704,10 +714,7 @@ mod tests {
     /// key restored mid-way judges as the one it was taken from.
     #[test]
     fn a_sustained_shift_within_reach_is_absorbed_and_one_beyond_keeps_alarming() {
-        let mut rng = SmallRng::seed_from_u64(3);
-        let calibration: Vec<f64> = (0..5000)
-            .map(|_| Exp::new(1.0).unwrap().sample(&mut rng))
-            .collect();
+        let calibration = exponential(3, 5000);
         let cfg = SpotConfig {
             q: 1e-3,
             ..SpotConfig::default()
