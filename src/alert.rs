@@ -3,6 +3,11 @@
 //! A key fires after `fire_after` consecutive anomalous points and resolves after
 //! `resolve_after` consecutive normal ones, so one noisy point neither pages nor ends a page.
 //! Each episode yields exactly one `firing` and one `resolved` event.
+//!
+//! An episode that never resolves is a level shift or a persistent fault, and only the operator
+//! knows which: `rebaseline_after` says whether to accept the new level after that many points
+//! (the episode resolves as `rebaselined` and the detector relearns the key's normal scores
+//! from the episode's last ones) or `never` (it keeps firing until the values come back).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +24,10 @@ pub struct AlertConfig {
     /// the default, 0.99999, is a tail probability of 1e-5.
     #[serde(default = "default_critical_above")]
     pub critical_above: f64,
+    /// What to do with an episode that does not resolve: accept the new level after this many
+    /// points of the episode, or `"never"`.
+    #[serde(default)]
+    pub rebaseline_after: Rebaseline,
 }
 
 impl Default for AlertConfig {
@@ -27,6 +36,59 @@ impl Default for AlertConfig {
             fire_after: default_fire_after(),
             resolve_after: default_resolve_after(),
             critical_above: default_critical_above(),
+            rebaseline_after: Rebaseline::default(),
+        }
+    }
+}
+
+/// `rebaseline_after`: a number of points, or `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "RebaselineText", into = "RebaselineText")]
+pub enum Rebaseline {
+    /// Keep firing for as long as the values stay anomalous (a fault that must be fixed).
+    #[default]
+    Never,
+    /// Accept the new level once the episode has lasted this many points.
+    After(u32),
+}
+
+impl Rebaseline {
+    /// The episode length at which to accept the new level, if ever.
+    pub fn points(self) -> Option<u64> {
+        match self {
+            Rebaseline::Never => None,
+            Rebaseline::After(n) => Some(n.into()),
+        }
+    }
+}
+
+/// How `rebaseline_after` is written in the configuration.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum RebaselineText {
+    Points(u32),
+    Word(String),
+}
+
+impl TryFrom<RebaselineText> for Rebaseline {
+    type Error = String;
+    fn try_from(text: RebaselineText) -> Result<Rebaseline, String> {
+        match text {
+            RebaselineText::Word(w) if w == "never" => Ok(Rebaseline::Never),
+            RebaselineText::Points(n) if n > 0 => Ok(Rebaseline::After(n)),
+            RebaselineText::Points(_) => Err("a number of points must be at least 1".into()),
+            RebaselineText::Word(w) => Err(format!(
+                "expected a number of points or \"never\", found {w:?}"
+            )),
+        }
+    }
+}
+
+impl From<Rebaseline> for RebaselineText {
+    fn from(r: Rebaseline) -> RebaselineText {
+        match r {
+            Rebaseline::Never => RebaselineText::Word("never".into()),
+            Rebaseline::After(n) => RebaselineText::Points(n),
         }
     }
 }
@@ -93,6 +155,8 @@ pub struct Episode {
 pub enum Transition {
     Fired(Episode),
     Resolved(Episode),
+    /// The episode lasted `rebaseline_after` points: its level is accepted as the new normal.
+    Rebaselined(Episode),
 }
 
 impl AlertState {
@@ -152,13 +216,20 @@ impl AlertState {
                     ep.normal_run = 0;
                     ep.max_score = ep.max_score.max(score);
                     ep.max_anomaly_score = ep.max_anomaly_score.max(anomaly_score);
-                    return None;
+                } else {
+                    ep.normal_run += 1;
+                    if ep.normal_run >= cfg.resolve_after {
+                        return self.firing.take().map(Transition::Resolved);
+                    }
                 }
-                ep.normal_run += 1;
-                if ep.normal_run < cfg.resolve_after {
-                    return None;
+                if cfg
+                    .rebaseline_after
+                    .points()
+                    .is_some_and(|n| ep.points >= n)
+                {
+                    return self.firing.take().map(Transition::Rebaselined);
                 }
-                self.firing.take().map(Transition::Resolved)
+                None
             }
         }
     }
@@ -244,7 +315,8 @@ pub struct AlertEvent {
     pub source: SourceRef,
     pub episode: Episode,
     /// Why a `resolved` event ended its episode when not by `resolve_after` normal points:
-    /// `evicted` (the key was dropped to stay under `max_keys`).
+    /// `rebaselined` (it lasted `rebaseline_after` points), `evicted` (the key was dropped to
+    /// stay under `max_keys`), `revoked` or `adopted` (its partition moved).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
 }
@@ -258,6 +330,7 @@ mod tests {
             fire_after: fire,
             resolve_after: resolve,
             critical_above: 0.99,
+            rebaseline_after: Rebaseline::Never,
         }
     }
 
@@ -271,10 +344,10 @@ mod tests {
                 let t = s.observe(c, ch == 'A', 1.0, 0.9, Some(&i.to_string()))?;
                 Some((
                     i,
-                    if matches!(t, Transition::Fired(_)) {
-                        "fired"
-                    } else {
-                        "resolved"
+                    match t {
+                        Transition::Fired(_) => "fired",
+                        Transition::Resolved(_) => "resolved",
+                        Transition::Rebaselined(_) => "rebaselined",
                     },
                 ))
             })
@@ -327,5 +400,48 @@ mod tests {
         };
         assert_eq!((ep.points, ep.anomalous_points, ep.max_score), (3, 2, 9.0));
         assert!(!s.is_firing());
+    }
+
+    #[test]
+    fn an_episode_that_does_not_resolve_is_rebaselined_after_n_points_or_never() {
+        let never = cfg(2, 2);
+        let after = AlertConfig {
+            rebaseline_after: Rebaseline::After(4),
+            ..never
+        };
+        // Fires at 1; its points are 1..: the 4th (index 4) accepts the level, and the key can
+        // fire again after fire_after more anomalous points.
+        assert_eq!(
+            run(&after, "AAAAAAAA"),
+            vec![(1, "fired"), (4, "rebaselined"), (6, "fired")]
+        );
+        assert_eq!(run(&never, "AAAAAAAA"), vec![(1, "fired")]);
+        // Normal points inside the episode count towards its length too...
+        assert_eq!(
+            run(&after, "AAA.A.A.A"),
+            vec![(1, "fired"), (4, "rebaselined")]
+        );
+        // ...but a normal resolution in time wins.
+        assert_eq!(run(&after, "AAA.."), vec![(1, "fired"), (4, "resolved")]);
+    }
+
+    #[test]
+    fn rebaseline_after_reads_a_count_or_never() {
+        #[derive(Deserialize)]
+        struct T {
+            r: Rebaseline,
+        }
+        let read = |s: &str| {
+            serde_json::from_str::<T>(s)
+                .map(|t| t.r)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(read(r#"{"r": 500}"#), Ok(Rebaseline::After(500)));
+        assert_eq!(read(r#"{"r": "never"}"#), Ok(Rebaseline::Never));
+        assert!(read(r#"{"r": 0}"#).unwrap_err().contains("at least 1"));
+        assert!(read(r#"{"r": "always"}"#)
+            .unwrap_err()
+            .contains("\"never\""));
+        assert_eq!(AlertConfig::default().rebaseline_after, Rebaseline::Never);
     }
 }

@@ -16,7 +16,7 @@
 //! starts again from the warm-started threshold, an empty window and no level.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use crate::alert::{
 };
 use crate::baseline::{Baseline, Level};
 use crate::decode::{Decoder, Record};
-use crate::model::{Contract, Inference, Model};
+use crate::model::{Calibration, Contract, Inference, Model};
 use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
 use crate::window::Ring;
@@ -70,6 +70,9 @@ impl Source {
 struct KeyState {
     threshold: Box<dyn Threshold>,
     alert: AlertState,
+    /// While firing, with `rebaseline_after` set: the episode's last scores, which calibrate the
+    /// key's threshold if its level is accepted. Not checkpointed: after a restore it refills.
+    episode_scores: VecDeque<f64>,
     source: Source,
     /// Changed since the last [`Detector::take_changes`].
     dirty: bool,
@@ -163,6 +166,8 @@ pub struct Scored {
     pub model: Arc<Model>,
 }
 
+/// The `reason` of the resolution of an episode that lasted `rebaseline_after` points.
+pub const REBASELINED: &str = "rebaselined";
 /// The `reason` of the resolution of a firing key evicted to stay under `max_keys`.
 pub const EVICTED: &str = "evicted";
 /// The `reason` of a firing episode taken over with its partition's state.
@@ -492,6 +497,7 @@ impl Detector {
         let state = self.keys.get_or_insert_mut_ref(key, || KeyState {
             threshold: template.clone(),
             alert: AlertState::default(),
+            episode_scores: VecDeque::new(),
             source: Source::of(origin),
             dirty: false,
         });
@@ -504,6 +510,13 @@ impl Detector {
         let model = batch.model;
         let c = &model.contract;
         let alert_cfg = self.alert;
+        // A rebaselined key's threshold is calibrated on the second half of its episode: the
+        // new level, without the shift into it.
+        let relearn_from = alert_cfg
+            .rebaseline_after
+            .points()
+            .map(|n| n.div_ceil(2) as usize);
+        let threshold_cfg = self.threshold.clone();
         let f = c.features.len();
         let per_sample = c.sample_len();
         let row_len = per_sample / c.window.max(1);
@@ -554,13 +567,38 @@ impl Detector {
                 verdict.anomaly_score,
                 entry.record.timestamp.as_deref(),
             );
+            let rebaselined = matches!(transition, Some(Transition::Rebaselined(_)));
+            if let Some(keep) = relearn_from {
+                let scores = &mut state.episode_scores;
+                if state.alert.is_firing() || rebaselined {
+                    if scores.len() == keep {
+                        scores.pop_front();
+                    }
+                    scores.push_back(score);
+                } else {
+                    scores.clear();
+                }
+            }
+            if rebaselined {
+                // The new level is the key's normal from now on: its threshold learns it from
+                // the episode's scores, and its baselined levels restart from the next record.
+                let scores = std::mem::take(&mut state.episode_scores);
+                state.threshold = threshold_cfg.build(&Calibration::of_scores(scores.into()));
+                if let (Some(w), Some(b)) = (
+                    self.windows.peek_mut(&entry.record.key),
+                    c.baseline.as_ref(),
+                ) {
+                    w.level = Some(b.start());
+                }
+            }
             let evicted = evicted.map(|gone| {
                 self.episode_event(EventKind::Resolved, gone, Some(source.clone()), EVICTED)
             });
             let event = transition.map(|t| {
-                let (kind, episode) = match t {
-                    Transition::Fired(e) => (EventKind::Firing, e),
-                    Transition::Resolved(e) => (EventKind::Resolved, e),
+                let (kind, episode, reason) = match t {
+                    Transition::Fired(e) => (EventKind::Firing, e, None),
+                    Transition::Resolved(e) => (EventKind::Resolved, e, None),
+                    Transition::Rebaselined(e) => (EventKind::Resolved, e, Some(REBASELINED)),
                 };
                 let image = c.shape.is_some();
                 AlertEvent {
@@ -585,7 +623,7 @@ impl Detector {
                     model: model_ref.clone(),
                     source,
                     episode,
-                    reason: None,
+                    reason,
                 }
             });
             out.push(Outcome::Scored(Box::new(Scored {
@@ -796,6 +834,7 @@ impl Detector {
                 let state = KeyState {
                     threshold,
                     alert: k.alert.unwrap_or_default(),
+                    episode_scores: VecDeque::new(),
                     source,
                     dirty: false,
                 };
@@ -1216,6 +1255,87 @@ mod tests {
         // A model measuring other features from a baseline is refused on reload.
         let e = d.set_model(plain.model().clone()).unwrap_err();
         assert!(e.contains("baseline"), "{e}");
+    }
+
+    /// Issue 12, item 4: an episode that outlasts `rebaseline_after` points resolves as
+    /// `rebaselined`, and the key then judges the new level as normal (its threshold learned
+    /// from the episode) while a further shift fires again; with `never` the episode goes on.
+    #[test]
+    fn a_level_that_outlasts_rebaseline_after_becomes_the_keys_normal_unless_never() {
+        use crate::alert::Rebaseline;
+        // CPU jumps from 50 to 90 and stays there, jittering (the demo model knows no jitter).
+        let at = |i: usize, cpu: f32| {
+            let jitter = if cpu == 50.0 {
+                0.0
+            } else {
+                (i % 7) as f32 * 0.3
+            };
+            [cpu + jitter, 300.0, 35.0, 30.0]
+        };
+        let events = |d: &mut Detector, from: usize, to: usize, cpu: f32| {
+            (from..to)
+                .filter_map(|i| {
+                    let s = scored(run(d, vec![record("a", at(i, cpu).to_vec())]));
+                    s.event.map(|e| (i, e.event, e.reason))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (mut accept, mut never) = (
+            detector("demo-dense.onnx", 10),
+            detector("demo-dense.onnx", 10),
+        );
+        accept.alert.rebaseline_after = Rebaseline::After(60);
+        never.alert.rebaseline_after = Rebaseline::Never;
+        for d in [&mut accept, &mut never] {
+            assert_eq!(events(d, 0, 50, 50.0), [], "normal");
+        }
+        assert_eq!(
+            events(&mut accept, 50, 400, 90.0),
+            [
+                (52, EventKind::Firing, None),
+                (111, EventKind::Resolved, Some(REBASELINED))
+            ],
+            "fires after 3 points, accepts the level on the episode's 60th, quiet after"
+        );
+        assert_eq!(
+            events(&mut never, 50, 400, 90.0),
+            [(52, EventKind::Firing, None)]
+        );
+        let further = events(&mut accept, 400, 420, 500.0);
+        assert_eq!(
+            further.first().map(|e| e.1),
+            Some(EventKind::Firing),
+            "{further:?}"
+        );
+    }
+
+    /// A rebaselined key's baselined levels restart: the record after the rebaseline is its own
+    /// level (before, the level lagged a drifting latency).
+    #[test]
+    fn a_rebaseline_restarts_the_keys_levels() {
+        let mut d = baselined_detector();
+        d.alert.rebaseline_after = crate::alert::Rebaseline::After(20);
+        let at = |i: usize| [50.0, 300.0, 35.0 + 0.1 * i as f32, 30.0];
+        let level = |d: &mut Detector, i: usize| {
+            let mut batch = d.prepare(vec![record("a", at(i).to_vec())]);
+            let input = std::mem::take(&mut batch.samples);
+            let latency_level = batch.entries[0].levels.as_ref().unwrap()[2];
+            let inference = batch.model.infer(&input, 1).unwrap();
+            (latency_level, scored(d.judge(batch, &inference)).event)
+        };
+        let mut rebaselined = None;
+        for i in 0..200 {
+            let (l, event) = level(&mut d, i);
+            if let Some(r) = rebaselined {
+                assert_eq!(l, at(i)[2], "record {i}, after the rebaseline at {r}");
+                return;
+            }
+            assert!(i < 10 || l < at(i)[2] - 0.5, "record {i}: the level lags");
+            if event.is_some_and(|e| e.reason == Some(REBASELINED)) {
+                rebaselined = Some(i);
+            }
+        }
+        panic!("never rebaselined");
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub struct Metrics {
     pub partitions_assigned: IntGaugeVec,
     pub keys_tracked: IntGaugeVec,
     pub key_evictions: IntCounterVec,
+    pub rebaselines: IntCounterVec,
     pub keys_firing: IntGaugeVec,
     pub offsets_committed: IntCounterVec,
     pub deliveries_in_flight: IntGaugeVec,
@@ -149,6 +150,7 @@ impl Metrics {
             partitions_assigned: gauge(&r, "anomalyd_partitions_assigned", "Input partitions currently assigned to this instance.", &["pipeline"]),
             keys_tracked: gauge(&r, "anomalyd_keys_tracked", "Entity keys with state held in memory.", &["pipeline"]),
             key_evictions: counter(&r, "anomalyd_key_evictions_total", "Keys evicted (least recently seen) to stay under max_keys.", &["pipeline"]),
+            rebaselines: counter(&r, "anomalyd_rebaselines_total", "Episodes that outlasted rebaseline_after: a key's new level accepted as its normal.", &["pipeline"]),
             keys_firing: gauge(&r, "anomalyd_keys_firing", "Keys with an alert episode currently firing.", &["pipeline"]),
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
@@ -211,6 +213,7 @@ impl Metrics {
         for c in [
             &self.anomalies,
             &self.key_evictions,
+            &self.rebaselines,
             &self.offsets_committed,
             &self.model_load_failures,
             &self.model_reloads,

@@ -80,6 +80,24 @@ pub struct Calibration {
     pub feature_mean: Vec<f64>,
 }
 
+impl Calibration {
+    /// The calibration of scores seen elsewhere than on held-back data (a key's scores at a
+    /// level accepted as its new normal; a test's draws), summarised as the toolkit would.
+    pub fn of_scores(mut sample: Vec<f64>) -> Calibration {
+        sample.sort_by(f64::total_cmp);
+        let n = sample.len().max(1) as f64;
+        let mean = sample.iter().sum::<f64>() / n;
+        let var = sample.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        Calibration {
+            count: sample.len() as u64,
+            mean,
+            std: var.sqrt(),
+            sample,
+            ..Calibration::default()
+        }
+    }
+}
+
 /// Everything the daemon reads from a model file.
 #[derive(Debug, Clone, Serialize)]
 pub struct Contract {

@@ -184,6 +184,13 @@ impl Outputs {
             .alerts
             .with_label_values(&[&self.pipeline, event.event.as_str()])
             .inc();
+        if event.reason == Some(crate::detect::REBASELINED) {
+            self.metrics
+                .rebaselines
+                .with_label_values(&[&self.pipeline])
+                .inc();
+            tracing::info!(pipeline = %self.pipeline, key = %event.key, points = event.episode.points, "Level accepted as the key's normal: its episode outlasted rebaseline_after");
+        }
         let json = serde_json::to_vec(event).expect("alert events serialise");
         if self.stdout {
             self.print(&json);

@@ -627,19 +627,6 @@ mod tests {
         std::iter::repeat_with(move || -(1.0 - rng.random::<f64>()).ln())
     }
 
-    fn calibration(sample: Vec<f64>) -> Calibration {
-        let mut sample = sample;
-        sample.sort_by(f64::total_cmp);
-        let (mean, std) = mean_std(&sample);
-        Calibration {
-            count: sample.len() as u64,
-            mean,
-            std,
-            sample,
-            ..Calibration::default()
-        }
-    }
-
     #[test]
     fn p2_tracks_a_high_quantile() {
         let mut p2 = P2Quantile::new(0.99, 1_000_000);
@@ -661,7 +648,7 @@ mod tests {
             q: 0.99,
             memory: 10_000,
         })
-        .build(&calibration(exp_stream(2).take(2000).collect()));
+        .build(&Calibration::of_scores(exp_stream(2).take(2000).collect()));
         let n = 200_000;
         let flagged = exp_stream(3)
             .take(n)
@@ -681,7 +668,7 @@ mod tests {
         for seed in 0..40 {
             let sample: Vec<f64> = exp_stream(100 + seed).take(400).collect();
             let max = sample.iter().fold(0.0f64, |m, &x| m.max(x));
-            let mut t = P2Quantile::warm(q, 10_000, &calibration(sample));
+            let mut t = P2Quantile::warm(q, 10_000, &Calibration::of_scores(sample));
             for x in exp_stream(200 + seed).take(25_000) {
                 alarms += usize::from(t.judge(x).is_anomaly);
                 at_max += usize::from(x > max);
@@ -706,7 +693,7 @@ mod tests {
                 k: 6.0,
             }),
         ] {
-            let template = cfg.build(&calibration(exp_stream(4).take(2000).collect()));
+            let template = cfg.build(&Calibration::of_scores(exp_stream(4).take(2000).collect()));
             // Many fresh keys, each judging its first few normal points.
             let mut alarms = 0;
             let mut points = exp_stream(5);
@@ -736,7 +723,7 @@ mod tests {
                 k: 5.0,
             }),
         ] {
-            let mut t = cfg.build(&calibration(exp_stream(6).take(2000).collect()));
+            let mut t = cfg.build(&Calibration::of_scores(exp_stream(6).take(2000).collect()));
             for x in exp_stream(7).take(1000) {
                 t.judge(x);
             }
@@ -778,7 +765,7 @@ mod tests {
         assert!((normal_tail(3.0) - 1.349_898e-3).abs() < 1e-8);
         assert!((normal_tail(-1.0) - 0.841_344_7).abs() < 1e-6);
         // On the quantile threshold, the anomaly score is about q; beyond it, higher.
-        let cal = calibration(exp_stream(8).take(2000).collect());
+        let cal = Calibration::of_scores(exp_stream(8).take(2000).collect());
         let mut t = ThresholdConfig::Quantile(QuantileConfig {
             q: 0.99,
             memory: 10_000,

@@ -27,13 +27,7 @@ fn stream(dist: &str, seed: u64) -> Box<dyn Iterator<Item = f64>> {
 }
 
 fn calibration(dist: &str, n: usize) -> Calibration {
-    let mut sample: Vec<f64> = stream(dist, 1000).take(n).collect();
-    sample.sort_by(f64::total_cmp);
-    Calibration {
-        count: n as u64,
-        sample,
-        ..Calibration::default()
-    }
+    Calibration::of_scores(stream(dist, 1000).take(n).collect())
 }
 
 /// SPOT's false-alarm rate on a stationary stream stays within [q/3, 3q] over a million points.

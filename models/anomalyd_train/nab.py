@@ -112,6 +112,9 @@ class NabOptions:
     memory: int = 10000
     fire_after: int = 5
     resolve_after: int = 50
+    # An episode that outlasts this many rows accepts its level as the key's normal ("never": it
+    # fires until the values come back); see docs/BENCHMARKS.md for how it was chosen.
+    rebaseline_after: str = "never"
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
@@ -179,6 +182,8 @@ def validate(opts: NabOptions) -> None:
         (opts.escalate > 1, f"--escalate must be above 1, got {opts.escalate}"),
         (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
         (opts.fire_after >= 1 and opts.resolve_after >= 1, "--fire-after and --resolve-after must be at least 1"),
+        (opts.rebaseline_after == "never" or (opts.rebaseline_after.isdigit() and int(opts.rebaseline_after) >= 1),
+         f"--rebaseline-after must be a number of rows or 'never', got {opts.rebaseline_after!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -287,7 +292,13 @@ def config_toml(opts: NabOptions, model: Path) -> str:
         f'method = "{t}"\n' + params +
         "\n[pipelines.nab.alert]\n"
         f"fire_after = {opts.fire_after}\nresolve_after = {opts.resolve_after}\n"
+        f"rebaseline_after = {rebaseline_toml(opts.rebaseline_after)}\n"
     )
+
+
+def rebaseline_toml(value: str) -> str:
+    """`rebaseline_after` as the daemon's configuration writes it: a count, or "never"."""
+    return value if value.isdigit() else json.dumps(value)
 
 
 @dataclass

@@ -135,6 +135,8 @@ def add_nab_parser(sub) -> None:
     t.add_argument("--fire-after", type=int, default=d.fire_after, metavar="N", help=f"default {d.fire_after}")
     t.add_argument("--resolve-after", type=int, default=d.resolve_after, metavar="N",
                    help=f"default {d.resolve_after}")
+    t.add_argument("--rebaseline-after", default=d.rebaseline_after, metavar="N|never",
+                   help=f"rows after which an open episode's level is accepted as normal (default {d.rebaseline_after})")
     t.add_argument("--report", default=d.report, choices=tuple(nb.REPORTS),
                    help=f"how a row's NAB score is read from the daemon's output (default {d.report}; below)")
     t.add_argument("--escalate", type=float, default=d.escalate, metavar="X",
@@ -188,7 +190,7 @@ def run(args) -> int:
         calibration=args.calibration, threshold=args.threshold,
         q=args.q, level=args.level, max_peaks=args.max_peaks, depth=args.depth, exclude=args.exclude,
         alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
-        resolve_after=args.resolve_after, report=args.report, escalate=args.escalate, jobs=args.jobs,
+        resolve_after=args.resolve_after, rebaseline_after=args.rebaseline_after, report=args.report, escalate=args.escalate, jobs=args.jobs,
         files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )
