@@ -98,6 +98,22 @@ struct ScoreArgs {
     /// Output format, when the output's extension does not say (default: CSV).
     #[arg(long, value_parser = parse_format)]
     output_format: Option<Format>,
+    /// From input row ROW on (0-based, as the output's rows), score with MODEL: the daemon's
+    /// hot reload, mid-file (each key keeps its window and alert state; its threshold restarts
+    /// from MODEL's calibration). Repeat for a schedule, as a retraining loop would swap models.
+    #[arg(long, value_name = "ROW=MODEL", value_parser = parse_swap)]
+    swap: Vec<(u64, PathBuf)>,
+}
+
+fn parse_swap(s: &str) -> Result<(u64, PathBuf), String> {
+    let (row, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ROW=MODEL, found {s:?}"))?;
+    let row = row
+        .trim()
+        .parse()
+        .map_err(|_| format!("ROW must be a row number (0, 1, ...), found {row:?}"))?;
+    Ok((row, PathBuf::from(path)))
 }
 
 #[derive(Args, Debug)]
@@ -394,6 +410,27 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{origin}: pipelines.{name}.{e}");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
+    let mut swaps = Vec::with_capacity(args.swap.len());
+    for (row, path) in &args.swap {
+        if swaps.last().is_some_and(|(before, _)| before >= row) {
+            eprintln!(
+                "--swap {row}={}: rows must be in ascending order",
+                path.display()
+            );
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        match Model::load(path) {
+            Ok(m) => swaps.push((*row, Arc::new(m))),
+            Err(e) => {
+                eprintln!("--swap {row}={}: {e}", path.display());
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        }
+    }
+    let models = replay::Models {
+        first: model,
+        swaps,
+    };
     // A file of one series needs no key: with --model and no --key-field, records without one
     // are that series, named after the file.
     let series = (args.model.is_some() && args.key_field.is_none()).then(|| {
@@ -441,12 +478,12 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         Some(path) if path != "-" => {
             let file = std::fs::File::create(path)
                 .with_context(|| format!("cannot create the output {path}"))?;
-            replay::replay(&name, &pipeline, model, input, file, output_format)
+            replay::replay(&name, &pipeline, models, input, file, output_format)
         }
         _ => replay::replay(
             &name,
             &pipeline,
-            model,
+            models,
             input,
             std::io::stdout().lock(),
             output_format,

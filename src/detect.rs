@@ -1182,6 +1182,9 @@ mod tests {
         };
         model.contract.baseline = Some(Baseline::new(spec, &model.contract.features).unwrap());
         d.model = Arc::new(model);
+        // The demo model fires on latency measured from a level: levels are under test here,
+        // not what a long episode does to them.
+        d.alert.rebaseline_after = crate::alert::Rebaseline::Never;
         d
     }
 

@@ -29,6 +29,32 @@ pub enum ReplayError {
         pipeline: String,
         source: DetectorError,
     },
+    #[error("model {path} (from row {row}) cannot replace the one before it: {reason}")]
+    Swap {
+        row: u64,
+        path: String,
+        reason: String,
+    },
+}
+
+/// The models a replay scores with: `first` from the first row on, then each of `swaps` from its
+/// row on (0-based, as the output's rows), swapped in through the daemon's hot-reload path
+/// ([`Detector::set_model`]): each key keeps its window and alert state, and its threshold
+/// restarts from the new model's calibration. A schedule of models by row is how a retraining
+/// loop is replayed offline.
+pub struct Models {
+    pub first: Arc<Model>,
+    /// In ascending row order.
+    pub swaps: Vec<(u64, Arc<Model>)>,
+}
+
+impl From<Arc<Model>> for Models {
+    fn from(first: Arc<Model>) -> Models {
+        Models {
+            first,
+            swaps: Vec::new(),
+        }
+    }
 }
 
 /// Record formats of files.
@@ -202,11 +228,21 @@ struct Replayer<W: Write> {
     records: Vec<(Origin, Record)>,
     sink: RowSink<W>,
     summary: Summary,
+    /// Models still to swap in, the next one last.
+    swaps: Vec<(u64, Arc<Model>)>,
 }
 
 impl<W: Write> Replayer<W> {
     fn push(&mut self, parsed: Result<Record, DecodeError>) -> Result<(), ReplayError> {
         let index = self.summary.rows + self.slots.len() as u64;
+        while self.swaps.last().is_some_and(|(row, _)| *row <= index) {
+            let (row, model) = self.swaps.pop().expect("a swap is due");
+            self.flush()?;
+            let path = model.path.display().to_string();
+            self.detector
+                .set_model(model)
+                .map_err(|reason| ReplayError::Swap { row, path, reason })?;
+        }
         match parsed {
             Ok(record) => {
                 let origin = Origin {
@@ -299,22 +335,40 @@ pub struct Input<R> {
     pub series: Option<String>,
 }
 
-/// Replays `input` through `model` with pipeline `cfg`'s settings, writing rows to `output`.
+/// Replays `input` through `models` with pipeline `cfg`'s settings, writing rows to `output`.
+/// Every model is checked against the pipeline and the first model before a row is read.
 pub fn replay(
     name: &str,
     cfg: &PipelineConfig,
-    model: Arc<Model>,
+    models: impl Into<Models>,
     input: Input<impl BufRead>,
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
-    let detector = cfg
-        .detector()
-        .build(name, model)
-        .map_err(|source| ReplayError::Detector {
-            pipeline: name.to_string(),
-            source,
-        })?;
+    let Models { first, mut swaps } = models.into();
+    let build = |model| {
+        cfg.detector()
+            .build(name, model)
+            .map_err(|source| ReplayError::Detector {
+                pipeline: name.to_string(),
+                source,
+            })
+    };
+    for (row, model) in &swaps {
+        let swap = |reason| ReplayError::Swap {
+            row: *row,
+            path: model.path.display().to_string(),
+            reason,
+        };
+        build(model.clone())?;
+        build(first.clone())?
+            .set_model(model.clone())
+            .map_err(swap)?;
+    }
+    // Next one last; of two at the same row, the one listed last is the one that stays.
+    swaps.sort_by_key(|(row, _)| *row);
+    swaps.reverse();
+    let detector = build(first)?;
     let mut decoder = detector.decoder().clone();
     if let Some(key) = &input.series {
         decoder = decoder.with_default_key(key);
@@ -328,6 +382,7 @@ pub fn replay(
         records: Vec::with_capacity(batch_size),
         sink: RowSink::new(output_format, output)?,
         summary: Summary::default(),
+        swaps,
     };
     // Lines are read whole up to the record limit and skipped beyond it, so memory follows
     // `max_record_bytes`, not the longest line; a bad line is one row's error, never the run's.

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nab_score as ns
-from .data import file_sha256
+from .data import DataError, file_sha256
 
 # Feature groups the harness can compute, and the columns each becomes.
 FEATURE_GROUPS = {
@@ -113,8 +113,14 @@ class NabOptions:
     fire_after: int = 5
     resolve_after: int = 50
     # An episode that outlasts this many rows accepts its level as the key's normal ("never": it
-    # fires until the values come back); see docs/BENCHMARKS.md for how it was chosen.
-    rebaseline_after: str = "never"
+    # fires until the values come back): the daemon's default, chosen on this corpus (BENCHMARKS).
+    rebaseline_after: str = "350"
+    # Learning (issue 12): every `retrain_every` rows after the probation, a model is trained like
+    # the first on the file's rows so far that the daemon did not alert on (the most recent
+    # `retrain_rows` of them) and swapped in from the next row through the daemon's hot-reload
+    # path (`anomalyd score --swap`). 0: the model stays the probation's.
+    retrain_every: int = 0
+    retrain_rows: int = 2000
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
@@ -182,6 +188,8 @@ def validate(opts: NabOptions) -> None:
         (opts.escalate > 1, f"--escalate must be above 1, got {opts.escalate}"),
         (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
         (opts.fire_after >= 1 and opts.resolve_after >= 1, "--fire-after and --resolve-after must be at least 1"),
+        (opts.retrain_every >= 0, f"--retrain-every must be 0 (never) or a number of rows, got {opts.retrain_every}"),
+        (opts.retrain_rows >= 1, f"--retrain-rows must be at least 1, got {opts.retrain_rows}"),
         (opts.rebaseline_after == "never" or (opts.rebaseline_after.isdigit() and int(opts.rebaseline_after) >= 1),
          f"--rebaseline-after must be a number of rows or 'never', got {opts.rebaseline_after!r}"),
     ]
@@ -344,31 +352,52 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         # tail on them); out-of-fold calibration is for the quantile's small-sample problem.
         calibration_folds=1,
     )
-    train_model(fit_opts, opts, feats_probation(feats, columns, probation), work)
+    table = np.stack([feats[c] for c in columns], axis=1)
+    train_model(fit_opts, opts, [table[:probation]], work)
     train_seconds = time.perf_counter() - started
 
     # Relative to the config file (which anomalyd resolves it against), wherever --out is.
     config.write_text(config_toml(opts, Path(model.name)))
-    started = time.perf_counter()
-    p = subprocess.run([binary, "score", "-c", str(config), "--pipeline", "nab", "--input", str(input_csv),
-                        "--output", str(scores)], capture_output=True, text=True)
-    score_seconds = time.perf_counter() - started
-    if p.returncode != 0:
-        raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+    score_seconds = 0.0
 
-    out = ns.read_columns(scores, ["score", "anomaly_score", "is_anomaly", "event", "error"])
-    if len(out["anomaly_score"]) != n:
-        raise ns.NabError(f"{name}: anomalyd score wrote {len(out['anomaly_score'])} rows for {n} inputs")
-    bad = [e for e in out["error"] if e]
-    if bad:
-        raise ns.NabError(f"{name}: anomalyd could not score {len(bad)} rows, e.g. {bad[0]}")
-    daemon = DaemonRows(
-        anomaly_score=np.array([float(v) if v else 0.0 for v in out["anomaly_score"]]),
-        score=np.array([float(v) if v else 0.0 for v in out["score"]]),
-        is_anomaly=np.array([v == "true" for v in out["is_anomaly"]]),
-        firing=np.array([e == "firing" for e in out["event"]]),
-        resolved=np.array([e == "resolved" for e in out["event"]]),
-    )
+    def score(swaps: list[tuple[int, Path]], rows: int = n) -> DaemonRows:
+        """The daemon's verdicts on the first `rows` rows, with the models swapped in so far."""
+        nonlocal score_seconds
+        started = time.perf_counter()
+        swap_args = [a for row, m in swaps for a in ("--swap", f"{row}={m}")]
+        prefix = None if rows == n else "".join(input_lines[:rows + 1])
+        p = subprocess.run([binary, "score", "-c", str(config), "--pipeline", "nab", "--input",
+                            "-" if prefix else str(input_csv), "--input-format", "csv", "--output", str(scores),
+                            *swap_args], input=prefix, capture_output=True, text=True)
+        score_seconds += time.perf_counter() - started
+        if p.returncode != 0:
+            raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+        return read_scores(scores, rows, name)
+
+    # Scoring is causal, so the rows before a swap are the same whichever models come after it:
+    # each retrain reads the daemon's verdicts on the rows so far from a run with the models so far.
+    swaps: list[tuple[int, Path]] = []
+    input_lines = input_csv.read_text().splitlines(keepends=True) if opts.retrain_every else []
+    retrains = range(probation + opts.retrain_every, n, opts.retrain_every) if opts.retrain_every else ()
+    for k, row in enumerate(retrains, 1):
+        started = time.perf_counter()
+        parts = clean_segments(table[:row], alerted(score(swaps, row)), opts.retrain_rows)
+        if not parts:
+            continue
+        retrained = work / f"model-{k}.onnx"
+        data_csv = work / f"retrain-{k}.csv"
+        _write_csv(data_csv, ["segment"] + columns,
+                   [np.concatenate([np.full(len(p), f"s{i}") for i, p in enumerate(parts)])] +
+                   [np.concatenate([p[:, j] for p in parts]) for j in range(len(columns))])
+        (work / f"retrain-{k}").mkdir(exist_ok=True)
+        retrain_opts = replace(fit_opts, data=str(data_csv), key="segment", out=str(retrained))
+        try:
+            train_model(retrain_opts, opts, parts, work / f"retrain-{k}")
+            swaps.append((row, retrained.resolve()))
+        except DataError:
+            pass  # too little clean data in this stretch: the model before keeps serving
+        train_seconds += time.perf_counter() - started
+    daemon = score(swaps)
     nab = report(opts.report, daemon, opts.escalate)
     firing = daemon.firing
 
@@ -387,9 +416,43 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
                        score_seconds=score_seconds, alerts=int(firing.sum()))
 
 
-def feats_probation(feats: dict[str, np.ndarray], columns: list[str], probation: int) -> np.ndarray:
-    """The probationary rows' features, [rows, F]."""
-    return np.stack([feats[c][:probation] for c in columns], axis=1)
+def read_scores(path: Path, n: int, name: str) -> "DaemonRows":
+    """The daemon's per-row output of one file, checked: one row per input, all scored."""
+    out = ns.read_columns(path, ["score", "anomaly_score", "is_anomaly", "event", "error"])
+    if len(out["anomaly_score"]) != n:
+        raise ns.NabError(f"{name}: anomalyd score wrote {len(out['anomaly_score'])} rows for {n} inputs")
+    bad = [e for e in out["error"] if e]
+    if bad:
+        raise ns.NabError(f"{name}: anomalyd could not score {len(bad)} rows, e.g. {bad[0]}")
+    return DaemonRows(
+        anomaly_score=np.array([float(v) if v else 0.0 for v in out["anomaly_score"]]),
+        score=np.array([float(v) if v else 0.0 for v in out["score"]]),
+        is_anomaly=np.array([v == "true" for v in out["is_anomaly"]]),
+        firing=np.array([e == "firing" for e in out["event"]]),
+        resolved=np.array([e == "resolved" for e in out["event"]]),
+    )
+
+
+def alerted(d: "DaemonRows") -> np.ndarray:
+    """The rows a retrain leaves out: those over their threshold, and every row of an alert
+    episode (from its firing row to its resolving row)."""
+    out = d.is_anomaly.copy()
+    open_ = False
+    for i in range(len(out)):
+        open_ = open_ or bool(d.firing[i])
+        out[i] |= open_
+        open_ = open_ and not d.resolved[i]
+    return out
+
+
+def clean_segments(rows: np.ndarray, excluded: np.ndarray, keep: int) -> list[np.ndarray]:
+    """The most recent `keep` rows not `excluded`, as the contiguous stretches they form (a
+    window never spans a left-out row)."""
+    kept = np.flatnonzero(~excluded)[-keep:]
+    if len(kept) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(kept) > 1) + 1
+    return [rows[idx] for idx in np.split(kept, breaks)]
 
 
 def probation_windows(rows: np.ndarray, window: int) -> np.ndarray:
@@ -400,8 +463,9 @@ def probation_windows(rows: np.ndarray, window: int) -> np.ndarray:
     return np.ascontiguousarray(sliding_window_view(rows, window, axis=0).transpose(0, 2, 1))
 
 
-def train_model(fit_opts, opts: NabOptions, rows: np.ndarray, work: Path) -> None:
-    """Trains the file's model into `fit_opts.out`: `opts.ensemble` members (seeds seed, seed + 1,
+def train_model(fit_opts, opts: NabOptions, parts: list[np.ndarray], work: Path) -> None:
+    """Trains the file's model (on `parts`, the stretches of rows `fit_opts.data` holds) into
+    `fit_opts.out`: `opts.ensemble` members (seeds seed, seed + 1,
     ...), combined into one graph whose `error` is the mean of theirs (one member: the member).
 
     Why an ensemble: an autoencoder trained on a few hundred rows is a noisy estimate; two seeds
@@ -420,12 +484,13 @@ def train_model(fit_opts, opts: NabOptions, rows: np.ndarray, work: Path) -> Non
     protos = [onnx.load(str(m)) for m in members]
     proto = protos[0] if len(protos) == 1 else combine(protos)
     meta = export.metadata(protos[0])
+    window = int(meta["anomalyd.window"])
     if opts.calibration == "probation":
-        windows = probation_windows(rows, int(meta["anomalyd.window"]))
+        windows = np.concatenate([probation_windows(p, window) for p in parts if len(p) >= window])
     elif len(protos) > 1:
         # The windows the first member held back (the same seeded split `fit` made); the other
         # members may have trained on some of them, so this sample is slightly optimistic.
-        _, windows = data.split_windows([rows], int(meta["anomalyd.window"]), fit_opts.val_fraction, fit_opts.seed)
+        _, windows = data.split_windows(parts, window, fit_opts.val_fraction, fit_opts.seed)
     else:
         windows = None  # the single member's own calibration, as `fit` wrote it
     if windows is not None:

@@ -119,6 +119,38 @@ def test_probation_windows_are_every_window_in_order():
     np.testing.assert_array_equal(w[-1], rows[-4:])
 
 
+def test_a_retrain_leaves_out_alerted_rows_and_keeps_the_most_recent_clean_stretches():
+    # Rows 3-4 over the threshold without an episode; an episode fires at 7 and resolves at 9.
+    is_anomaly = [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0]
+    events = ["", "", "", "", "", "", "", "f", "", "r", "", ""]
+    out = nb.alerted(daemon_rows(np.ones(12), is_anomaly, events))
+    np.testing.assert_array_equal(out, [0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0])
+    rows = np.arange(24, dtype=float).reshape(12, 2)
+    parts = nb.clean_segments(rows, out, keep=5)
+    assert [p[:, 0].tolist() for p in parts] == [[4.0], [10.0, 12.0], [20.0, 22.0]], parts
+    parts = nb.clean_segments(rows, out, keep=100)
+    assert [len(p) for p in parts] == [3, 2, 2]
+    assert nb.clean_segments(rows, np.ones(12, dtype=bool), keep=5) == []
+
+
+def test_harness_learns_by_swapping_in_models_retrained_on_clean_rows(tmp_path):
+    """One file, one member: a model retrained every 1000 rows on the rows so far that the
+    daemon did not alert on, swapped in through `anomalyd score --swap`."""
+    nab = nab_dir()
+    name = "artificialWithAnomaly/art_daily_jumpsup.csv"
+    opts = nb.NabOptions(nab_dir=str(nab), out=str(tmp_path), files=[name], ensemble=1, retrain_every=1000,
+                         retrain_rows=800, anomalyd=str(anomalyd_bin()), quiet=True)
+    run = nb.run(opts)
+    work = tmp_path / ".work" / "anomalyd-conv" / name.replace(".csv", "")
+    retrained = sorted(work.glob("model-*.onnx"))
+    rows = len(ns.read_columns(nab / "data" / name, ["timestamp"])["timestamp"])
+    probation = ns.probation_rows(rows)
+    assert len(retrained) == len(range(probation + 1000, rows, 1000)) >= 2
+    for k, model in enumerate(retrained, 1):
+        training = json.loads(export.metadata(str(model))["anomalyd.training"])
+        assert training["train_windows"] + training["val_windows"] <= 800, training
+    assert run.results["standard"].per_file[name] > 0, "the jump is still found"
+
 def test_harness_on_two_files(tmp_path):
     """Two members per file (~10 s): NAB's layout, labels from the windows, the ensemble and its
     probation calibration in the model, and the jump of art_daily_jumpsup found."""
