@@ -27,6 +27,7 @@ use crate::detect::DetectorConfig;
 use crate::kafka::KafkaConfig;
 use crate::log::LogConfig;
 use crate::metrics::HttpConfig;
+use crate::shadow::PromotionConfig;
 use crate::threshold::ThresholdConfig;
 use crate::time::duration_problem;
 
@@ -106,6 +107,14 @@ pub struct PipelineConfig {
     /// checks at once).
     #[serde(default = "default_reload_check", with = "humantime_serde")]
     pub reload_check: Duration,
+    /// A candidate model, scored in the shadow of the serving one (checked as often as the
+    /// model) and promoted or refused by `promotion`. Absent: the model's path with
+    /// `.candidate` before its extension (`fleet.onnx` → `fleet.candidate.onnx`).
+    #[serde(default)]
+    pub candidate: Option<PathBuf>,
+    /// When a candidate replaces the serving model.
+    #[serde(default)]
+    pub promotion: PromotionConfig,
     /// Record field holding the entity key (host, sensor…). Records without it are dead letters.
     #[serde(default = "default_key_field")]
     pub key_field: String,
@@ -157,6 +166,18 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// Where a candidate model for this pipeline is looked for.
+    pub fn candidate_path(&self) -> PathBuf {
+        self.candidate.clone().unwrap_or_else(|| {
+            let stem = self.model.file_stem().unwrap_or_default().to_string_lossy();
+            let name = match self.model.extension() {
+                Some(ext) => format!("{stem}.candidate.{}", ext.to_string_lossy()),
+                None => format!("{stem}.candidate"),
+            };
+            self.model.with_file_name(name)
+        })
+    }
+
     /// The state topic of this pipeline consuming as `group`, if state is kept in Kafka.
     pub fn state_topic(&self, group: &str) -> Option<String> {
         match &self.state_topic {
@@ -242,6 +263,9 @@ impl Config {
         for p in config.pipelines.values_mut() {
             if p.model.is_relative() {
                 p.model = base.join(&p.model);
+            }
+            if let Some(c) = p.candidate.as_mut().filter(|c| c.is_relative()) {
+                *c = base.join(&*c);
             }
         }
         config.validate()?;
@@ -398,6 +422,15 @@ impl Config {
                     .into_iter()
                     .map(|e| format!("{}.{e}", at("alert"))),
             );
+            problems.extend(
+                p.promotion
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("{}.{e}", at("promotion"))),
+            );
+            if p.candidate_path() == p.model {
+                problems.push(format!("{}: must not be the model itself", at("candidate")));
+            }
             if let Some(am) = &p.alertmanager {
                 problems.extend(
                     am.problems()

@@ -386,6 +386,36 @@ impl Detector {
     /// so every key's threshold restarts from the new calibration (alert states are kept, so a
     /// firing episode still resolves). Batches already prepared finish with the old model.
     pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), String> {
+        self.can_serve(&model)?;
+        self.template = self.threshold.build(&model.contract.calibration);
+        for (_, state) in self.keys.iter_mut() {
+            state.threshold = self.template.clone();
+            state.dirty = true;
+        }
+        self.model = model;
+        Ok(())
+    }
+
+    /// Swaps in the model of `candidate`, a detector that scored the same records in the shadow
+    /// of this one: as [`Detector::set_model`], except that each key takes the threshold the
+    /// candidate learned for it on live traffic (keys it has not seen start from its
+    /// calibration), so the swap brings no burst of alerts from thresholds starting afresh.
+    pub fn promote(&mut self, mut candidate: Detector) -> Result<(), String> {
+        self.can_serve(&candidate.model)?;
+        self.template = candidate.template;
+        for (key, state) in self.keys.iter_mut() {
+            state.threshold = match candidate.keys.pop(key) {
+                Some(learned) => learned.threshold,
+                None => self.template.clone(),
+            };
+            state.dirty = true;
+        }
+        self.model = candidate.model;
+        Ok(())
+    }
+
+    /// Whether `model` can take over from the running model without a restart.
+    pub fn can_serve(&self, model: &Model) -> Result<(), String> {
         let (old, new) = (&self.model.contract, &model.contract);
         if (&old.features, old.window, &old.shape) != (&new.features, new.window, &new.shape) {
             return Err(format!(
@@ -400,12 +430,6 @@ impl Detector {
                 baselined(old)
             ));
         }
-        self.template = self.threshold.build(&new.calibration);
-        for (_, state) in self.keys.iter_mut() {
-            state.threshold = self.template.clone();
-            state.dirty = true;
-        }
-        self.model = model;
         Ok(())
     }
 
@@ -1339,6 +1363,50 @@ mod tests {
             }
         }
         panic!("never rebaselined");
+    }
+
+    /// Issue 12, item 2: a promoted candidate brings the thresholds it learned in the shadow
+    /// (not its calibration's), and the serving detector's alert states stay.
+    #[test]
+    fn a_promoted_candidate_brings_the_thresholds_it_learned_and_keeps_the_alert_states() {
+        let (mut serving, mut candidate) = (
+            detector("demo-dense.onnx", 10),
+            detector("demo-dense.onnx", 10),
+        );
+        let normal = |i: usize| {
+            let mut v = NORMAL.to_vec();
+            v[0] += (i % 5) as f32;
+            record("b", v)
+        };
+        for i in 0..40 {
+            run(&mut serving, vec![normal(i)]);
+            run(&mut candidate, vec![normal(i)]);
+        }
+        run(
+            &mut serving,
+            (0..3).map(|_| record("a", WILD.to_vec())).collect(),
+        );
+        assert_eq!(serving.firing(), 1);
+        let learned = candidate.keys.peek("b").unwrap().threshold.snapshot();
+        let fresh = candidate.template.snapshot();
+        assert_ne!(
+            learned, fresh,
+            "40 records moved the candidate's threshold for b"
+        );
+        serving.promote(candidate).unwrap();
+        assert_eq!(
+            serving.keys.peek("b").unwrap().threshold.snapshot(),
+            learned
+        );
+        assert_eq!(serving.keys.peek("a").unwrap().threshold.snapshot(), fresh);
+        assert_eq!(
+            serving.firing(),
+            1,
+            "a still fires: its episode resolves as usual"
+        );
+        // A candidate that cannot take over is refused, as a reload would be.
+        let lstm = detector("demo-lstm.onnx", 10);
+        assert!(serving.promote(lstm).unwrap_err().contains("window"));
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub enum Input {
     },
     /// A new version of the model, to swap in between batches.
     Reload(Arc<Model>),
+    /// A candidate model, to score in the shadow of the serving one; `decided` hears whether it
+    /// was promoted.
+    Candidate {
+        model: Arc<Model>,
+        decided: tokio::sync::oneshot::Sender<bool>,
+    },
 }
 
 /// Commit positions: per partition, the offset of the next record to read.

@@ -22,6 +22,7 @@
 //! | [`threshold`] | adaptive per-key thresholds; [`threshold::evt`]: the extreme-value ones, SPOT and DSPOT |
 //! | [`alert`] | hysteresis and alert events |
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
+//! | [`shadow`] | a candidate model's verdicts against the serving one's, and the promotion rule |
 //! | [`state`] | each key's state as it is kept outside the process |
 //! | [`offsets`] | at-least-once offset tracking |
 //! | [`time`] | timestamps |
@@ -75,6 +76,7 @@ pub mod model;
 pub mod offsets;
 pub mod pipeline;
 pub mod replay;
+pub mod shadow;
 pub mod sink;
 pub mod state;
 pub mod threshold;

@@ -56,6 +56,12 @@ pub mod label {
     /// `result` of the push and write counters.
     pub const OK: &str = "ok";
     pub const ERROR: &str = "error";
+    /// `result` of `anomalyd_candidates_total`.
+    pub const PROMOTED: &str = "promoted";
+    pub const REFUSED: &str = "refused";
+    /// `role` of `anomalyd_model_info`.
+    pub const SERVING: &str = "serving";
+    pub const CANDIDATE: &str = "candidate";
 
     pub fn result<T, E>(r: &Result<T, E>) -> &'static str {
         if r.is_ok() {
@@ -89,6 +95,7 @@ pub struct Metrics {
     pub deliveries_in_flight: IntGaugeVec,
     pub outputs_dropped: IntCounterVec,
     pub model_info: IntGaugeVec,
+    pub candidates: IntCounterVec,
     pub model_load_failures: IntCounterVec,
     pub model_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -155,7 +162,8 @@ impl Metrics {
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
             outputs_dropped: counter(&r, "anomalyd_outputs_dropped_total", "Outputs no broker would accept (too large, invalid) whose reduced dead letter could not be delivered either; dropped so that the partition moves on.", &["pipeline", "sink"]),
-            model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (value 1).", &["pipeline", "model", "version", "kind"]),
+            model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (role serving) and the candidate scored in its shadow, if any (role candidate); value 1.", &["pipeline", "model", "version", "kind", "role"]),
+            candidates: counter(&r, "anomalyd_candidates_total", "Candidate models decided: promoted to serve, or refused (did not load, did not fit, or failed the promotion rule).", &["pipeline", "result"]),
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
             alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
@@ -204,6 +212,9 @@ impl Metrics {
         }
         for event in [EventKind::Firing, EventKind::Resolved] {
             self.alerts.with_label_values(&[pipeline, event.as_str()]);
+        }
+        for result in [label::PROMOTED, label::REFUSED] {
+            self.candidates.with_label_values(&[pipeline, result]);
         }
         for result in [label::OK, label::ERROR] {
             self.alertmanager_pushes

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::Producer;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,12 +44,13 @@ use crate::batch::MicroBatcher;
 use crate::changelog::{Changelog, ChangelogError};
 use crate::config::PipelineConfig;
 use crate::decode::Record;
-use crate::detect::{Batch, Detector, Origin};
+use crate::detect::{Batch, Detector, DetectorConfig, Origin, Outcome};
 use crate::ingest::{Ingest, Input, Positions, Rebalancing};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
 use crate::offsets::{OffsetTracker, Partition};
+use crate::shadow::{Comparison, Decision, PromotionConfig};
 use crate::sink::{Outputs, Sent};
 use crate::state::Change;
 
@@ -88,7 +89,13 @@ pub struct Shared {
     pub reload: Arc<Notify>,
 }
 
-type Inferred = (Result<Inference, ModelError>, Duration);
+/// A batch's inference and how long it took, and the candidate's on the same records when
+/// one is in the shadow.
+type Inferred = (
+    Result<Inference, ModelError>,
+    Duration,
+    Option<Result<Inference, ModelError>>,
+);
 
 /// Batches being inferred, and barriers, in stream order.
 const MAX_QUEUED: usize = 4;
@@ -129,14 +136,14 @@ pub async fn run(
     })?;
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
-        cfg.model.clone(),
+        (cfg.model.clone(), cfg.candidate_path()),
         cfg.reload_check,
         input_tx,
         shared.clone(),
         shutdown.clone(),
     ));
     shared.metrics.init_pipeline(&name);
-    set_model_info(&shared.metrics, &name, &model, true);
+    set_model_info(&shared.metrics, &name, &model, Some(label::SERVING));
     tracing::info!(pipeline = %name, group = %parts.group, topics = ?cfg.topics, model = %model.path.display(), state_topic = parts.changelog.as_ref().map(|c| c.topic()), "Pipeline started.");
 
     let took = DetectorTask::new(
@@ -249,8 +256,9 @@ impl Parts {
 
 /// One entry of the detector task's queue.
 enum Queued {
-    /// A batch whose inference runs on a blocking thread.
-    Batch(Batch, JoinHandle<Inferred>),
+    /// A batch whose inference runs on a blocking thread, with the candidate's batch of the same
+    /// records when one is in the shadow.
+    Batch(Batch, Option<Batch>, JoinHandle<Inferred>),
     /// A barrier, with the positions just past every record received before it.
     Barrier(Positions),
 }
@@ -307,6 +315,20 @@ struct DetectorTask {
     /// `anomalyd_deliveries_in_flight` of this pipeline.
     deliveries: prometheus::IntGauge,
     evictions_seen: u64,
+    /// What candidate detectors are built from, and the rule that promotes them.
+    detector_cfg: DetectorConfig,
+    promotion: PromotionConfig,
+    /// The candidate model scored in the shadow of the serving one, if any.
+    shadow: Option<Shadow>,
+}
+
+/// A candidate in the shadow: its own detector (windows and thresholds learned on the same
+/// records as the serving one, no alerts sent), the verdicts compared so far, and who waits
+/// for the decision (the reload loop, which replaces the model file on a promotion).
+struct Shadow {
+    detector: Detector,
+    comparison: Comparison,
+    decided: oneshot::Sender<bool>,
 }
 
 /// What woke the detector task up.
@@ -323,12 +345,12 @@ enum Event {
 /// Waits for the front of the queue: a batch's inference, or a barrier (at once).
 async fn front(queue: &mut VecDeque<Queued>) -> Option<Inferred> {
     match queue.front_mut() {
-        Some(Queued::Batch(_, handle)) => Some(handle.await.unwrap_or_else(|e| {
+        Some(Queued::Batch(_, _, handle)) => Some(handle.await.unwrap_or_else(|e| {
             let failed = ModelError::Inference {
                 path: Default::default(),
                 reason: format!("inference thread failed: {e}"),
             };
-            (Err(failed), Duration::ZERO)
+            (Err(failed), Duration::ZERO, None)
         })),
         Some(Queued::Barrier(_)) => None,
         None => std::future::pending().await,
@@ -368,6 +390,9 @@ impl DetectorTask {
                 .deliveries_in_flight
                 .with_label_values(&[name]),
             evictions_seen: 0,
+            detector_cfg: cfg.detector(),
+            promotion: cfg.promotion,
+            shadow: None,
         }
     }
 
@@ -460,8 +485,8 @@ impl DetectorTask {
                 }
             }
             Event::Front(inferred) => match self.queue.pop_front() {
-                Some(Queued::Batch(batch, _)) => {
-                    self.judge(batch, inferred.expect("a batch's inference"))
+                Some(Queued::Batch(batch, shadow, _)) => {
+                    self.judge(batch, shadow, inferred.expect("a batch's inference"))
                 }
                 Some(Queued::Barrier(positions)) => self.barrier_reached(positions),
                 None => {}
@@ -516,11 +541,20 @@ impl DetectorTask {
                 reply,
             } => self.revoke(partitions, within, reply).await,
             Input::Reload(model) => self.reload(model),
+            Input::Candidate { model, decided } => self.shadow(model, decided),
         }
     }
 
     /// Prepares a batch and starts its inference.
     async fn dispatch(&mut self, records: Vec<(Origin, Record)>) {
+        let mut shadow = self
+            .shadow
+            .as_mut()
+            .map(|s| s.detector.prepare(records.clone()));
+        let shadow_input = shadow.as_mut().map(|b| {
+            let samples = std::mem::take(&mut b.samples);
+            (b.model.clone(), samples, b.sample_count())
+        });
         let mut batch = self.detector.prepare(records);
         let model = batch.model.clone();
         let n = batch.sample_count();
@@ -541,9 +575,11 @@ impl DetectorTask {
             let _permit = permit;
             let t = std::time::Instant::now();
             let result = model.infer(&samples, n);
-            (result, t.elapsed())
+            let elapsed = t.elapsed();
+            let shadow = shadow_input.map(|(m, samples, n)| m.infer(&samples, n));
+            (result, elapsed, shadow)
         });
-        self.queue.push_back(Queued::Batch(batch, handle));
+        self.queue.push_back(Queued::Batch(batch, shadow, handle));
     }
 
     async fn flush_batch(&mut self) {
@@ -554,7 +590,12 @@ impl DetectorTask {
     }
 
     /// Judges a batch whose inference finished, and emits its outcomes.
-    fn judge(&mut self, batch: Batch, (result, elapsed): Inferred) {
+    fn judge(
+        &mut self,
+        batch: Batch,
+        shadow: Option<Batch>,
+        (result, elapsed, shadowed): Inferred,
+    ) {
         let m = &self.shared.metrics;
         match result {
             Ok(inference) => {
@@ -573,6 +614,9 @@ impl DetectorTask {
                     .with_label_values(&[&self.name])
                     .inc_by(evictions - self.evictions_seen);
                 self.evictions_seen = evictions;
+                if let (Some(batch), Some(Ok(inference))) = (shadow, shadowed) {
+                    self.compare(&outcomes, batch, &inference);
+                }
                 for outcome in outcomes {
                     let sent = self.outputs.emit(outcome);
                     self.track(sent);
@@ -755,6 +799,10 @@ impl DetectorTask {
             positions.retain(|(p, _)| !partitions.contains(p));
         }
         let forgotten = self.detector.forget_partitions(&partitions);
+        if let Some(shadow) = &mut self.shadow {
+            // Its episodes were never sent: nothing to resolve.
+            shadow.detector.forget_partitions(&partitions);
+        }
         if self.changelog.is_some() {
             self.outputs
                 .to_alertmanager(AmInput::HandedOver(partitions.clone()));
@@ -768,14 +816,103 @@ impl DetectorTask {
         tracing::info!(pipeline = %self.name, ?partitions, keys_dropped = forgotten.keys, elapsed_ms = started.elapsed().as_millis() as u64, "Partitions revoked.");
     }
 
+    /// Starts scoring `model` in the shadow of the serving model (replacing any candidate
+    /// before it), or refuses it at once if it cannot take over without a restart.
+    fn shadow(&mut self, model: Arc<Model>, decided: oneshot::Sender<bool>) {
+        let path = model.path.display().to_string();
+        let built = self.detector.can_serve(&model).and_then(|()| {
+            self.detector_cfg
+                .build(&self.name, model.clone())
+                .map_err(|e| e.to_string())
+        });
+        match built {
+            Ok(detector) => {
+                if let Some(old) = self.shadow.take() {
+                    set_model_info(&self.shared.metrics, &self.name, old.detector.model(), None);
+                }
+                set_model_info(
+                    &self.shared.metrics,
+                    &self.name,
+                    &model,
+                    Some(label::CANDIDATE),
+                );
+                tracing::info!(pipeline = %self.name, candidate = %path, version = %model.contract.version, records = self.promotion.records, "Scoring a candidate model in the shadow of the serving one.");
+                self.shadow = Some(Shadow {
+                    detector,
+                    comparison: Comparison::default(),
+                    decided,
+                });
+            }
+            Err(why) => {
+                candidate_refused(
+                    &self.shared.metrics,
+                    &self.name,
+                    &format!("candidate {path}: {why}"),
+                );
+                let _ = decided.send(false);
+            }
+        }
+    }
+
+    /// Compares the candidate's verdicts on a batch with the serving model's, and once the
+    /// rule can decide, promotes or refuses it.
+    fn compare(&mut self, outcomes: &[Outcome], batch: Batch, inference: &Inference) {
+        let Some(shadow) = self.shadow.as_mut() else {
+            return;
+        };
+        if !Arc::ptr_eq(&batch.model, shadow.detector.model()) {
+            return; // prepared for a candidate since replaced
+        }
+        let theirs = shadow.detector.judge(batch, inference);
+        for (ours, theirs) in outcomes.iter().zip(&theirs) {
+            if let (Outcome::Scored(a), Outcome::Scored(b)) = (ours, theirs) {
+                shadow
+                    .comparison
+                    .observe(a.verdict.is_anomaly, b.verdict.is_anomaly);
+            }
+        }
+        let Some(decision) = shadow.comparison.decide(&self.promotion) else {
+            return;
+        };
+        let Shadow {
+            detector,
+            comparison: c,
+            decided,
+        } = self.shadow.take().expect("in the shadow");
+        let m = &self.shared.metrics;
+        let (old, new) = (self.detector.model().clone(), detector.model().clone());
+        set_model_info(m, &self.name, &new, None);
+        let why = match decision {
+            Decision::Promote => self.detector.promote(detector).err(),
+            Decision::Refuse(why) => Some(why.to_string()),
+        };
+        match why {
+            None => {
+                set_model_info(m, &self.name, &old, None);
+                set_model_info(m, &self.name, &new, Some(label::SERVING));
+                m.candidates
+                    .with_label_values(&[&self.name, label::PROMOTED])
+                    .inc();
+                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %new.contract.version, records = c.records, new_anomalies = c.new_share(), kept_anomalies = c.kept_share(), "Promoted the candidate model: it serves now, with the thresholds it learned in the shadow.");
+                let _ = decided.send(true);
+            }
+            Some(why) => {
+                candidate_refused(m, &self.name, &format!("candidate {} after {} records (new anomalies {:.4}, kept anomalies {:.4}): {why}", new.path.display(), c.records, c.new_share(), c.kept_share()));
+                // (Had the candidate the serving model's name and version, its series was it.)
+                set_model_info(m, &self.name, self.detector.model(), Some(label::SERVING));
+                let _ = decided.send(false);
+            }
+        }
+    }
+
     fn reload(&mut self, model: Arc<Model>) {
         let old = self.detector.model().clone();
         let path = model.path.clone();
         let m = &self.shared.metrics;
         match self.detector.set_model(model.clone()) {
             Ok(()) => {
-                set_model_info(m, &self.name, &old, false);
-                set_model_info(m, &self.name, &model, true);
+                set_model_info(m, &self.name, &old, None);
+                set_model_info(m, &self.name, &model, Some(label::SERVING));
                 m.model_reloads.with_label_values(&[&self.name]).inc();
                 tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %model.contract.version, "Swapped in a new model; every key's threshold restarts from its calibration.");
             }
@@ -784,15 +921,36 @@ impl DetectorTask {
     }
 }
 
-fn set_model_info(metrics: &Metrics, pipeline: &str, model: &Model, serving: bool) {
+/// Shows `model` in `anomalyd_model_info` in `role` (serving or candidate), or takes it out of
+/// both roles.
+fn set_model_info(metrics: &Metrics, pipeline: &str, model: &Model, role: Option<&str>) {
     let c = &model.contract;
     let kind = format!("{:?}", c.kind).to_lowercase();
-    let labels = [pipeline, c.name.as_str(), c.version.as_str(), kind.as_str()];
-    if serving {
-        metrics.model_info.with_label_values(&labels).set(1);
-    } else {
-        let _ = metrics.model_info.remove_label_values(&labels);
+    let labels = |role| {
+        [
+            pipeline,
+            c.name.as_str(),
+            c.version.as_str(),
+            kind.as_str(),
+            role,
+        ]
+    };
+    match role {
+        Some(role) => metrics.model_info.with_label_values(&labels(role)).set(1),
+        None => {
+            for role in [label::SERVING, label::CANDIDATE] {
+                let _ = metrics.model_info.remove_label_values(&labels(role));
+            }
+        }
     }
+}
+
+fn candidate_refused(metrics: &Metrics, pipeline: &str, why: &str) {
+    metrics
+        .candidates
+        .with_label_values(&[pipeline, label::REFUSED])
+        .inc();
+    tracing::warn!(pipeline = %pipeline, "Refused a candidate model, the serving model keeps serving: {why}");
 }
 
 fn model_refused(metrics: &Metrics, pipeline: &str, why: &str) {
@@ -838,52 +996,92 @@ impl ModelWatch {
     }
 }
 
-/// Watches the model file (every `every`, and at once on SIGHUP) and sends a new version that
-/// loads to the detector task, which swaps it in between batches (or refuses it if it does not
-/// fit). A file that does not load is refused, logged and counted here, and the running model
-/// keeps serving. Replace model files atomically (write, then rename): a half-written file is
-/// refused, then picked up once complete.
+/// Watches the model file and the candidate file (every `every`, and at once on SIGHUP).
+///
+/// A new version of the model that loads goes to the detector task, which swaps it in between
+/// batches (or refuses it if it does not fit). A new candidate that loads goes there too, to be
+/// scored in the shadow; when the detector promotes it, the candidate file is renamed over the
+/// model file (so a restart serves it too) and that version counts as loaded. A file that does
+/// not load is refused, logged and counted here, and the running model keeps serving. Replace
+/// model files atomically (write, then rename): a half-written file is refused, then picked up
+/// once complete.
 async fn reload_loop(
     name: String,
-    path: std::path::PathBuf,
+    files: (std::path::PathBuf, std::path::PathBuf),
     every: Duration,
     input: mpsc::Sender<Input>,
     shared: Shared,
     stop: CancellationToken,
 ) {
+    let (path, candidate) = files;
     let mut watch = ModelWatch {
         serving: file_stamp(&path),
         refused: None,
     };
+    let mut candidates = ModelWatch::default();
+    // The decision on the candidate in the shadow, with its file's version.
+    let mut pending: Option<(oneshot::Receiver<bool>, Stamp)> = None;
     loop {
         let asked = tokio::select! {
             _ = tokio::time::sleep(every), if !every.is_zero() => false,
             _ = shared.reload.notified() => true,
+            decided = async { (&mut pending.as_mut().expect("enabled only when pending").0).await }, if pending.is_some() => {
+                let (_, stamp) = pending.take().expect("pending");
+                match decided {
+                    Ok(true) => match std::fs::rename(&candidate, &path) {
+                        Ok(()) => watch.loaded(file_stamp(&path)),
+                        Err(e) => tracing::warn!(pipeline = %name, "The promoted candidate serves, but {} could not replace {}: {e}; a restart would serve the model before it.", candidate.display(), path.display()),
+                    },
+                    Ok(false) => candidates.failed(stamp),
+                    Err(_) => {} // replaced by a newer candidate, or the pipeline is stopping
+                }
+                continue;
+            }
             _ = stop.cancelled() => return,
         };
-        let stamp = file_stamp(&path);
-        if !watch.due(stamp, asked) {
-            continue;
-        }
-        let load_path = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
-        match &loaded {
-            Ok(Ok(_)) => watch.loaded(stamp),
-            _ => watch.failed(stamp),
-        }
-        match loaded {
-            Ok(Ok(model)) => {
-                tokio::select! {
-                    sent = input.send(Input::Reload(Arc::new(model))) => if sent.is_err() { return },
-                    _ = stop.cancelled() => return,
-                }
+        for (file, watching, is_candidate) in [
+            (&path, &mut watch, false),
+            (&candidate, &mut candidates, true),
+        ] {
+            let stamp = file_stamp(file);
+            if (is_candidate && stamp.is_none()) || !watching.due(stamp, asked) {
+                continue;
             }
-            Ok(Err(e)) => model_refused(&shared.metrics, &name, &e.to_string()),
-            Err(e) => model_refused(
-                &shared.metrics,
-                &name,
-                &format!("model {}: loading failed: {e}", path.display()),
-            ),
+            let load_path = file.clone();
+            let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
+            match &loaded {
+                Ok(Ok(_)) => watching.loaded(stamp),
+                _ => watching.failed(stamp),
+            }
+            let refused = |why: &str| {
+                if is_candidate {
+                    candidate_refused(&shared.metrics, &name, why);
+                } else {
+                    model_refused(&shared.metrics, &name, why);
+                }
+            };
+            let model = match loaded {
+                Ok(Ok(model)) => Arc::new(model),
+                Ok(Err(e)) => {
+                    refused(&e.to_string());
+                    continue;
+                }
+                Err(e) => {
+                    refused(&format!("model {}: loading failed: {e}", file.display()));
+                    continue;
+                }
+            };
+            let message = if is_candidate {
+                let (tx, rx) = oneshot::channel();
+                pending = Some((rx, stamp));
+                Input::Candidate { model, decided: tx }
+            } else {
+                Input::Reload(model)
+            };
+            tokio::select! {
+                sent = input.send(message) => if sent.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
         }
     }
 }

@@ -329,7 +329,7 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
     for needle in [
         &format!(r#"anomalyd_records_total{{outcome="scored",pipeline="fleet"}} {total}"#),
         r#"anomalyd_keys_tracked{pipeline="fleet"} 8"#,
-        r#"anomalyd_model_info{kind="dense",model="demo-dense",pipeline="fleet",version="1.0.0"} 1"#,
+        r#"anomalyd_model_info{kind="dense",model="demo-dense",pipeline="fleet",role="serving",version="1.0.0"} 1"#,
         r#"anomalyd_partitions_assigned{pipeline="fleet"} 4"#,
         "anomalyd_build_info{version=",
         "anomalyd_inference_seconds_bucket{",
@@ -472,6 +472,106 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
         switched += usize::from(first_new < versions.len());
     }
     assert!(switched > 0, "the new version scored records");
+}
+
+/// Issue 12, item 2: a candidate beside the model is scored in its shadow and promoted once the
+/// rule holds (the candidate file then replaces the model file, and no alert bursts out of the
+/// swap); candidates that do not load or do not fit are refused while the model serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_candidate_is_shadowed_then_promoted_and_one_that_cannot_serve_is_refused() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("model.onnx");
+    let candidate = dir.path().join("model.candidate.onnx");
+    let original = std::fs::read(demo_model()).unwrap();
+    std::fs::write(&model_path, &original).unwrap();
+    let toml = config_toml(
+        &kafka.bootstrap,
+        "shadow-test",
+        "reload_check = \"50ms\"\n[pipelines.fleet.promotion]\nrecords = 500",
+    )
+    .replace(
+        &demo_model().display().to_string(),
+        &model_path.display().to_string(),
+    );
+    let cfg = anomalyd::config::Config::from_toml(&toml, Some(Default::default())).unwrap();
+    assert_eq!(cfg.pipelines["fleet"].candidate_path(), candidate);
+
+    let stream = fleet_stream(10, 600, 0, 16);
+    let total = stream.records.len() as u64;
+    let (first, rest) = stream.records.split_at(stream.records.len() / 3);
+    let streaming = |records: &[(String, String)]| {
+        produce_paced(
+            &kafka.bootstrap,
+            "metrics",
+            records,
+            300,
+            Duration::from_millis(100),
+        )
+    };
+    let producer = streaming(first);
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
+    let m = daemon.metrics.clone();
+    let candidates = |result: &str| m.candidates.with_label_values(&["fleet", result]).get();
+
+    assert!(
+        wait_for(Duration::from_secs(30), || consumed(&m, "fleet")
+            >= total / 10)
+        .await
+    );
+    replace(&candidate, b"not an onnx model");
+    assert!(wait_for(Duration::from_secs(60), || candidates("refused") == 1).await);
+    replace(
+        &candidate,
+        &std::fs::read(repo().join("models/demo-lstm.onnx")).unwrap(),
+    );
+    assert!(wait_for(Duration::from_secs(60), || candidates("refused") == 2).await);
+    producer.await.unwrap();
+    // A real new version: scored in the shadow over 500 records, then promoted.
+    replace(&candidate, &with_version(&original, "1.0.0", "1.0.2"));
+    let producer = streaming(rest);
+    assert!(wait_for(Duration::from_secs(60), || candidates("promoted") == 1).await);
+    assert!(
+        !candidate.exists(),
+        "the candidate file became the model file"
+    );
+    assert_eq!(
+        std::fs::read(&model_path).unwrap(),
+        with_version(&original, "1.0.0", "1.0.2")
+    );
+    producer.await.unwrap();
+    assert!(wait_for(Duration::from_secs(60), || consumed(&m, "fleet") >= total).await);
+    let body = m.render();
+    assert!(
+        body.contains(r#"anomalyd_model_info{kind="dense",model="demo-dense",pipeline="fleet",role="serving",version="1.0.2"} 1"#),
+        "{body}"
+    );
+    assert!(!body.contains(r#"role="candidate""#), "{body}");
+    assert!(!body.contains(r#"version="1.0.0""#), "{body}");
+    shutdown.cancel();
+    daemon.wait().await.unwrap();
+    assert_eq!(
+        m.model_reloads.with_label_values(&["fleet"]).get(),
+        0,
+        "the renamed file is not reloaded as a new version (its thresholds would restart)"
+    );
+
+    // The fleet has no incident: nothing fires, before, during or after the promotion.
+    let alerts = drain_topic(
+        &kafka.bootstrap,
+        "alerts",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    assert!(alerts.is_empty(), "{} alert events", alerts.len());
+    let scores = drain_topic(
+        &kafka.bootstrap,
+        "scores",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    assert!(scores.iter().any(|s| s.json()["model_version"] == "1.0.2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

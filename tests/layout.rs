@@ -14,6 +14,7 @@ const CORE: &[&str] = &[
     "threshold",
     "alert",
     "detect",
+    "shadow",
     "state",
     "offsets",
     "time",
