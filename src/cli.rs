@@ -103,6 +103,11 @@ struct ScoreArgs {
     /// from MODEL's calibration). Repeat for a schedule, as a retraining loop would swap models.
     #[arg(long, value_name = "ROW=MODEL", value_parser = parse_swap)]
     swap: Vec<(u64, PathBuf)>,
+    /// From input row ROW on, score MODEL in the shadow of the serving model and promote or
+    /// refuse it by the pipeline's [promotion] rule, as the daemon does with a candidate file
+    /// (a refusal is said on stderr and counted; MODEL never alerts while in the shadow).
+    #[arg(long, value_name = "ROW=MODEL", value_parser = parse_swap)]
+    candidate: Vec<(u64, PathBuf)>,
 }
 
 fn parse_swap(s: &str) -> Result<(u64, PathBuf), String> {
@@ -410,26 +415,33 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{origin}: pipelines.{name}.{e}");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let mut swaps = Vec::with_capacity(args.swap.len());
-    for (row, path) in &args.swap {
-        if swaps.last().is_some_and(|(before, _)| before >= row) {
-            eprintln!(
-                "--swap {row}={}: rows must be in ascending order",
-                path.display()
-            );
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-        match Model::load(path) {
-            Ok(m) => swaps.push((*row, Arc::new(m))),
-            Err(e) => {
-                eprintln!("--swap {row}={}: {e}", path.display());
+    let mut schedules = Vec::new();
+    for (option, rows) in [("--swap", &args.swap), ("--candidate", &args.candidate)] {
+        let mut schedule: Vec<(u64, Arc<Model>)> = Vec::with_capacity(rows.len());
+        for (row, path) in rows {
+            if schedule.last().is_some_and(|(before, _)| before >= row) {
+                eprintln!(
+                    "{option} {row}={}: rows must be in ascending order",
+                    path.display()
+                );
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
+            match Model::load(path) {
+                Ok(m) => schedule.push((*row, Arc::new(m))),
+                Err(e) => {
+                    eprintln!("{option} {row}={}: {e}", path.display());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            }
         }
+        schedules.push(schedule);
     }
+    let candidates = schedules.pop().expect("two schedules");
+    let swaps = schedules.pop().expect("two schedules");
     let models = replay::Models {
         first: model,
         swaps,
+        candidates,
     };
     // A file of one series needs no key: with --model and no --key-field, records without one
     // are that series, named after the file.
@@ -492,7 +504,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("scoring {}", args.input))?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "scored {} of {} rows in {:.2}s ({:.0} rows/s): {} anomalous, {} alerts fired, {} warming up, {} could not be scored",
+        "scored {} of {} rows in {:.2}s ({:.0} rows/s): {} anomalous, {} alerts fired, {} warming up, {} could not be scored{}",
         summary.scored,
         summary.rows,
         secs,
@@ -500,7 +512,15 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         summary.anomalies,
         summary.alerts_fired,
         summary.warming,
-        summary.errors
+        summary.errors,
+        if args.candidate.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; candidates: {} promoted, {} refused",
+                summary.candidates_promoted, summary.candidates_refused
+            )
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -50,7 +50,7 @@ use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
 use crate::offsets::{OffsetTracker, Partition};
-use crate::shadow::{Comparison, Decision, PromotionConfig};
+use crate::shadow::{Decision, PromotionConfig, Shadow};
 use crate::sink::{Outputs, Sent};
 use crate::state::Change;
 
@@ -318,17 +318,9 @@ struct DetectorTask {
     /// What candidate detectors are built from, and the rule that promotes them.
     detector_cfg: DetectorConfig,
     promotion: PromotionConfig,
-    /// The candidate model scored in the shadow of the serving one, if any.
-    shadow: Option<Shadow>,
-}
-
-/// A candidate in the shadow: its own detector (windows and thresholds learned on the same
-/// records as the serving one, no alerts sent), the verdicts compared so far, and who waits
-/// for the decision (the reload loop, which replaces the model file on a promotion).
-struct Shadow {
-    detector: Detector,
-    comparison: Comparison,
-    decided: oneshot::Sender<bool>,
+    /// The candidate model scored in the shadow of the serving one, if any, and who waits for
+    /// the decision (the reload loop, which replaces the model file on a promotion).
+    shadow: Option<(Shadow, oneshot::Sender<bool>)>,
 }
 
 /// What woke the detector task up.
@@ -550,7 +542,7 @@ impl DetectorTask {
         let mut shadow = self
             .shadow
             .as_mut()
-            .map(|s| s.detector.prepare(records.clone()));
+            .map(|(s, _)| s.prepare(records.clone()));
         let shadow_input = shadow.as_mut().map(|b| {
             let samples = std::mem::take(&mut b.samples);
             (b.model.clone(), samples, b.sample_count())
@@ -799,9 +791,8 @@ impl DetectorTask {
             positions.retain(|(p, _)| !partitions.contains(p));
         }
         let forgotten = self.detector.forget_partitions(&partitions);
-        if let Some(shadow) = &mut self.shadow {
-            // Its episodes were never sent: nothing to resolve.
-            shadow.detector.forget_partitions(&partitions);
+        if let Some((shadow, _)) = &mut self.shadow {
+            shadow.forget_partitions(&partitions);
         }
         if self.changelog.is_some() {
             self.outputs
@@ -820,15 +811,15 @@ impl DetectorTask {
     /// before it), or refuses it at once if it cannot take over without a restart.
     fn shadow(&mut self, model: Arc<Model>, decided: oneshot::Sender<bool>) {
         let path = model.path.display().to_string();
-        let built = self.detector.can_serve(&model).and_then(|()| {
-            self.detector_cfg
-                .build(&self.name, model.clone())
-                .map_err(|e| e.to_string())
-        });
+        let built = self
+            .detector_cfg
+            .build(&self.name, model.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|candidate| Shadow::new(&self.detector, candidate));
         match built {
-            Ok(detector) => {
-                if let Some(old) = self.shadow.take() {
-                    set_model_info(&self.shared.metrics, &self.name, old.detector.model(), None);
+            Ok(shadow) => {
+                if let Some((old, _)) = self.shadow.take() {
+                    set_model_info(&self.shared.metrics, &self.name, old.model(), None);
                 }
                 set_model_info(
                     &self.shared.metrics,
@@ -837,11 +828,7 @@ impl DetectorTask {
                     Some(label::CANDIDATE),
                 );
                 tracing::info!(pipeline = %self.name, candidate = %path, version = %model.contract.version, records = self.promotion.records, "Scoring a candidate model in the shadow of the serving one.");
-                self.shadow = Some(Shadow {
-                    detector,
-                    comparison: Comparison::default(),
-                    decided,
-                });
+                self.shadow = Some((shadow, decided));
             }
             Err(why) => {
                 candidate_refused(
@@ -857,33 +844,19 @@ impl DetectorTask {
     /// Compares the candidate's verdicts on a batch with the serving model's, and once the
     /// rule can decide, promotes or refuses it.
     fn compare(&mut self, outcomes: &[Outcome], batch: Batch, inference: &Inference) {
-        let Some(shadow) = self.shadow.as_mut() else {
+        let Some((shadow, _)) = self.shadow.as_mut() else {
             return;
         };
-        if !Arc::ptr_eq(&batch.model, shadow.detector.model()) {
-            return; // prepared for a candidate since replaced
-        }
-        let theirs = shadow.detector.judge(batch, inference);
-        for (ours, theirs) in outcomes.iter().zip(&theirs) {
-            if let (Outcome::Scored(a), Outcome::Scored(b)) = (ours, theirs) {
-                shadow
-                    .comparison
-                    .observe(a.verdict.is_anomaly, b.verdict.is_anomaly);
-            }
-        }
-        let Some(decision) = shadow.comparison.decide(&self.promotion) else {
+        let Some(decision) = shadow.compare(outcomes, batch, inference, &self.promotion) else {
             return;
         };
-        let Shadow {
-            detector,
-            comparison: c,
-            decided,
-        } = self.shadow.take().expect("in the shadow");
+        let (shadow, decided) = self.shadow.take().expect("in the shadow");
+        let c = *shadow.comparison();
         let m = &self.shared.metrics;
-        let (old, new) = (self.detector.model().clone(), detector.model().clone());
+        let (old, new) = (self.detector.model().clone(), shadow.model().clone());
         set_model_info(m, &self.name, &new, None);
         let why = match decision {
-            Decision::Promote => self.detector.promote(detector).err(),
+            Decision::Promote => shadow.promote(&mut self.detector).err(),
             Decision::Refuse(why) => Some(why.to_string()),
         };
         match why {

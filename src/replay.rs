@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::decode::{DecodeError, Record};
-use crate::detect::{Detector, DetectorError, Origin, Outcome, Top};
+use crate::detect::{Detector, DetectorConfig, DetectorError, Origin, Outcome, Top};
 use crate::model::{Model, ModelError};
+use crate::shadow::{Decision, PromotionConfig, Shadow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -42,10 +43,17 @@ pub enum ReplayError {
 /// ([`Detector::set_model`]): each key keeps its window and alert state, and its threshold
 /// restarts from the new model's calibration. A schedule of models by row is how a retraining
 /// loop is replayed offline.
+///
+/// `candidates` replay the daemon's other way to change models: each is scored in the shadow
+/// of the serving model from its row on and promoted or refused by the pipeline's promotion
+/// rule ([`crate::shadow`]), exactly as the daemon would with that file placed beside the model
+/// at that point of the stream.
 pub struct Models {
     pub first: Arc<Model>,
     /// In ascending row order.
     pub swaps: Vec<(u64, Arc<Model>)>,
+    /// In ascending row order.
+    pub candidates: Vec<(u64, Arc<Model>)>,
 }
 
 impl From<Arc<Model>> for Models {
@@ -53,6 +61,7 @@ impl From<Arc<Model>> for Models {
         Models {
             first,
             swaps: Vec::new(),
+            candidates: Vec::new(),
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Summary {
     pub errors: u64,
     pub anomalies: u64,
     pub alerts_fired: u64,
+    pub candidates_promoted: u64,
+    pub candidates_refused: u64,
 }
 
 /// One output row, borrowed from the scored record: writing a row allocates nothing.
@@ -230,6 +241,11 @@ struct Replayer<W: Write> {
     summary: Summary,
     /// Models still to swap in, the next one last.
     swaps: Vec<(u64, Arc<Model>)>,
+    /// Candidates still to come, the next one last; the one in the shadow.
+    candidates: Vec<(u64, Arc<Model>)>,
+    shadow: Option<Shadow>,
+    /// Builds candidates' detectors, and judges them.
+    pipeline: (String, DetectorConfig, PromotionConfig),
 }
 
 impl<W: Write> Replayer<W> {
@@ -242,6 +258,20 @@ impl<W: Write> Replayer<W> {
             self.detector
                 .set_model(model)
                 .map_err(|reason| ReplayError::Swap { row, path, reason })?;
+        }
+        while self.candidates.last().is_some_and(|(row, _)| *row <= index) {
+            let (row, model) = self.candidates.pop().expect("a candidate is due");
+            self.flush()?;
+            let (name, cfg, _) = &self.pipeline;
+            let path = model.path.display().to_string();
+            let shadow = cfg
+                .build(name, model)
+                .map_err(|e| e.to_string())
+                .and_then(|candidate| Shadow::new(&self.detector, candidate));
+            match shadow {
+                Ok(shadow) => self.shadow = Some(shadow),
+                Err(why) => self.refused(row, &path, &why),
+            }
         }
         match parsed {
             Ok(record) => {
@@ -261,11 +291,55 @@ impl<W: Write> Replayer<W> {
         Ok(())
     }
 
+    /// A candidate did not get to serve: said on stderr, as the daemon logs it.
+    fn refused(&mut self, row: u64, path: &str, why: &str) {
+        self.summary.candidates_refused += 1;
+        eprintln!("row {row}: refused candidate {path}: {why}");
+    }
+
     fn flush(&mut self) -> Result<(), ReplayError> {
+        let shadowed = match &mut self.shadow {
+            Some(shadow) => {
+                let mut batch = shadow.prepare(self.records.clone());
+                let samples = std::mem::take(&mut batch.samples);
+                let inference = batch.model.infer(&samples, batch.sample_count())?;
+                Some((batch, inference))
+            }
+            None => None,
+        };
         let mut batch = self.detector.prepare(self.records.drain(..));
         let samples = std::mem::take(&mut batch.samples);
         let inference = batch.model.infer(&samples, batch.sample_count())?;
-        let mut outcomes = self.detector.judge(batch, &inference).into_iter();
+        let outcomes = self.detector.judge(batch, &inference);
+        if let (Some(shadow), Some((batch, inference))) = (&mut self.shadow, shadowed) {
+            if let Some(decision) = shadow.compare(&outcomes, batch, &inference, &self.pipeline.2) {
+                let shadow = self.shadow.take().expect("in the shadow");
+                let row = self.summary.rows + self.slots.len() as u64;
+                let c = *shadow.comparison();
+                let path = shadow.model().path.display().to_string();
+                let why = match decision {
+                    Decision::Promote => shadow.promote(&mut self.detector).err(),
+                    Decision::Refuse(why) => Some(why.to_string()),
+                };
+                match why {
+                    None => {
+                        self.summary.candidates_promoted += 1;
+                        eprintln!("row {row}: promoted candidate {path} after {} records (new anomalies {:.4}, kept anomalies {:.4})", c.records, c.new_share(), c.kept_share());
+                    }
+                    Some(why) => self.refused(
+                        row,
+                        &path,
+                        &format!(
+                            "after {} records (new anomalies {:.4}, kept anomalies {:.4}): {why}",
+                            c.records,
+                            c.new_share(),
+                            c.kept_share()
+                        ),
+                    ),
+                }
+            }
+        }
+        let mut outcomes = outcomes.into_iter();
         let summary = &mut self.summary;
         for slot in self.slots.drain(..) {
             summary.rows += 1;
@@ -345,7 +419,11 @@ pub fn replay(
     output: impl Write,
     output_format: Format,
 ) -> Result<Summary, ReplayError> {
-    let Models { first, mut swaps } = models.into();
+    let Models {
+        first,
+        mut swaps,
+        mut candidates,
+    } = models.into();
     let build = |model| {
         cfg.detector()
             .build(name, model)
@@ -366,8 +444,10 @@ pub fn replay(
             .map_err(swap)?;
     }
     // Next one last; of two at the same row, the one listed last is the one that stays.
-    swaps.sort_by_key(|(row, _)| *row);
-    swaps.reverse();
+    for schedule in [&mut swaps, &mut candidates] {
+        schedule.sort_by_key(|(row, _)| *row);
+        schedule.reverse();
+    }
     let detector = build(first)?;
     let mut decoder = detector.decoder().clone();
     if let Some(key) = &input.series {
@@ -383,6 +463,9 @@ pub fn replay(
         sink: RowSink::new(output_format, output)?,
         summary: Summary::default(),
         swaps,
+        candidates,
+        shadow: None,
+        pipeline: (name.to_string(), cfg.detector(), cfg.promotion),
     };
     // Lines are read whole up to the record limit and skipped beyond it, so memory follows
     // `max_record_bytes`, not the longest line; a bad line is one row's error, never the run's.

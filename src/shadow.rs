@@ -12,7 +12,13 @@
 //!   with `rebaseline_after = "never"`, a candidate that silences the level is refused.
 //!   Judged only when the serving model flagged enough records to say anything.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::decode::Record;
+use crate::detect::{Batch, Detector, Origin, Outcome};
+use crate::model::{Inference, Model};
 
 /// `[pipelines.NAME.promotion]`: when a candidate model replaces the serving one.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -131,6 +137,74 @@ impl Comparison {
         } else {
             Decision::Promote
         })
+    }
+}
+
+/// A candidate in the shadow of a serving detector: its own detector (windows and thresholds
+/// learned on the same records, its alerts never sent) and the verdicts compared so far. The
+/// daemon and `anomalyd score --candidate` drive it alike.
+#[derive(Debug)]
+pub struct Shadow {
+    detector: Detector,
+    comparison: Comparison,
+}
+
+impl Shadow {
+    /// The shadow of `serving` for `candidate`, built by the same detector settings; refused
+    /// when the candidate could not take over without a restart.
+    pub fn new(serving: &Detector, candidate: Detector) -> Result<Shadow, String> {
+        serving.can_serve(candidate.model())?;
+        Ok(Shadow {
+            detector: candidate,
+            comparison: Comparison::default(),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        self.detector.model()
+    }
+
+    pub fn comparison(&self) -> &Comparison {
+        &self.comparison
+    }
+
+    /// Step 1 on the records the serving detector prepares too.
+    pub fn prepare(&mut self, records: Vec<(Origin, Record)>) -> Batch {
+        self.detector.prepare(records)
+    }
+
+    /// Judges the candidate's batch, compares its verdicts with `serving`'s outcomes on the
+    /// same records, and says what the rule decides once it can. A batch prepared for another
+    /// candidate is ignored.
+    pub fn compare(
+        &mut self,
+        serving: &[Outcome],
+        batch: Batch,
+        inference: &Inference,
+        cfg: &PromotionConfig,
+    ) -> Option<Decision> {
+        if !Arc::ptr_eq(&batch.model, self.detector.model()) {
+            return None;
+        }
+        let theirs = self.detector.judge(batch, inference);
+        for (ours, theirs) in serving.iter().zip(&theirs) {
+            if let (Outcome::Scored(a), Outcome::Scored(b)) = (ours, theirs) {
+                self.comparison
+                    .observe(a.verdict.is_anomaly, b.verdict.is_anomaly);
+            }
+        }
+        self.comparison.decide(cfg)
+    }
+
+    /// Drops what the candidate learned of keys of revoked partitions (its episodes were
+    /// never sent: nothing to resolve).
+    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) {
+        self.detector.forget_partitions(partitions);
+    }
+
+    /// Makes the candidate serve in `serving` (see [`Detector::promote`]).
+    pub fn promote(self, serving: &mut Detector) -> Result<(), String> {
+        serving.promote(self.detector)
     }
 }
 

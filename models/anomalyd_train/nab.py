@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -117,10 +118,12 @@ class NabOptions:
     rebaseline_after: str = "350"
     # Learning (issue 12): every `retrain_every` rows after the probation, a model is trained like
     # the first on the file's rows so far that the daemon did not alert on (the most recent
-    # `retrain_rows` of them) and swapped in from the next row through the daemon's hot-reload
-    # path (`anomalyd score --swap`). 0: the model stays the probation's.
+    # `retrain_rows` of them) and placed beside the serving one as a candidate: the daemon scores
+    # it in the shadow for `shadow_rows` rows and promotes or refuses it by its promotion rule
+    # (`anomalyd score --candidate`, the daemon's own code). 0: the model stays the probation's.
     retrain_every: int = 0
     retrain_rows: int = 2000
+    shadow_rows: int = 200
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
@@ -190,6 +193,7 @@ def validate(opts: NabOptions) -> None:
         (opts.fire_after >= 1 and opts.resolve_after >= 1, "--fire-after and --resolve-after must be at least 1"),
         (opts.retrain_every >= 0, f"--retrain-every must be 0 (never) or a number of rows, got {opts.retrain_every}"),
         (opts.retrain_rows >= 1, f"--retrain-rows must be at least 1, got {opts.retrain_rows}"),
+        (opts.shadow_rows >= 1, f"--shadow-rows must be at least 1, got {opts.shadow_rows}"),
         (opts.rebaseline_after == "never" or (opts.rebaseline_after.isdigit() and int(opts.rebaseline_after) >= 1),
          f"--rebaseline-after must be a number of rows or 'never', got {opts.rebaseline_after!r}"),
     ]
@@ -301,6 +305,8 @@ def config_toml(opts: NabOptions, model: Path) -> str:
         "\n[pipelines.nab.alert]\n"
         f"fire_after = {opts.fire_after}\nresolve_after = {opts.resolve_after}\n"
         f"rebaseline_after = {rebaseline_toml(opts.rebaseline_after)}\n"
+        "\n[pipelines.nab.promotion]\n"
+        f"records = {opts.shadow_rows}\n"
     )
 
 
@@ -317,6 +323,9 @@ class FileOutcome:
     train_seconds: float
     score_seconds: float
     alerts: int
+    # Learning: retrained models the daemon promoted, and refused.
+    promoted: int = 0
+    refused: int = 0
 
 
 def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, str]]) -> FileOutcome:
@@ -360,28 +369,31 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
     config.write_text(config_toml(opts, Path(model.name)))
     score_seconds = 0.0
 
-    def score(swaps: list[tuple[int, Path]], rows: int = n) -> DaemonRows:
-        """The daemon's verdicts on the first `rows` rows, with the models swapped in so far."""
+    def score(candidates: list[tuple[int, Path]], rows: int = n) -> DaemonRows:
+        """The daemon's verdicts on the first `rows` rows, with the candidates placed so far."""
         nonlocal score_seconds
         started = time.perf_counter()
-        swap_args = [a for row, m in swaps for a in ("--swap", f"{row}={m}")]
+        candidate_args = [a for row, m in candidates for a in ("--candidate", f"{row}={m}")]
         prefix = None if rows == n else "".join(input_lines[:rows + 1])
         p = subprocess.run([binary, "score", "-c", str(config), "--pipeline", "nab", "--input",
                             "-" if prefix else str(input_csv), "--input-format", "csv", "--output", str(scores),
-                            *swap_args], input=prefix, capture_output=True, text=True)
+                            *candidate_args], input=prefix, capture_output=True, text=True)
         score_seconds += time.perf_counter() - started
         if p.returncode != 0:
             raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+        counts = re.search(r"candidates: (\d+) promoted, (\d+) refused", p.stderr)
+        decided[:] = [int(c) for c in counts.groups()] if counts else [0, 0]
         return read_scores(scores, rows, name)
 
-    # Scoring is causal, so the rows before a swap are the same whichever models come after it:
-    # each retrain reads the daemon's verdicts on the rows so far from a run with the models so far.
-    swaps: list[tuple[int, Path]] = []
+    # Scoring is causal, so the rows before a candidate are the same whichever come after it: each
+    # retrain reads the daemon's verdicts on the rows so far from a run with the candidates so far.
+    candidates: list[tuple[int, Path]] = []
+    decided = [0, 0]  # the last run's counts of promoted and refused candidates
     input_lines = input_csv.read_text().splitlines(keepends=True) if opts.retrain_every else []
     retrains = range(probation + opts.retrain_every, n, opts.retrain_every) if opts.retrain_every else ()
     for k, row in enumerate(retrains, 1):
         started = time.perf_counter()
-        parts = clean_segments(table[:row], alerted(score(swaps, row)), opts.retrain_rows)
+        parts = clean_segments(table[:row], alerted(score(candidates, row)), opts.retrain_rows)
         if not parts:
             continue
         retrained = work / f"model-{k}.onnx"
@@ -393,11 +405,11 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         retrain_opts = replace(fit_opts, data=str(data_csv), key="segment", out=str(retrained))
         try:
             train_model(retrain_opts, opts, parts, work / f"retrain-{k}")
-            swaps.append((row, retrained.resolve()))
+            candidates.append((row, retrained.resolve()))
         except DataError:
             pass  # too little clean data in this stretch: the model before keeps serving
         train_seconds += time.perf_counter() - started
-    daemon = score(swaps)
+    daemon = score(candidates)
     nab = report(opts.report, daemon, opts.escalate)
     firing = daemon.firing
 
@@ -412,8 +424,9 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
             w.writerow([t, v, repr(float(s)), int(lab)])
     if not opts.keep_work:
         shutil.rmtree(work, ignore_errors=True)
+    promoted, refused = decided
     return FileOutcome(name=name, rows=n, probation=probation, train_seconds=train_seconds,
-                       score_seconds=score_seconds, alerts=int(firing.sum()))
+                       score_seconds=score_seconds, alerts=int(firing.sum()), promoted=promoted, refused=refused)
 
 
 def read_scores(path: Path, n: int, name: str) -> "DaemonRows":
@@ -678,8 +691,10 @@ def _progress(log, opts: NabOptions, i: int, total: int, o: FileOutcome) -> None
 def print_summary(r: NabRun, opts: NabOptions, log=print) -> None:
     train = sum(o.train_seconds for o in r.outcomes)
     score = sum(o.score_seconds for o in r.outcomes)
+    learning = (f"; retrained models promoted {sum(o.promoted for o in r.outcomes)}, refused "
+                f"{sum(o.refused for o in r.outcomes)}") if opts.retrain_every else ""
     log(f"{opts.name}: {len(r.outcomes)} files, {r.seconds:.1f} s wall ({opts.jobs} jobs; training "
-        f"{train:.1f} s, anomalyd score {score:.1f} s in total)")
+        f"{train:.1f} s, anomalyd score {score:.1f} s in total{learning})")
     for p, res in r.results.items():
         log(f"  {p:20s} {res.normalised:6.2f}  threshold {res.threshold:.6g}, windows hit {res.tp}/"
             f"{res.tp + res.fn}, false positive rows {res.fp}")

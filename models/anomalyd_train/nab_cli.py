@@ -140,6 +140,9 @@ def add_nab_parser(sub) -> None:
                         "far the daemon did not alert on, and swap it in from the next row (default 0: never)")
     t.add_argument("--retrain-rows", type=int, default=d.retrain_rows, metavar="N",
                    help=f"learning: train on the most recent N of those rows (default {d.retrain_rows})")
+    t.add_argument("--shadow-rows", type=int, default=d.shadow_rows, metavar="N",
+                   help=f"learning: rows a retrained model is scored in the shadow before the daemon's promotion "
+                        f"rule decides (default {d.shadow_rows})")
     t.add_argument("--rebaseline-after", default=d.rebaseline_after, metavar="N|never",
                    help=f"rows after which an open episode's level is accepted as normal (default {d.rebaseline_after})")
     t.add_argument("--report", default=d.report, choices=tuple(nb.REPORTS),
@@ -196,7 +199,8 @@ def run(args) -> int:
         q=args.q, level=args.level, max_peaks=args.max_peaks, depth=args.depth, exclude=args.exclude,
         alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
         resolve_after=args.resolve_after, rebaseline_after=args.rebaseline_after,
-        retrain_every=args.retrain_every, retrain_rows=args.retrain_rows, report=args.report, escalate=args.escalate, jobs=args.jobs,
+        retrain_every=args.retrain_every, retrain_rows=args.retrain_rows,
+        shadow_rows=args.shadow_rows, report=args.report, escalate=args.escalate, jobs=args.jobs,
         files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )

@@ -135,7 +135,8 @@ def test_a_retrain_leaves_out_alerted_rows_and_keeps_the_most_recent_clean_stret
 
 def test_harness_learns_by_swapping_in_models_retrained_on_clean_rows(tmp_path):
     """One file, one member: a model retrained every 1000 rows on the rows so far that the
-    daemon did not alert on, swapped in through `anomalyd score --swap`."""
+    daemon did not alert on, placed as a candidate (`anomalyd score --candidate`) that the daemon
+    promotes or refuses after 200 rows in the shadow."""
     nab = nab_dir()
     name = "artificialWithAnomaly/art_daily_jumpsup.csv"
     opts = nb.NabOptions(nab_dir=str(nab), out=str(tmp_path), files=[name], ensemble=1, retrain_every=1000,
@@ -149,6 +150,7 @@ def test_harness_learns_by_swapping_in_models_retrained_on_clean_rows(tmp_path):
     for k, model in enumerate(retrained, 1):
         training = json.loads(export.metadata(str(model))["anomalyd.training"])
         assert training["train_windows"] + training["val_windows"] <= 800, training
+    assert run.outcomes[0].promoted + run.outcomes[0].refused == len(retrained), "each candidate decided"
     assert run.results["standard"].per_file[name] > 0, "the jump is still found"
 
 def test_harness_on_two_files(tmp_path):
