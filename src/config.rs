@@ -24,6 +24,7 @@ use crate::alert::AlertConfig;
 use crate::alertmanager::AlertmanagerConfig;
 use crate::batch::BatchConfig;
 use crate::detect::DetectorConfig;
+use crate::drift::DriftConfig;
 use crate::kafka::KafkaConfig;
 use crate::log::LogConfig;
 use crate::metrics::HttpConfig;
@@ -115,6 +116,9 @@ pub struct PipelineConfig {
     /// When a candidate replaces the serving model.
     #[serde(default)]
     pub promotion: PromotionConfig,
+    /// The drift detector on the pipeline's scores.
+    #[serde(default)]
+    pub drift: DriftConfig,
     /// Record field holding the entity key (host, sensor…). Records without it are dead letters.
     #[serde(default = "default_key_field")]
     pub key_field: String,
@@ -198,6 +202,7 @@ impl PipelineConfig {
             threshold: self.threshold.clone(),
             alert: self.alert,
             keep_reconstructions: !self.denoised_topic.is_empty(),
+            drift: self.drift,
         }
     }
 }
@@ -427,6 +432,12 @@ impl Config {
                     .problems()
                     .into_iter()
                     .map(|e| format!("{}.{e}", at("promotion"))),
+            );
+            problems.extend(
+                p.drift
+                    .problems()
+                    .into_iter()
+                    .map(|e| format!("{}.{e}", at("drift"))),
             );
             if p.candidate_path() == p.model {
                 problems.push(format!("{}: must not be the model itself", at("candidate")));

@@ -28,6 +28,7 @@ use crate::alert::{
 };
 use crate::baseline::{Baseline, Level};
 use crate::decode::{Decoder, Record};
+use crate::drift::{Drift, DriftChange, DriftConfig};
 use crate::model::{Calibration, Contract, Inference, Model};
 use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
@@ -164,6 +165,8 @@ pub struct Scored {
     pub reconstruction: Option<Vec<f32>>,
     /// The model that scored it.
     pub model: Arc<Model>,
+    /// When this record's score changed the pipeline's drift state.
+    pub drift: Option<DriftChange>,
 }
 
 /// The `reason` of the resolution of an episode that lasted `rebaseline_after` points.
@@ -222,6 +225,8 @@ pub struct DetectorConfig {
     pub alert: AlertConfig,
     /// Whether scored records keep their reconstruction (for a denoised output).
     pub keep_reconstructions: bool,
+    /// The drift detector on the pipeline's scores.
+    pub drift: DriftConfig,
 }
 
 /// Why a detector cannot be built for a model.
@@ -330,6 +335,8 @@ pub struct Detector {
     keep_reconstructions: bool,
     /// Keys evicted since the last [`Detector::take_changes`], when changes are recorded.
     evicted: Option<Vec<(Source, String)>>,
+    /// Whether the pipeline's scores have moved since the model started.
+    drift: Drift,
 }
 
 impl Detector {
@@ -364,6 +371,7 @@ impl Detector {
             evictions: 0,
             keep_reconstructions: cfg.keep_reconstructions,
             evicted: None,
+            drift: Drift::new(cfg.drift),
             model,
         }
     }
@@ -393,6 +401,7 @@ impl Detector {
             state.dirty = true;
         }
         self.model = model;
+        self.drift.restart();
         Ok(())
     }
 
@@ -411,6 +420,7 @@ impl Detector {
             state.dirty = true;
         }
         self.model = candidate.model;
+        self.drift = candidate.drift;
         Ok(())
     }
 
@@ -437,6 +447,11 @@ impl Detector {
     /// or a threshold, or both).
     pub fn keys(&self) -> usize {
         self.keys.len().max(self.windows.len())
+    }
+
+    /// The drift detector on the pipeline's scores.
+    pub fn drift(&self) -> &Drift {
+        &self.drift
     }
 
     /// Keys evicted so far to stay under `max_keys`.
@@ -661,6 +676,7 @@ impl Detector {
                 evicted,
                 reconstruction: self.keep_reconstructions.then(|| reconstruction.to_vec()),
                 model: model.clone(),
+                drift: self.drift.observe(score),
             })));
         }
         out

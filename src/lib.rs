@@ -23,6 +23,7 @@
 //! | [`alert`] | hysteresis and alert events |
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
 //! | [`shadow`] | a candidate model's verdicts against the serving one's, and the promotion rule |
+//! | [`drift`] | has a pipeline's score stream moved since its model started (a CUSUM) |
 //! | [`state`] | each key's state as it is kept outside the process |
 //! | [`offsets`] | at-least-once offset tracking |
 //! | [`time`] | timestamps |
@@ -68,6 +69,7 @@ pub mod daemon;
 pub mod decode;
 pub mod demo;
 pub mod detect;
+pub mod drift;
 pub mod ingest;
 pub mod kafka;
 pub mod log;

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub key_evictions: IntCounterVec,
     pub rebaselines: IntCounterVec,
     pub keys_firing: IntGaugeVec,
+    pub score_drift: prometheus::GaugeVec,
+    pub drifts: IntCounterVec,
     pub offsets_committed: IntCounterVec,
     pub deliveries_in_flight: IntGaugeVec,
     pub outputs_dropped: IntCounterVec,
@@ -159,6 +161,12 @@ impl Metrics {
             key_evictions: counter(&r, "anomalyd_key_evictions_total", "Keys evicted (least recently seen) to stay under max_keys.", &["pipeline"]),
             rebaselines: counter(&r, "anomalyd_rebaselines_total", "Episodes that outlasted rebaseline_after: a key's new level accepted as its normal.", &["pipeline"]),
             keys_firing: gauge(&r, "anomalyd_keys_firing", "Keys with an alert episode currently firing.", &["pipeline"]),
+            score_drift: {
+                let g = prometheus::GaugeVec::new(Opts::new("anomalyd_score_drift", "The drift detector's statistic over its threshold: 1 or more while the pipeline's scores have risen since its model started."), &["pipeline"]).expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            drifts: counter(&r, "anomalyd_drift_detected_total", "Times a pipeline's scores were found to have risen since its model started (the drift detector crossing its threshold).", &["pipeline"]),
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
             outputs_dropped: counter(&r, "anomalyd_outputs_dropped_total", "Outputs no broker would accept (too large, invalid) whose reduced dead letter could not be delivered either; dropped so that the partition moves on.", &["pipeline", "sink"]),
@@ -210,6 +218,7 @@ impl Metrics {
             self.produce_errors.with_label_values(&[pipeline, sink]);
             self.outputs_dropped.with_label_values(&[pipeline, sink]);
         }
+        self.score_drift.with_label_values(&[pipeline]);
         for event in [EventKind::Firing, EventKind::Resolved] {
             self.alerts.with_label_values(&[pipeline, event.as_str()]);
         }
@@ -225,6 +234,7 @@ impl Metrics {
             &self.anomalies,
             &self.key_evictions,
             &self.rebaselines,
+            &self.drifts,
             &self.offsets_committed,
             &self.model_load_failures,
             &self.model_reloads,

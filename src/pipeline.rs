@@ -601,6 +601,9 @@ impl DetectorTask {
                 m.keys_firing
                     .with_label_values(&[&self.name])
                     .set(self.detector.firing() as i64);
+                m.score_drift
+                    .with_label_values(&[&self.name])
+                    .set(self.detector.drift().statistic());
                 let evictions = self.detector.evictions();
                 m.key_evictions
                     .with_label_values(&[&self.name])

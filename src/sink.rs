@@ -23,6 +23,7 @@ use crate::alertmanager::AmInput;
 use crate::config::PipelineConfig;
 use crate::decode::DecodeError;
 use crate::detect::{Origin, Outcome, Scored};
+use crate::drift::DriftChange;
 use crate::kafka::ProducerContext;
 use crate::metrics::{label, Metrics};
 
@@ -171,6 +172,19 @@ impl Outputs {
                 m.anomaly_score.observe(s.verdict.anomaly_score);
                 if s.verdict.is_anomaly {
                     m.anomalies.inc();
+                }
+                match s.drift {
+                    Some(DriftChange::Started) => {
+                        self.metrics
+                            .drifts
+                            .with_label_values(&[&self.pipeline])
+                            .inc();
+                        tracing::warn!(pipeline = %self.pipeline, model = %s.model.contract.name, version = %s.model.contract.version, "The pipeline's scores have risen since its model started: the data is drifting from what the model learned; retrain it on recent data (docs/OPERATIONS.md).");
+                    }
+                    Some(DriftChange::Ended) => {
+                        tracing::info!(pipeline = %self.pipeline, "The pipeline's scores are back at the level its model started at.");
+                    }
+                    None => {}
                 }
                 let messages = self.messages_for(&s);
                 self.send(s.origin.clone(), messages)

@@ -15,6 +15,7 @@ const CORE: &[&str] = &[
     "alert",
     "detect",
     "shadow",
+    "drift",
     "state",
     "offsets",
     "time",
