@@ -124,6 +124,9 @@ class NabOptions:
     retrain_every: int = 0
     retrain_rows: int = 2000
     shadow_rows: int = 200
+    # A retrained model's threshold warm start: "probation" (every window it was trained on, as
+    # the first model's) or "val" (the windows its members held back).
+    retrain_calibration: str = "probation"
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
@@ -190,6 +193,8 @@ def validate(opts: NabOptions) -> None:
         (opts.ensemble >= 1, f"--ensemble must be at least 1, got {opts.ensemble}"),
         (opts.escalate > 1, f"--escalate must be above 1, got {opts.escalate}"),
         (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
+        (opts.retrain_calibration in ("val", "probation"),
+         f"--retrain-calibration must be val or probation, got {opts.retrain_calibration}"),
         (opts.fire_after >= 1 and opts.resolve_after >= 1, "--fire-after and --resolve-after must be at least 1"),
         (opts.retrain_every >= 0, f"--retrain-every must be 0 (never) or a number of rows, got {opts.retrain_every}"),
         (opts.retrain_rows >= 1, f"--retrain-rows must be at least 1, got {opts.retrain_rows}"),
@@ -404,7 +409,8 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         (work / f"retrain-{k}").mkdir(exist_ok=True)
         retrain_opts = replace(fit_opts, data=str(data_csv), key="segment", out=str(retrained))
         try:
-            train_model(retrain_opts, opts, parts, work / f"retrain-{k}")
+            train_model(retrain_opts, replace(opts, calibration=opts.retrain_calibration), parts,
+                        work / f"retrain-{k}")
             candidates.append((row, retrained.resolve()))
         except DataError:
             pass  # too little clean data in this stretch: the model before keeps serving

@@ -143,6 +143,9 @@ def add_nab_parser(sub) -> None:
     t.add_argument("--shadow-rows", type=int, default=d.shadow_rows, metavar="N",
                    help=f"learning: rows a retrained model is scored in the shadow before the daemon's promotion "
                         f"rule decides (default {d.shadow_rows})")
+    t.add_argument("--retrain-calibration", default=d.retrain_calibration, choices=("probation", "val"),
+                   help="learning: a retrained model's threshold warm start, from every window it trained on or "
+                        f"from the windows it held back (default {d.retrain_calibration})")
     t.add_argument("--rebaseline-after", default=d.rebaseline_after, metavar="N|never",
                    help=f"rows after which an open episode's level is accepted as normal (default {d.rebaseline_after})")
     t.add_argument("--report", default=d.report, choices=tuple(nb.REPORTS),
@@ -200,7 +203,7 @@ def run(args) -> int:
         alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
         resolve_after=args.resolve_after, rebaseline_after=args.rebaseline_after,
         retrain_every=args.retrain_every, retrain_rows=args.retrain_rows,
-        shadow_rows=args.shadow_rows, report=args.report, escalate=args.escalate, jobs=args.jobs,
+        shadow_rows=args.shadow_rows, retrain_calibration=args.retrain_calibration, report=args.report, escalate=args.escalate, jobs=args.jobs,
         files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )
