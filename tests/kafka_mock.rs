@@ -368,18 +368,35 @@ fn replace(path: &std::path::Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_one_is_refused() {
-    let kafka = MockKafka::start(TOPICS).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let model_path = dir.path().join("model.onnx");
+/// A copy of the demo model in `dir` (its path and bytes), and a configuration serving it,
+/// checked for new versions every 50 ms, with `extra` settings of the pipeline.
+fn served_copy(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    group: &str,
+    extra: &str,
+) -> (std::path::PathBuf, Vec<u8>, anomalyd::config::Config) {
+    let model_path = dir.join("model.onnx");
     let original = std::fs::read(demo_model()).unwrap();
     std::fs::write(&model_path, &original).unwrap();
-    let toml = config_toml(&kafka.bootstrap, "reload-test", "reload_check = \"50ms\"").replace(
+    let toml = config_toml(
+        bootstrap,
+        group,
+        &format!("reload_check = \"50ms\"\n{extra}"),
+    )
+    .replace(
         &demo_model().display().to_string(),
         &model_path.display().to_string(),
     );
     let cfg = anomalyd::config::Config::from_toml(&toml, Some(Default::default())).unwrap();
+    (model_path, original, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_one_is_refused() {
+    let kafka = MockKafka::start(TOPICS).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, original, cfg) = served_copy(dir.path(), &kafka.bootstrap, "reload-test", "");
 
     // Streamed in three parts: before the bad files, between them and the good one, and after
     // it, so that each step has records to show what it did whatever the machine's speed.
@@ -481,20 +498,13 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
 async fn a_candidate_is_shadowed_then_promoted_and_one_that_cannot_serve_is_refused() {
     let kafka = MockKafka::start(TOPICS).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let model_path = dir.path().join("model.onnx");
-    let candidate = dir.path().join("model.candidate.onnx");
-    let original = std::fs::read(demo_model()).unwrap();
-    std::fs::write(&model_path, &original).unwrap();
-    let toml = config_toml(
+    let (model_path, original, cfg) = served_copy(
+        dir.path(),
         &kafka.bootstrap,
         "shadow-test",
-        "reload_check = \"50ms\"\n[pipelines.fleet.promotion]\nrecords = 500",
-    )
-    .replace(
-        &demo_model().display().to_string(),
-        &model_path.display().to_string(),
+        "[pipelines.fleet.promotion]\nrecords = 500",
     );
-    let cfg = anomalyd::config::Config::from_toml(&toml, Some(Default::default())).unwrap();
+    let candidate = dir.path().join("model.candidate.onnx");
     assert_eq!(cfg.pipelines["fleet"].candidate_path(), candidate);
 
     let stream = fleet_stream(10, 600, 0, 16);
