@@ -609,8 +609,20 @@ impl DetectorTask {
                     .with_label_values(&[&self.name])
                     .inc_by(evictions - self.evictions_seen);
                 self.evictions_seen = evictions;
-                if let (Some(batch), Some(Ok(inference))) = (shadow, shadowed) {
-                    self.compare(&outcomes, batch, &inference);
+                match (shadow, shadowed) {
+                    (Some(batch), Some(Ok(inference))) => {
+                        self.compare(&outcomes, batch, &inference)
+                    }
+                    // (Unless the batch was for a candidate since replaced.)
+                    (Some(batch), Some(Err(e)))
+                        if self
+                            .shadow
+                            .as_ref()
+                            .is_some_and(|(s, _)| Arc::ptr_eq(&batch.model, s.model())) =>
+                    {
+                        self.decide(Err(format!("its inference failed: {e}")))
+                    }
+                    _ => {}
                 }
                 for outcome in outcomes {
                     let sent = self.outputs.emit(outcome);
@@ -850,18 +862,25 @@ impl DetectorTask {
         let Some((shadow, _)) = self.shadow.as_mut() else {
             return;
         };
-        let Some(decision) = shadow.compare(outcomes, batch, inference, &self.promotion) else {
+        match shadow.compare(outcomes, batch, inference, &self.promotion) {
+            Some(Decision::Promote) => self.decide(Ok(())),
+            Some(Decision::Refuse(why)) => self.decide(Err(why.to_string())),
+            None => {}
+        }
+    }
+
+    /// Ends the candidate's time in the shadow: promotes it (`Ok`), or refuses it with why.
+    fn decide(&mut self, verdict: Result<(), String>) {
+        let Some((shadow, decided)) = self.shadow.take() else {
             return;
         };
-        let (shadow, decided) = self.shadow.take().expect("in the shadow");
         let c = *shadow.comparison();
         let m = &self.shared.metrics;
         let (old, new) = (self.detector.model().clone(), shadow.model().clone());
         set_model_info(m, &self.name, &new, None);
-        let why = match decision {
-            Decision::Promote => shadow.promote(&mut self.detector).err(),
-            Decision::Refuse(why) => Some(why.to_string()),
-        };
+        let why = verdict
+            .and_then(|()| shadow.promote(&mut self.detector))
+            .err();
         match why {
             None => {
                 set_model_info(m, &self.name, &old, None);
