@@ -533,10 +533,22 @@ mod tests {
             topics = ["m"]
             model = "/nonexistent.onnx"
             alerts_topic = "m"
+            candidate = "/nonexistent.onnx"
             [pipelines.Fleet.batch]
             max_size = 0
+            [pipelines.Fleet.alert]
+            rebaseline_after = "sometimes"
+            [pipelines.Fleet.promotion]
+            max_new_anomalies = 2
+            [pipelines.Fleet.drift]
+            ratio = 0.5
         "#;
-        let c = Config::from_toml(text, env(&[])).unwrap();
+        let e = Config::from_toml(text, env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("rebaseline_after") && e.contains("\"never\""),
+            "{e}"
+        );
+        let c = Config::from_toml(&text.replace("\"sometimes\"", "500"), env(&[])).unwrap();
         let e = c.validate().unwrap_err();
         let all = e.to_string();
         for needle in [
@@ -546,10 +558,13 @@ mod tests {
             "pipelines.Fleet.topics: topic \"m\" is both",
             "pipelines.Fleet.model: no model file",
             "pipelines.Fleet.batch.max_size",
+            "pipelines.Fleet.promotion.max_new_anomalies",
+            "pipelines.Fleet.drift.ratio",
+            "pipelines.Fleet.candidate: must not be the model itself",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        assert_eq!(e.problems.len(), 6, "{all}");
+        assert_eq!(e.problems.len(), 9, "{all}");
     }
 
     #[test]
