@@ -122,11 +122,12 @@ class NabOptions:
     # it in the shadow for `shadow_rows` rows and promotes or refuses it by its promotion rule
     # (`anomalyd score --candidate`, the daemon's own code). 0: the model stays the probation's.
     retrain_every: int = 0
-    retrain_rows: int = 2000
-    shadow_rows: int = 200
+    retrain_rows: int = 1500
+    shadow_rows: int = 1000
     # A retrained model's threshold warm start: "probation" (every window it was trained on, as
-    # the first model's) or "val" (the windows its members held back).
-    retrain_calibration: str = "probation"
+    # the first model's) or "val" (the windows its members held back). The defaults of these
+    # three are the best measured (docs/BENCHMARKS.md, "Learning").
+    retrain_calibration: str = "val"
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
@@ -199,6 +200,9 @@ def validate(opts: NabOptions) -> None:
         (opts.retrain_every >= 0, f"--retrain-every must be 0 (never) or a number of rows, got {opts.retrain_every}"),
         (opts.retrain_rows >= 1, f"--retrain-rows must be at least 1, got {opts.retrain_rows}"),
         (opts.shadow_rows >= 1, f"--shadow-rows must be at least 1, got {opts.shadow_rows}"),
+        (opts.retrain_every == 0 or opts.shadow_rows < opts.retrain_every,
+         f"--shadow-rows ({opts.shadow_rows}) must be under --retrain-every ({opts.retrain_every}): a candidate "
+         "still in the shadow when the next one comes is replaced by it, undecided"),
         (opts.rebaseline_after == "never" or (opts.rebaseline_after.isdigit() and int(opts.rebaseline_after) >= 1),
          f"--rebaseline-after must be a number of rows or 'never', got {opts.rebaseline_after!r}"),
     ]

@@ -4,6 +4,7 @@ two small corpus files through the daemon."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -136,11 +137,12 @@ def test_a_retrain_leaves_out_alerted_rows_and_keeps_the_most_recent_clean_stret
 def test_harness_learns_by_swapping_in_models_retrained_on_clean_rows(tmp_path):
     """One file, one member: a model retrained every 1000 rows on the rows so far that the
     daemon did not alert on, placed as a candidate (`anomalyd score --candidate`) that the daemon
-    promotes or refuses after 200 rows in the shadow."""
+    promotes or refuses after 200 rows in the shadow. A shadow as long as the retraining period is
+    refused: each candidate would be replaced, undecided, by the next."""
     nab = nab_dir()
     name = "artificialWithAnomaly/art_daily_jumpsup.csv"
     opts = nb.NabOptions(nab_dir=str(nab), out=str(tmp_path), files=[name], ensemble=1, retrain_every=1000,
-                         retrain_rows=800, anomalyd=str(anomalyd_bin()), quiet=True)
+                         retrain_rows=800, shadow_rows=200, anomalyd=str(anomalyd_bin()), quiet=True)
     run = nb.run(opts)
     work = tmp_path / ".work" / "anomalyd-conv" / name.replace(".csv", "")
     retrained = sorted(work.glob("model-*.onnx"))
@@ -152,6 +154,8 @@ def test_harness_learns_by_swapping_in_models_retrained_on_clean_rows(tmp_path):
         assert training["train_windows"] + training["val_windows"] <= 800, training
     assert run.outcomes[0].promoted + run.outcomes[0].refused == len(retrained), "each candidate decided"
     assert run.results["standard"].per_file[name] > 0, "the jump is still found"
+    with pytest.raises(ns.NabError, match="--shadow-rows"):
+        nb.validate(dataclasses.replace(opts, shadow_rows=1000))
 
 def test_harness_on_two_files(tmp_path):
     """Two members per file (~10 s): NAB's layout, labels from the windows, the ensemble and its
