@@ -620,7 +620,7 @@ impl DetectorTask {
                             .as_ref()
                             .is_some_and(|(s, _)| Arc::ptr_eq(&batch.model, s.model())) =>
                     {
-                        self.decide(Err(format!("its inference failed: {e}")))
+                        self.decide(Decision::Refuse(format!("its inference failed: {e}")))
                     }
                     _ => {}
                 }
@@ -862,37 +862,36 @@ impl DetectorTask {
         let Some((shadow, _)) = self.shadow.as_mut() else {
             return;
         };
-        match shadow.compare(outcomes, batch, inference, &self.promotion) {
-            Some(Decision::Promote) => self.decide(Ok(())),
-            Some(Decision::Refuse(why)) => self.decide(Err(why.to_string())),
-            None => {}
+        if let Some(decision) = shadow.compare(outcomes, batch, inference, &self.promotion) {
+            self.decide(decision);
         }
     }
 
-    /// Ends the candidate's time in the shadow: promotes it (`Ok`), or refuses it with why.
-    fn decide(&mut self, verdict: Result<(), String>) {
+    /// Ends the candidate's time in the shadow: promotes it, or refuses it.
+    fn decide(&mut self, decision: Decision) {
         let Some((shadow, decided)) = self.shadow.take() else {
             return;
         };
-        let c = *shadow.comparison();
+        let figures = shadow.comparison().describe();
         let m = &self.shared.metrics;
         let (old, new) = (self.detector.model().clone(), shadow.model().clone());
         set_model_info(m, &self.name, &new, None);
-        let why = verdict
-            .and_then(|()| shadow.promote(&mut self.detector))
-            .err();
-        match why {
-            None => {
+        match shadow.conclude(decision, &mut self.detector) {
+            Ok(()) => {
                 set_model_info(m, &self.name, &old, None);
                 set_model_info(m, &self.name, &new, Some(label::SERVING));
                 m.candidates
                     .with_label_values(&[&self.name, label::PROMOTED])
                     .inc();
-                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %new.contract.version, records = c.records, new_anomalies = c.new_share(), kept_anomalies = c.kept_share(), "Promoted the candidate model: it serves now, with the thresholds it learned in the shadow.");
+                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %new.contract.version, "Promoted the candidate model {figures}: it serves now, with the thresholds it learned in the shadow.");
                 let _ = decided.send(true);
             }
-            Some(why) => {
-                candidate_refused(m, &self.name, &format!("candidate {} after {} records (new anomalies {:.4}, kept anomalies {:.4}): {why}", new.path.display(), c.records, c.new_share(), c.kept_share()));
+            Err(why) => {
+                candidate_refused(
+                    m,
+                    &self.name,
+                    &format!("candidate {} {figures}: {why}", new.path.display()),
+                );
                 // (Had the candidate the serving model's name and version, its series was it.)
                 set_model_info(m, &self.name, self.detector.model(), Some(label::SERVING));
                 let _ = decided.send(false);

@@ -298,44 +298,36 @@ impl<W: Write> Replayer<W> {
     }
 
     fn flush(&mut self) -> Result<(), ReplayError> {
-        let shadowed = match &mut self.shadow {
-            Some(shadow) => {
-                let mut batch = shadow.prepare(self.records.clone());
-                let samples = std::mem::take(&mut batch.samples);
-                let inference = batch.model.infer(&samples, batch.sample_count())?;
-                Some((batch, inference))
-            }
-            None => None,
-        };
+        // The candidate's inference first (the records are drained for the serving model's).
+        let shadowed = self.shadow.as_mut().map(|shadow| {
+            let mut batch = shadow.prepare(self.records.clone());
+            let samples = std::mem::take(&mut batch.samples);
+            let inference = batch.model.infer(&samples, batch.sample_count());
+            (batch, inference)
+        });
         let mut batch = self.detector.prepare(self.records.drain(..));
         let samples = std::mem::take(&mut batch.samples);
         let inference = batch.model.infer(&samples, batch.sample_count())?;
         let outcomes = self.detector.judge(batch, &inference);
-        if let (Some(shadow), Some((batch, inference))) = (&mut self.shadow, shadowed) {
-            if let Some(decision) = shadow.compare(&outcomes, batch, &inference, &self.pipeline.2) {
+        if let Some((batch, inference)) = shadowed {
+            let shadow = self.shadow.as_mut().expect("in the shadow");
+            let decision = match inference {
+                Ok(inference) => shadow.compare(&outcomes, batch, &inference, &self.pipeline.2),
+                Err(e) => Some(Decision::Refuse(format!("its inference failed: {e}"))),
+            };
+            if let Some(decision) = decision {
                 let shadow = self.shadow.take().expect("in the shadow");
                 let row = self.summary.rows + self.slots.len() as u64;
-                let c = *shadow.comparison();
-                let path = shadow.model().path.display().to_string();
-                let why = match decision {
-                    Decision::Promote => shadow.promote(&mut self.detector).err(),
-                    Decision::Refuse(why) => Some(why.to_string()),
-                };
-                match why {
-                    None => {
+                let (figures, path) = (
+                    shadow.comparison().describe(),
+                    shadow.model().path.display().to_string(),
+                );
+                match shadow.conclude(decision, &mut self.detector) {
+                    Ok(()) => {
                         self.summary.candidates_promoted += 1;
-                        eprintln!("row {row}: promoted candidate {path} after {} records (new anomalies {:.4}, kept anomalies {:.4})", c.records, c.new_share(), c.kept_share());
+                        eprintln!("row {row}: promoted candidate {path} {figures}");
                     }
-                    Some(why) => self.refused(
-                        row,
-                        &path,
-                        &format!(
-                            "after {} records (new anomalies {:.4}, kept anomalies {:.4}): {why}",
-                            c.records,
-                            c.new_share(),
-                            c.kept_share()
-                        ),
-                    ),
+                    Err(why) => self.refused(row, &path, &format!("{figures}: {why}")),
                 }
             }
         }

@@ -91,11 +91,11 @@ pub struct Comparison {
 }
 
 /// What the rule says once enough records were compared.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Promote,
-    /// Why not, as a sentence naming the setting that refused it.
-    Refuse(&'static str),
+    /// Why not: the setting that refused it, or what failed.
+    Refuse(String),
 }
 
 impl Comparison {
@@ -124,16 +124,26 @@ impl Comparison {
         self.kept as f64 / self.serving_flagged as f64
     }
 
+    /// The figures the rule judged, for a log line.
+    pub fn describe(&self) -> String {
+        format!(
+            "after {} records (new anomalies {:.4}, kept anomalies {:.4})",
+            self.records,
+            self.new_share(),
+            self.kept_share()
+        )
+    }
+
     /// The rule, once `cfg.records` were compared; `None` before.
     pub fn decide(&self, cfg: &PromotionConfig) -> Option<Decision> {
         if self.records < cfg.records {
             return None;
         }
         Some(if self.new_share() > cfg.max_new_anomalies {
-            Decision::Refuse("it flags more of what the serving model judged normal than promotion.max_new_anomalies allows")
+            Decision::Refuse("it flags more of what the serving model judged normal than promotion.max_new_anomalies allows".into())
         } else if self.serving_flagged >= MIN_FLAGGED && self.kept_share() < cfg.min_kept_anomalies
         {
-            Decision::Refuse("it flags less of what the serving model flagged than promotion.min_kept_anomalies asks")
+            Decision::Refuse("it flags less of what the serving model flagged than promotion.min_kept_anomalies asks".into())
         } else {
             Decision::Promote
         })
@@ -202,9 +212,13 @@ impl Shadow {
         self.detector.forget_partitions(partitions);
     }
 
-    /// Makes the candidate serve in `serving` (see [`Detector::promote`]).
-    pub fn promote(self, serving: &mut Detector) -> Result<(), String> {
-        serving.promote(self.detector)
+    /// Acts on the rule's `decision`: makes the candidate serve in `serving` (see
+    /// [`Detector::promote`]), or says why it does not.
+    pub fn conclude(self, decision: Decision, serving: &mut Detector) -> Result<(), String> {
+        match decision {
+            Decision::Promote => serving.promote(self.detector),
+            Decision::Refuse(why) => Err(why),
+        }
     }
 }
 
