@@ -415,30 +415,15 @@ impl Config {
                 p.reload_check,
                 Duration::ZERO,
             ));
-            problems.extend(
-                p.batch
-                    .problems()
-                    .into_iter()
-                    .map(|e| format!("{}.{e}", at("batch"))),
-            );
-            problems.extend(
-                p.alert
-                    .problems()
-                    .into_iter()
-                    .map(|e| format!("{}.{e}", at("alert"))),
-            );
-            problems.extend(
-                p.promotion
-                    .problems()
-                    .into_iter()
-                    .map(|e| format!("{}.{e}", at("promotion"))),
-            );
-            problems.extend(
-                p.drift
-                    .problems()
-                    .into_iter()
-                    .map(|e| format!("{}.{e}", at("drift"))),
-            );
+            // The sections whose problems come as `field: reason`.
+            for (section, found) in [
+                ("batch", p.batch.problems()),
+                ("alert", p.alert.problems()),
+                ("promotion", p.promotion.problems()),
+                ("drift", p.drift.problems()),
+            ] {
+                problems.extend(found.into_iter().map(|e| format!("{}.{e}", at(section))));
+            }
             if p.candidate_path() == p.model {
                 problems.push(format!("{}: must not be the model itself", at("candidate")));
             }
