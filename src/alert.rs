@@ -134,6 +134,9 @@ pub struct AlertState {
     anomalous_run: u32,
     /// When the current anomalous run started (timestamp text), while not firing.
     run_started_at: Option<String>,
+    /// The source offset of the run's first point, while not firing.
+    #[serde(default)]
+    run_started_offset: Option<i64>,
     firing: Option<Episode>,
 }
 
@@ -142,6 +145,11 @@ pub struct AlertState {
 pub struct Episode {
     /// The timestamp of the first anomalous point of the episode.
     pub started_at: Option<String>,
+    /// The source offset of that point (in the partition of the event's `source`): with the
+    /// resolving event's offset it bounds the key's records the episode covers, which is what a
+    /// retrain leaves out. Absent in state written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_offset: Option<i64>,
     /// Points observed since the episode started firing.
     pub points: u64,
     /// Anomalous points among them.
@@ -176,7 +184,7 @@ impl AlertState {
         self.firing.as_ref()
     }
 
-    /// Feeds one judged point.
+    /// Feeds one judged point, with its timestamp and source offset.
     pub fn observe(
         &mut self,
         cfg: &AlertConfig,
@@ -184,11 +192,13 @@ impl AlertState {
         score: f64,
         anomaly_score: f64,
         timestamp: Option<&str>,
+        offset: i64,
     ) -> Option<Transition> {
         match &mut self.firing {
             None if is_anomaly => {
                 if self.anomalous_run == 0 {
                     self.run_started_at = timestamp.map(str::to_string);
+                    self.run_started_offset = Some(offset);
                 }
                 self.anomalous_run += 1;
                 if self.anomalous_run < cfg.fire_after {
@@ -196,6 +206,7 @@ impl AlertState {
                 }
                 let episode = Episode {
                     started_at: self.run_started_at.take(),
+                    started_offset: self.run_started_offset.take(),
                     points: 1,
                     anomalous_points: 1,
                     max_score: score,
@@ -214,6 +225,7 @@ impl AlertState {
             None => {
                 self.anomalous_run = 0;
                 self.run_started_at = None;
+                self.run_started_offset = None;
                 None
             }
             Some(ep) => {
@@ -348,7 +360,7 @@ mod tests {
             .chars()
             .enumerate()
             .filter_map(|(i, ch)| {
-                let t = s.observe(c, ch == 'A', 1.0, 0.9, Some(&i.to_string()))?;
+                let t = s.observe(c, ch == 'A', 1.0, 0.9, Some(&i.to_string()), i as i64)?;
                 Some((
                     i,
                     match t {
@@ -396,15 +408,20 @@ mod tests {
     fn episode_carries_its_start_and_peak() {
         let c = cfg(2, 1);
         let mut s = AlertState::default();
-        assert_eq!(s.observe(&c, true, 3.0, 0.7, Some("t0")), None);
-        let Some(Transition::Fired(ep)) = s.observe(&c, true, 5.0, 0.8, Some("t1")) else {
+        // A run that does not reach fire_after leaves no trace of its start.
+        assert_eq!(s.observe(&c, true, 3.0, 0.7, Some("t-2"), 8), None);
+        assert_eq!(s.observe(&c, false, 0.1, 0.1, Some("t-1"), 9), None);
+        assert_eq!(s.observe(&c, true, 3.0, 0.7, Some("t0"), 10), None);
+        let Some(Transition::Fired(ep)) = s.observe(&c, true, 5.0, 0.8, Some("t1"), 13) else {
             panic!("should fire")
         };
         assert_eq!(ep.started_at.as_deref(), Some("t0"));
-        s.observe(&c, true, 9.0, 0.95, Some("t2"));
-        let Some(Transition::Resolved(ep)) = s.observe(&c, false, 0.1, 0.1, Some("t3")) else {
+        assert_eq!(ep.started_offset, Some(10));
+        s.observe(&c, true, 9.0, 0.95, Some("t2"), 14);
+        let Some(Transition::Resolved(ep)) = s.observe(&c, false, 0.1, 0.1, Some("t3"), 20) else {
             panic!("should resolve")
         };
+        assert_eq!(ep.started_offset, Some(10));
         assert_eq!((ep.points, ep.anomalous_points, ep.max_score), (3, 2, 9.0));
         assert!(!s.is_firing());
     }

@@ -605,6 +605,7 @@ impl Detector {
                 score,
                 verdict.anomaly_score,
                 entry.record.timestamp.as_deref(),
+                entry.origin.offset,
             );
             let rebaselined = matches!(transition, Some(Transition::Rebaselined(_)));
             if let Some(keep) = relearn_from {
