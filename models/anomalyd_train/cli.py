@@ -20,6 +20,7 @@ commands:
   generate  sample synthetic normal data from a trained VAE model
   check     check ONNX files against the model contract
   synth     write a synthetic dataset (normal data, optionally with labelled anomalies)
+  retrain   fit a candidate for a running pipeline on its recent input, read from Kafka
   nab       run the Numenta Anomaly Benchmark through the daemon and score it (NAB's rules)
   nab-plot  plot one file of a finished NAB run: value, score, threshold, labelled windows
 
@@ -173,6 +174,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, metavar="FILE.csv")
 
+    r = sub.add_parser(
+        "retrain", help="fit a candidate for a running pipeline on its recent input (Kafka)",
+        description="Fit a candidate model for pipeline P of a running daemon on P's recent input, "
+        "read from Kafka, and write it beside the serving model (pipelines.P.candidate, by default "
+        "MODEL.candidate.onnx), where the daemon shadows it on live traffic and promotes or refuses "
+        "it. Records the daemon alerted on (every record of an alert episode, read back from the "
+        "pipeline's alerts topic) are left out. The kind and hyper-parameters are the serving "
+        "model's own (its anomalyd.training metadata); the version is the serving one's, its last "
+        "number raised. The input is read with a client of its own that never joins or commits for "
+        "the daemon's consumer group.",
+        epilog="Run it on a schedule (deploy/systemd/anomalyd-retrain.timer, deploy/k8s/retrain-cronjob.yaml) "
+        "or when the drift alert fires (docs/OPERATIONS.md).\n\nexample:\n"
+        "  anomalyd-train retrain -c /etc/anomalyd/anomalyd.toml --pipeline fleet --since 7d",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("-c", "--config", required=True, metavar="FILE",
+                   help="the daemon's configuration (its ANOMALYD__… environment overrides apply too)")
+    r.add_argument("--pipeline", required=True, metavar="P", help="the pipeline to retrain")
+    span = r.add_mutually_exclusive_group()
+    span.add_argument("--since", metavar="DURATION",
+                      help="train on the records of the last DURATION (90s, 30m, 12h, 7d, 2w; default 7d)")
+    span.add_argument("--records", type=int, metavar="N",
+                      help="train on the last N records (split evenly over the input partitions)")
+    r.add_argument("--min-records", type=int, default=1000, metavar="N",
+                   help="refuse when fewer clean records than this remain (default 1000)")
+    r.add_argument("--out", metavar="FILE.onnx", help="write here instead of the pipeline's candidate path")
+    r.add_argument("--version", dest="model_version", metavar="VERSION",
+                   help="the candidate's version (default: the serving model's, last number raised)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
     from .machines import add_parser as add_machines
     from .nab_cli import add_parser as add_nab
 
@@ -194,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "synth":
             return _synth(args)
+        if args.command == "retrain":
+            from .retrain import RetrainOptions, retrain
+
+            retrain(RetrainOptions(config=args.config, pipeline=args.pipeline, since=args.since,
+                                   records=args.records, min_records=args.min_records, out=args.out,
+                                   version=args.model_version, quiet=args.quiet))
+            return 0
         if args.command == "machines":
             from .machines import main as run_machines
 

@@ -403,13 +403,19 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 /// The fleet stream with host-00's latency ramping up by 40 ms between ticks 300 and 700 and
 /// staying there: a new level reached slowly enough for a drift-following threshold to learn.
 pub fn ramp_stream(hosts: usize, ticks: u64, seed: u64) -> Stream {
+    shifted_stream(hosts, ticks, seed, |tick| {
+        40.0 * ((tick as f64 - 300.0) / 400.0).clamp(0.0, 1.0)
+    })
+}
+
+/// The fleet stream with `shift(tick)` ms added to host-00's latency.
+pub fn shifted_stream(hosts: usize, ticks: u64, seed: u64, shift: impl Fn(u64) -> f64) -> Stream {
     let mut s = fleet_stream(hosts, ticks, 0, seed);
     for (i, (_, v)) in s.records.iter_mut().enumerate() {
-        let tick = (i / hosts) as f64;
         let mut j: serde_json::Value = serde_json::from_str(v).unwrap();
         if j["host"] == "host-00" {
-            let ramp = 40.0 * ((tick - 300.0) / 400.0).clamp(0.0, 1.0);
-            j["latency_ms"] = (j["latency_ms"].as_f64().unwrap() + ramp).into();
+            let by = shift((i / hosts) as u64);
+            j["latency_ms"] = (j["latency_ms"].as_f64().unwrap() + by).into();
             *v = j.to_string();
         }
     }
