@@ -626,6 +626,85 @@ fn systemd_unit_verifies_and_is_hardened() {
     );
 }
 
+/// Runs the toolkit's `anomalyd-train` with a deploy file's arguments, `--config` pointed at
+/// `config`, and the brokers at a closed port: it must get past its arguments, the
+/// configuration and the serving model, and stop at Kafka (exit 2, saying so).
+fn retrain_reaches_kafka(what: &str, args: &[String], config: &Path, env: &[(String, String)]) {
+    let Some(t) = tools(what, &[venv_bin("anomalyd-train").to_str().unwrap()]) else {
+        return;
+    };
+    let mut args = args.to_vec();
+    let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
+    args[at] = config.to_str().unwrap().to_string();
+    let o = run(Command::new(&t[0])
+        .args(&args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("ANOMALYD__KAFKA__BROKERS", "127.0.0.1:1"));
+    let out = text(&o);
+    assert!(
+        o.status.code() == Some(2) && out.contains("error: Kafka"),
+        "{what}: anomalyd-train {args:?} should fail only at the (absent) broker:\n{out}"
+    );
+}
+
+/// The nightly retrain: a timer starting a oneshot `anomalyd-train retrain` of pipeline %i, as
+/// the daemon's own (dynamic) user with its state directory, where the models live.
+#[test]
+fn systemd_retrain_timer_runs_the_toolkit_as_the_daemons_user() {
+    let Some(t) = tools("systemd retrain units", &["systemd-analyze"]) else {
+        return;
+    };
+    let service = read(&deploy("systemd/anomalyd-retrain@.service"));
+    let timer = read(&deploy("systemd/anomalyd-retrain@.timer"));
+    let s = unit_settings(&service);
+    let get = |k: &str| s.get(k).map(String::as_str).unwrap_or("");
+    let daemon = unit_settings(&read(&deploy("systemd/anomalyd.service")));
+    assert_eq!(get("Type"), "oneshot");
+    // The daemon's DynamicUser is named after its unit, anomalyd: the same user (and state
+    // directory) lets the daemon rename the candidate this unit writes.
+    assert_eq!((get("DynamicUser"), get("User")), ("yes", "anomalyd"));
+    assert_eq!(get("StateDirectory"), daemon["StateDirectory"]);
+    assert_eq!(get("ProtectSystem"), "strict");
+    let timer_settings = unit_settings(&timer);
+    assert!(timer_settings.contains_key("OnCalendar"), "{timer}");
+    assert_eq!(timer_settings["Persistent"], "true");
+
+    const TOOLKIT: &str = "/opt/anomalyd-train/bin/anomalyd-train";
+    let exec = get("ExecStart");
+    assert!(exec.starts_with(TOOLKIT), "ExecStart: {exec}");
+    let dir = tempfile::tempdir().unwrap();
+    let local = service.replace(TOOLKIT, venv_bin("anomalyd-train").to_str().unwrap());
+    std::fs::write(dir.path().join("anomalyd-retrain@fleet.service"), &local).unwrap();
+    std::fs::write(dir.path().join("anomalyd-retrain@fleet.timer"), &timer).unwrap();
+    let o = run(Command::new(&t[0]).current_dir(dir.path()).args([
+        "verify",
+        "./anomalyd-retrain@fleet.service",
+        "./anomalyd-retrain@fleet.timer",
+    ]));
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stderr).trim().is_empty(),
+        "systemd-analyze verify: {}",
+        text(&o)
+    );
+    let o = run(Command::new(&t[0])
+        .current_dir(dir.path())
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg("./anomalyd-retrain@fleet.service"));
+    assert!(o.status.success(), "exposure above 2.0:\n{}", text(&o));
+
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .skip(1)
+        .map(|a| a.replace("%i", "fleet"))
+        .collect();
+    retrain_reaches_kafka(
+        "systemd retrain",
+        &args,
+        &deploy("anomalyd.example.toml"),
+        &[],
+    );
+}
+
 /// The daemon, as `Type=notify` runs it: READY=1 once started, WATCHDOG=1 at half of
 /// WatchdogSec, STOPPING=1 on SIGTERM, then a clean exit. Needs no systemd: the test is the
 /// service manager's end of the socket.
@@ -781,28 +860,27 @@ fn selects(selector: &Value, labels: &Value) -> bool {
         .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-#[test]
-fn kubernetes_manifests_render_validate_and_fit_together() {
-    let Some(t) = tools(
-        "kubernetes manifests",
+/// The tools the Kubernetes tests need: kubectl, kubernetes-validate and the venv's Python.
+fn kubernetes_tools(test: &str) -> Option<Vec<PathBuf>> {
+    tools(
+        test,
         &[
             "kubectl",
             venv_bin("kubernetes-validate").to_str().unwrap(),
             venv_bin("python").to_str().unwrap(),
         ],
-    ) else {
-        return;
-    };
+    )
+}
+
+/// `kubectl kustomize deploy/<overlay>`, validated offline and strictly (unknown fields are
+/// errors) against the oldest and the newest Kubernetes the package knows here; its objects.
+/// The Prometheus Operator's kinds have no schema there: the caller checks them.
+fn render_and_validate(t: &[PathBuf], overlay: &str, dir: &Path) -> Vec<Value> {
     let (kubectl, validate, python) = (&t[0], &t[1], &t[2]);
-    let dir = tempfile::tempdir().unwrap();
-    let rendered = dir.path().join("rendered.yaml");
-    let yaml = ok(Command::new(kubectl).arg("kustomize").arg(deploy("k8s")));
+    let rendered = dir.join(format!("{overlay}.yaml"));
+    let yaml = ok(Command::new(kubectl).arg("kustomize").arg(deploy(overlay)));
     std::fs::write(&rendered, &yaml).unwrap();
     let objects: Vec<Value> = to_json(python, &rendered).as_array().unwrap().clone();
-
-    // Offline schema validation, strict (unknown fields are errors), against the oldest and the
-    // newest Kubernetes the package knows here. The Prometheus Operator's kinds have no schema in
-    // it: they are checked below.
     const CRDS: &[&str] = &["ServiceMonitor", "PrometheusRule"];
     let core = objects
         .iter()
@@ -823,6 +901,17 @@ fn kubernetes_manifests_render_validate_and_fit_together() {
             );
         }
     }
+    objects
+}
+
+#[test]
+fn kubernetes_manifests_render_validate_and_fit_together() {
+    let Some(t) = kubernetes_tools("kubernetes manifests") else {
+        return;
+    };
+    let python = &t[2];
+    let dir = tempfile::tempdir().unwrap();
+    let objects = render_and_validate(&t, "k8s", dir.path());
 
     let deployment = of_kind(&objects, "Deployment");
     let service = of_kind(&objects, "Service");
@@ -976,35 +1065,165 @@ fn kubernetes_manifests_render_validate_and_fit_together() {
     }
 }
 
+/// deploy/k8s-learning: the base plus the models' volume and the nightly retrain. The CronJob
+/// runs the toolkit with the daemon's ConfigMap, as the daemon's user, on the volume the
+/// daemon's pods serve the model from (seeded from the toolkit's image), with the same model
+/// path; and its pods are not the daemon's (no Service, PDB or HPA picks them up).
+#[test]
+fn kubernetes_learning_overlay_shares_the_models_volume_with_the_retrain_cronjob() {
+    let Some(t) = kubernetes_tools("kubernetes learning overlay") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let objects = render_and_validate(&t, "k8s-learning", dir.path());
+    let deployment = of_kind(&objects, "Deployment");
+    let cron = of_kind(&objects, "CronJob");
+    let configmap = of_kind(&objects, "ConfigMap");
+    let claim = of_kind(&objects, "PersistentVolumeClaim");
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+
+    let daemon_pod = &deployment["spec"]["template"]["spec"];
+    let job_pod = &cron["spec"]["jobTemplate"]["spec"]["template"];
+    assert!(
+        !selects(
+            &deployment["spec"]["selector"]["matchLabels"],
+            &job_pod["metadata"]["labels"]
+        ),
+        "the retrain pods carry the daemon's labels"
+    );
+    let job_pod = &job_pod["spec"];
+    for k in ["runAsUser", "runAsGroup", "fsGroup"] {
+        assert_eq!(
+            job_pod["securityContext"][k], daemon_pod["securityContext"][k],
+            "{k}: the daemon renames the candidate the job writes"
+        );
+    }
+    // Where each pod mounts a volume of `source` (a key of the volume: configMap or
+    // persistentVolumeClaim) naming `name`, and whether read-only.
+    let mount = |pod: &Value, container: &Value, source: &str, name: &Value| -> (String, bool) {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| &v[source]["name"] == name || &v[source]["claimName"] == name)
+            .unwrap_or_else(|| panic!("no {source} volume {name}"));
+        let m = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap_or_else(|| panic!("{name} is not mounted"));
+        (
+            m["mountPath"].as_str().unwrap().to_string(),
+            m["readOnly"] == true,
+        )
+    };
+    let daemon = &daemon_pod["containers"][0];
+    let job = &job_pod["containers"][0];
+    let seed = &daemon_pod["initContainers"][0];
+    let claim_name = &claim["metadata"]["name"];
+    let models = mount(daemon_pod, daemon, "persistentVolumeClaim", claim_name);
+    assert!(
+        !models.1,
+        "the daemon renames promoted candidates: its models' mount is writable"
+    );
+    assert_eq!(
+        mount(job_pod, job, "persistentVolumeClaim", claim_name),
+        models
+    );
+    assert_eq!(
+        mount(daemon_pod, seed, "persistentVolumeClaim", claim_name),
+        models
+    );
+    assert_eq!(
+        seed["image"], job["image"],
+        "the seed comes from the toolkit's image"
+    );
+
+    // The same model path in both, on the volume, seeded by the init container.
+    let env = |c: &Value| -> Vec<(String, String)> {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("ANOMALYD__"))
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (daemon_env, job_env) = (env(daemon), env(job));
+    assert_eq!(daemon_env, job_env);
+    let (_, model) = daemon_env
+        .iter()
+        .find(|(k, _)| k.ends_with("__MODEL"))
+        .expect("the model path is overridden to the volume");
+    let file = model
+        .strip_prefix(&format!("{}/", models.0))
+        .unwrap_or_else(|| panic!("{model} is not on the models' volume {}", models.0));
+    let seeded: Vec<&str> = seed["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        seeded.contains(&"-n") && seeded.contains(&models.0.as_str()),
+        "the seed must copy onto the volume without overwriting: {seeded:?}"
+    );
+    assert!(
+        seeded.iter().any(|a| a.ends_with(&format!("/{file}"))),
+        "{seeded:?} does not seed {file}"
+    );
+
+    // The job reads the daemon's ConfigMap, and its command runs (up to the absent broker) with
+    // that configuration and the model it names.
+    let (config_dir, read_only) = mount(job_pod, job, "configMap", &configmap["metadata"]["name"]);
+    assert!(read_only);
+    let args: Vec<String> = job["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(args[0], "retrain");
+    let at = args.iter().position(|a| a == "--config").unwrap();
+    assert_eq!(args[at + 1], format!("{config_dir}/anomalyd.toml"));
+    let local = dir.path().join("anomalyd.toml");
+    std::fs::write(&local, configmap["data"]["anomalyd.toml"].as_str().unwrap()).unwrap();
+    let env: Vec<(String, String)> = job_env
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.replace(&models.0, repo().join("models").to_str().unwrap()),
+            )
+        })
+        .collect();
+    retrain_reaches_kafka("retrain CronJob", &args, &local, &env);
+}
+
 // ---- Dockerfile ----------------------------------------------------------------------------------
 
-#[test]
-fn dockerfile_passes_hadolint_and_copies_what_exists() {
-    let dockerfile = deploy("Dockerfile");
+/// What every image's Dockerfile must do: a non-root last stage, COPY only what exists and
+/// its `<name>.dockerignore` lets through, and pass hadolint. Returns its text.
+fn check_dockerfile(name: &str) -> String {
+    let dockerfile = deploy(name);
     let text_ = read(&dockerfile);
-    // Multi-stage, non-root final stage with the binary and the models.
-    let stages: Vec<&str> = text_.split("\nFROM ").skip(1).collect();
-    assert!(stages.len() >= 2, "not a multi-stage build");
-    let last = stages.last().unwrap();
+    let last = text_.rsplit("\nFROM ").next().unwrap();
     let user = last
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
         .next_back()
-        .expect("the runtime stage sets USER");
+        .unwrap_or_else(|| panic!("{name}: the last stage sets no USER"));
     assert!(
         !["root", "0", "0:0"].contains(&user.trim()) && !user.starts_with("0:"),
-        "runtime USER is root"
+        "{name}: the image runs as root"
     );
-    assert!(last.contains("COPY --from=build"));
-    for needed in [
-        "/out/usr/local/bin/anomalyd",
-        "/out/usr/local/share/anomalyd/models",
-    ] {
-        assert!(text_.contains(needed), "the image lacks {needed}");
-    }
-    // Every source the build stage COPYs from the context exists (globs: matches something),
-    // and deploy/Dockerfile.dockerignore lets it through.
-    let ignore = read(&deploy("Dockerfile.dockerignore"));
+    let ignore = read(&deploy(&format!("{name}.dockerignore")));
     for line in text_.lines().filter(|l| l.starts_with("COPY ")) {
         let words: Vec<&str> = line.split_whitespace().skip(1).collect();
         if words.iter().any(|w| w.starts_with("--from")) {
@@ -1022,16 +1241,39 @@ fn dockerfile_passes_hadolint_and_copies_what_exists() {
                             .ends_with(pattern)
                     })
                     .count();
-                assert!(n > 0, "COPY {src}: matches nothing");
+                assert!(n > 0, "{name}: COPY {src} matches nothing");
             } else {
-                assert!(repo().join(src).exists(), "COPY {src}: no such path");
+                assert!(
+                    repo().join(src).exists(),
+                    "{name}: COPY {src}: no such path"
+                );
             }
             let allowed = ignore.lines().any(|l| {
                 l.strip_prefix('!')
                     .is_some_and(|a| a.trim_end_matches('/') == src.trim_end_matches('/'))
             });
-            assert!(allowed, "Dockerfile.dockerignore excludes {src}");
+            assert!(allowed, "{name}.dockerignore excludes {src}");
         }
+    }
+    if let Some(t) = tools("Dockerfile lint", &[venv_bin("hadolint").to_str().unwrap()]) {
+        let o = run(Command::new(&t[0]).arg("--no-color").arg(&dockerfile));
+        assert!(o.status.success(), "hadolint {name}:\n{}", text(&o));
+    }
+    text_
+}
+
+#[test]
+fn dockerfile_passes_hadolint_and_copies_what_exists() {
+    let text_ = check_dockerfile("Dockerfile");
+    // Multi-stage: the runtime stage takes the binary and the models from the build stage.
+    let stages: Vec<&str> = text_.split("\nFROM ").skip(1).collect();
+    assert!(stages.len() >= 2, "not a multi-stage build");
+    assert!(stages.last().unwrap().contains("COPY --from=build"));
+    for needed in [
+        "/out/usr/local/bin/anomalyd",
+        "/out/usr/local/share/anomalyd/models",
+    ] {
+        assert!(text_.contains(needed), "the image lacks {needed}");
     }
     // The model the Kubernetes configuration names is one the image ships.
     let k8s_config = read(&deploy("k8s/anomalyd.toml"));
@@ -1048,12 +1290,18 @@ fn dockerfile_passes_hadolint_and_copies_what_exists() {
             "models/{name} is not in the repository"
         );
     }
+}
 
-    let Some(t) = tools("Dockerfile lint", &[venv_bin("hadolint").to_str().unwrap()]) else {
-        return;
-    };
-    let o = run(Command::new(&t[0]).arg("--no-color").arg(&dockerfile));
-    assert!(o.status.success(), "hadolint:\n{}", text(&o));
+/// The toolkit's image: `anomalyd-train` as the entry point (what the retrain CronJob runs) and
+/// the shipped models where the CronJob's overlay seeds the models' volume from.
+#[test]
+fn the_toolkits_dockerfile_passes_hadolint_and_ships_the_entry_point_and_models() {
+    let text_ = check_dockerfile("Dockerfile.train");
+    assert!(text_.contains("ENTRYPOINT [\"anomalyd-train\"]"), "{text_}");
+    assert!(
+        text_.contains("/usr/local/share/anomalyd/models/"),
+        "{text_}"
+    );
 }
 
 // ---- Grafana -------------------------------------------------------------------------------------

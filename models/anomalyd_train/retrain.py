@@ -243,6 +243,9 @@ def _consumer(source: Source):
     from confluent_kafka import Consumer
 
     conf = {
+        # librdkafka's own log repeats every failed connection on stderr; what matters reaches
+        # the user as the error the read ends with (properties can set it back).
+        "log_level": 0,
         **source.properties,
         "bootstrap.servers": source.brokers,
         # A group id of its own, never joined (partitions are assigned) and never committed: the
@@ -255,7 +258,12 @@ def _consumer(source: Source):
 
 
 def _partitions(consumer, topic: str) -> list[int]:
-    md = consumer.list_topics(topic, timeout=10)
+    from confluent_kafka import KafkaException
+
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+    except KafkaException as e:
+        raise DataError(f"Kafka: cannot read the metadata of topic {topic!r}: {e}") from None
     t = md.topics.get(topic)
     if t is None or t.error is not None:
         raise DataError(f"topic {topic!r} cannot be read: {t.error if t is not None else 'not found'}")
