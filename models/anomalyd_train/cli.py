@@ -176,14 +176,15 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "retrain", help="fit a candidate for a running pipeline on its recent input (Kafka)",
-        description="Fit a candidate model for pipeline P of a running daemon on P's recent input, "
-        "read from Kafka, and write it beside the serving model (pipelines.P.candidate, by default "
-        "MODEL.candidate.onnx), where the daemon shadows it on live traffic and promotes or refuses "
-        "it. Records the daemon alerted on (every record of an alert episode, read back from the "
-        "pipeline's alerts topic) are left out. The kind and hyper-parameters are the serving "
-        "model's own (its anomalyd.training metadata); the version is the serving one's, its last "
-        "number raised. The input is read with a client of its own that never joins or commits for "
-        "the daemon's consumer group.",
+        description=(
+            "Fit a candidate model for pipeline P of a running daemon on P's recent input, read from\n"
+            "Kafka, and write it beside the serving model (pipelines.P.candidate, by default\n"
+            "MODEL.candidate.onnx), where the daemon shadows it on live traffic and promotes or refuses it.\n\n"
+            "- Left out: every record of an alert episode, read back from the pipeline's alerts topic.\n"
+            "- Fitted: the serving model's kind and hyper-parameters (its anomalyd.training metadata).\n"
+            "- Version: the serving one's with its last number raised.\n"
+            "- Kafka: a client of its own that never joins or commits for the daemon's consumer group."
+        ),
         epilog="Run it on a schedule (deploy/systemd/anomalyd-retrain.timer, deploy/k8s/retrain-cronjob.yaml) "
         "or when the drift alert fires (docs/OPERATIONS.md).\n\nexample:\n"
         "  anomalyd-train retrain -c /etc/anomalyd/anomalyd.toml --pipeline fleet --since 7d",

@@ -13,7 +13,7 @@ refuses it (docs/OPERATIONS.md, "Keeping models current"). This module writes th
    anomalous point (`episode.started_offset`) and its resolved event names its last record, so
    the key's records between the two (in that partition) are exactly the episode. The alerts
    topic is the one output every deployment keeps (scores are optional and large), and it is the
-   record operators already act on. Episodes an operator marked as false alarms stay in.
+   record operators already act on.
    Each key's remaining records form stretches cut at the episodes, and no training window spans
    a cut.
 4. It fits the serving model's kind and hyper-parameters (its `anomalyd.training` metadata) on
@@ -58,7 +58,6 @@ class Source:
     key_field: str
     field_map: dict[str, str]
     alerts_topic: str
-    feedback_topic: str
 
     def field(self, feature: str) -> str:
         return self.field_map.get(feature, feature)
@@ -116,7 +115,6 @@ def load_source(config: str, pipeline: str, environ: dict[str, str] | None = Non
         key_field=str(p.get("key_field", "host")),
         field_map={str(k): str(v) for k, v in p.get("field_map", {}).items()},
         alerts_topic=str(p.get("alerts_topic", "anomalyd-alerts")),
-        feedback_topic=str(p.get("feedback_topic", "")),
     )
 
 
@@ -220,7 +218,8 @@ def stretches(records: list[Record], episodes: Episodes) -> tuple[list[tuple[str
     for r in records:
         by_key.setdefault((r.topic, r.partition, r.key), []).append(r)
     out, left_out = [], 0
-    for (topic, partition, key), rs in by_key.items():
+    # In a fixed order, whatever order the partitions were read in: the same data, the same model.
+    for (topic, partition, key), rs in sorted(by_key.items()):
         rs.sort(key=lambda r: r.offset)
         current: list[Record] = []
         for r in rs:

@@ -115,7 +115,7 @@ def test_stretches_are_cut_at_the_episodes_so_no_window_spans_one():
 
 
 def test_records_the_daemon_would_not_score_are_not_decoded():
-    src = retrain.Source("p", "b", {}, ["m"], None, None, "host", {"cpu": "cpu.util"}, "", "")
+    src = retrain.Source("p", "b", {}, ["m"], None, None, "host", {"cpu": "cpu.util"}, "")
     ok = json.dumps({"host": "h1", "cpu.util": 3, "mem": 2.5}).encode()
     assert retrain.decode(ok, src, ["cpu", "mem"], image=False) == ("h1", [3.0, 2.5])
     for bad in (b"not json", b"[1]", b'{"cpu.util": 1, "mem": 2}', b'{"host": "h", "cpu.util": "x", "mem": 2}',
