@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::feedback::Marks;
+
 /// `[pipelines.NAME.alert]`: when an episode fires, resolves, and how severe it is.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 pub struct AlertConfig {
@@ -138,6 +140,9 @@ pub struct AlertState {
     #[serde(default)]
     run_started_offset: Option<i64>,
     firing: Option<Episode>,
+    /// Operators' false-alarm marks on the key's episodes (the feedback topic).
+    #[serde(default, skip_serializing_if = "Marks::is_empty")]
+    marks: Marks,
 }
 
 /// One firing-to-resolved stretch of one key.
@@ -182,6 +187,15 @@ impl AlertState {
     /// The episode in progress, if the key is firing.
     pub fn episode(&self) -> Option<&Episode> {
         self.firing.as_ref()
+    }
+
+    /// The false-alarm marks on the key's episodes.
+    pub fn marks(&self) -> &Marks {
+        &self.marks
+    }
+
+    pub fn marks_mut(&mut self) -> &mut Marks {
+        &mut self.marks
     }
 
     /// Feeds one judged point, with its timestamp and source offset.

@@ -25,6 +25,7 @@ use crate::alertmanager::AlertmanagerConfig;
 use crate::batch::BatchConfig;
 use crate::detect::DetectorConfig;
 use crate::drift::DriftConfig;
+use crate::feedback::FeedbackConfig;
 use crate::kafka::KafkaConfig;
 use crate::log::LogConfig;
 use crate::metrics::HttpConfig;
@@ -119,6 +120,9 @@ pub struct PipelineConfig {
     /// The drift detector on the pipeline's scores.
     #[serde(default)]
     pub drift: DriftConfig,
+    /// Operators' verdicts on episodes (false alarms).
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
     /// Record field holding the entity key (host, sensor…). Records without it are dead letters.
     #[serde(default = "default_key_field")]
     pub key_field: String,
@@ -203,6 +207,7 @@ impl PipelineConfig {
             alert: self.alert,
             keep_reconstructions: !self.denoised_topic.is_empty(),
             drift: self.drift,
+            feedback: self.feedback.clone(),
         }
     }
 }
@@ -421,6 +426,7 @@ impl Config {
                 ("alert", p.alert.problems()),
                 ("promotion", p.promotion.problems()),
                 ("drift", p.drift.problems()),
+                ("feedback", p.feedback.problems()),
             ] {
                 problems.extend(found.into_iter().map(|e| format!("{}.{e}", at(section))));
             }

@@ -16,7 +16,7 @@
 //! starts again from the warm-started threshold, an empty window and no level.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -29,6 +29,7 @@ use crate::alert::{
 use crate::baseline::{Baseline, Level};
 use crate::decode::{Decoder, Record};
 use crate::drift::{Drift, DriftChange, DriftConfig};
+use crate::feedback::{Feedback, FeedbackConfig, FeedbackOutcome};
 use crate::model::{Calibration, Contract, Inference, Model};
 use crate::state::{Change, KeySnapshot, ModelIdentity, StateRecord};
 use crate::threshold::{Threshold, ThresholdConfig, Verdict};
@@ -227,6 +228,8 @@ pub struct DetectorConfig {
     pub keep_reconstructions: bool,
     /// The drift detector on the pipeline's scores.
     pub drift: DriftConfig,
+    /// What operators' false-alarm marks do to a key's threshold.
+    pub feedback: FeedbackConfig,
 }
 
 /// Why a detector cannot be built for a model.
@@ -337,6 +340,28 @@ pub struct Detector {
     evicted: Option<Vec<(Source, String)>>,
     /// Whether the pipeline's scores have moved since the model started.
     drift: Drift,
+    feedback: FeedbackConfig,
+    /// Feedback on keys not here, by key: applied when the key's state appears.
+    pending: HashMap<String, Vec<Feedback>>,
+    /// What feedback did since the last [`Detector::take_feedback`].
+    feedback_done: Vec<(Feedback, FeedbackOutcome)>,
+}
+
+/// Keys whose feedback waits for them at most (per pipeline).
+const MAX_PENDING: usize = 10_000;
+
+/// Marks a key's episodes with the feedback waiting for it.
+fn apply_pending(
+    waiting: Option<Vec<Feedback>>,
+    state: &mut KeyState,
+    cfg: &FeedbackConfig,
+    done: &mut Vec<(Feedback, FeedbackOutcome)>,
+) {
+    for f in waiting.into_iter().flatten() {
+        let outcome = state.alert.marks_mut().mark(f.started_offset, cfg);
+        state.dirty = true;
+        done.push((f, outcome));
+    }
 }
 
 impl Detector {
@@ -372,6 +397,9 @@ impl Detector {
             keep_reconstructions: cfg.keep_reconstructions,
             evicted: None,
             drift: Drift::new(cfg.drift),
+            feedback: cfg.feedback.clone(),
+            pending: HashMap::new(),
+            feedback_done: Vec::new(),
             model,
         }
     }
@@ -454,6 +482,38 @@ impl Detector {
         &self.drift
     }
 
+    /// An operator's verdict on one of the pipeline's episodes (messages about other pipelines'
+    /// episodes, on a shared feedback topic, are passed over). Applied to the key at once if it
+    /// is here, else when its state appears; what it did comes out of [`Detector::take_feedback`].
+    pub fn feedback(&mut self, f: Feedback) {
+        if f.pipeline != self.pipeline {
+            return;
+        }
+        let outcome = match self.keys.peek_mut(&f.key) {
+            Some(state) => {
+                state.dirty = true;
+                state
+                    .alert
+                    .marks_mut()
+                    .mark(f.started_offset, &self.feedback)
+            }
+            None if self.pending.len() < MAX_PENDING || self.pending.contains_key(&f.key) => {
+                self.pending
+                    .entry(f.key.clone())
+                    .or_default()
+                    .push(f.clone());
+                FeedbackOutcome::Pending
+            }
+            None => FeedbackOutcome::Dropped,
+        };
+        self.feedback_done.push((f, outcome));
+    }
+
+    /// What feedback did since the last call, to log and count.
+    pub fn take_feedback(&mut self) -> Vec<(Feedback, FeedbackOutcome)> {
+        std::mem::take(&mut self.feedback_done)
+    }
+
     /// Keys evicted so far to stay under `max_keys`.
     pub fn evictions(&self) -> u64 {
         self.evictions
@@ -520,7 +580,8 @@ impl Detector {
     /// key if full): one hash lookup for a known key. Also returns the key evicted, if it was
     /// firing, with its episode and last threshold.
     fn state(&mut self, key: &str, origin: &Origin) -> (&mut KeyState, Option<KeyEpisode>) {
-        let full = self.keys.len() == self.keys.cap().get() && !self.keys.contains(key);
+        let known = self.keys.contains(key);
+        let full = self.keys.len() == self.keys.cap().get() && !known;
         // Who goes if this key is new: a key flood, not the steady state.
         let mut evicted = None;
         if full {
@@ -541,6 +602,10 @@ impl Detector {
             dirty: false,
         });
         state.dirty = true;
+        if !known && !self.pending.is_empty() {
+            let waiting = self.pending.remove(key);
+            apply_pending(waiting, state, &self.feedback, &mut self.feedback_done);
+        }
         (state, evicted)
     }
 
@@ -598,7 +663,10 @@ impl Detector {
                 offset: entry.origin.offset,
             };
             let (state, evicted) = self.state(&entry.record.key, &entry.origin);
-            let verdict = state.threshold.judge(score);
+            let verdict = state
+                .alert
+                .marks()
+                .judge(state.threshold.judge(score), score);
             let transition = state.alert.observe(
                 &alert_cfg,
                 verdict.is_anomaly,
@@ -888,6 +956,16 @@ impl Detector {
                     if gone_key != key {
                         self.evicted_to_restore(gone_key, gone, &mut done);
                     }
+                }
+                if let (Some(waiting), Some(state)) =
+                    (self.pending.remove(&key), self.keys.peek_mut(&key))
+                {
+                    apply_pending(
+                        Some(waiting),
+                        state,
+                        &self.feedback,
+                        &mut self.feedback_done,
+                    );
                 }
             }
             done.keys += 1;
@@ -1451,6 +1529,71 @@ mod tests {
         );
         assert_eq!(l, f, "the restored threshold is the learned one");
         assert_ne!(l, c, "and not the calibration's");
+    }
+
+    /// Feedback: a mark raises its key's threshold once (a resend changes nothing), waits for
+    /// a key not here until it is seen or restored, goes with the key's state, and marks of
+    /// another pipeline's episodes are passed over.
+    #[test]
+    fn a_false_alarm_mark_relaxes_its_key_once_wherever_the_key_turns_up() {
+        use crate::feedback::{Feedback, FeedbackOutcome};
+        let mark = |key: &str, pipeline: &str, started_offset: i64| Feedback {
+            pipeline: pipeline.into(),
+            key: key.into(),
+            topic: "in".into(),
+            partition: 0,
+            started_offset,
+            by: Some("alice".into()),
+        };
+        let threshold =
+            |d: &mut Detector, key: &str| match run(d, vec![record(key, NORMAL.to_vec())]).pop() {
+                Some(Outcome::Scored(s)) => s.verdict.threshold,
+                other => panic!("not scored: {other:?}"),
+            };
+        let outcomes = |d: &mut Detector| -> Vec<FeedbackOutcome> {
+            d.take_feedback().into_iter().map(|(_, o)| o).collect()
+        };
+        let mut d = detector("demo-dense.onnx", 10);
+        d.record_changes();
+        let before = threshold(&mut d, "a");
+        d.feedback(mark("a", "p", 7));
+        d.feedback(mark("a", "p", 7));
+        d.feedback(mark("a", "other", 8));
+        assert_eq!(
+            outcomes(&mut d),
+            [
+                FeedbackOutcome::Applied { relax: 0.1 },
+                FeedbackOutcome::Duplicate
+            ]
+        );
+        let after = threshold(&mut d, "a");
+        assert!((after / before - 1.1).abs() < 1e-3, "{before} -> {after}");
+
+        // A key not seen yet: the mark waits, then applies on its first record.
+        d.feedback(mark("b", "p", 3));
+        assert_eq!(outcomes(&mut d), [FeedbackOutcome::Pending]);
+        let b = threshold(&mut d, "b");
+        assert_eq!(outcomes(&mut d), [FeedbackOutcome::Applied { relax: 0.1 }]);
+        assert!((b / before - 1.1).abs() < 1e-3, "{before} -> {b}");
+
+        // The marks go with the key's state: restored elsewhere, it judges the same, and a mark
+        // that waited there for the restore applies once, not twice.
+        let states = states_of(&mut d);
+        let mut other = detector("demo-dense.onnx", 10);
+        other.feedback(mark("a", "p", 7));
+        other.feedback(mark("a", "p", 9));
+        assert_eq!(other.restore(states).keys, 2);
+        assert_eq!(
+            outcomes(&mut other),
+            [
+                FeedbackOutcome::Pending,
+                FeedbackOutcome::Pending,
+                FeedbackOutcome::Duplicate,
+                FeedbackOutcome::Applied { relax: 0.2 }
+            ]
+        );
+        let moved = threshold(&mut other, "a");
+        assert!((moved / before - 1.2).abs() < 2e-3, "{before} -> {moved}");
     }
 
     /// Issue 10, finding 3: a firing key dropped on revoke never resolved. Its resolution now

@@ -64,6 +64,8 @@ pub enum Input {
     },
     /// A new version of the model, to swap in between batches.
     Reload(Arc<Model>),
+    /// A message of the feedback topic: an operator's verdict on an episode, or why it is not one.
+    Feedback(Result<crate::feedback::Feedback, crate::feedback::FeedbackError>),
     /// A candidate model, to score in the shadow of the serving one; `decided` hears whether it
     /// was promoted.
     Candidate {

@@ -70,6 +70,7 @@ pub mod decode;
 pub mod demo;
 pub mod detect;
 pub mod drift;
+pub mod feedback;
 pub mod ingest;
 pub mod kafka;
 pub mod log;

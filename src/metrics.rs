@@ -98,6 +98,7 @@ pub struct Metrics {
     pub outputs_dropped: IntCounterVec,
     pub model_info: IntGaugeVec,
     pub candidates: IntCounterVec,
+    pub feedback: IntCounterVec,
     pub model_load_failures: IntCounterVec,
     pub model_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -171,6 +172,7 @@ impl Metrics {
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
             outputs_dropped: counter(&r, "anomalyd_outputs_dropped_total", "Outputs no broker would accept (too large, invalid) whose reduced dead letter could not be delivered either; dropped so that the partition moves on.", &["pipeline", "sink"]),
             model_info: gauge(&r, "anomalyd_model_info", "The model serving each pipeline (role serving) and the candidate scored in its shadow, if any (role candidate); value 1.", &["pipeline", "model", "version", "kind", "role"]),
+            feedback: counter(&r, "anomalyd_feedback_total", "Operators' false-alarm verdicts read from the feedback topic: applied (the key's threshold raised), duplicate (that episode was marked before), pending (the key is not here yet), dropped (too many keys pending), invalid (not a feedback message).", &["pipeline", "result"]),
             candidates: counter(&r, "anomalyd_candidates_total", "Candidate models decided: promoted to serve, or refused (did not load, did not fit, or failed the promotion rule).", &["pipeline", "result"]),
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
@@ -221,6 +223,9 @@ impl Metrics {
         self.score_drift.with_label_values(&[pipeline]);
         for event in [EventKind::Firing, EventKind::Resolved] {
             self.alerts.with_label_values(&[pipeline, event.as_str()]);
+        }
+        for result in crate::feedback::FeedbackOutcome::LABELS {
+            self.feedback.with_label_values(&[pipeline, result]);
         }
         for result in [label::PROMOTED, label::REFUSED] {
             self.candidates.with_label_values(&[pipeline, result]);

@@ -45,6 +45,7 @@ use crate::changelog::{Changelog, ChangelogError};
 use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, DetectorConfig, Origin, Outcome};
+use crate::feedback::FeedbackOutcome;
 use crate::ingest::{Ingest, Input, Positions, Rebalancing};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
@@ -134,6 +135,18 @@ pub async fn run(
         what: "consumer",
         source: crate::kafka::redact_error(source),
     })?;
+    let feedback = (!cfg.feedback.topic.is_empty()).then(|| {
+        let (kafka, topic, name, input) = (
+            shared.kafka.clone(),
+            cfg.feedback.topic.clone(),
+            name.clone(),
+            input_tx.clone(),
+        );
+        let stop = shutdown.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::feedback::read(&kafka, &topic, &name, input, stop)
+        })
+    });
     let reloader = tokio::spawn(reload_loop(
         name.clone(),
         (cfg.model.clone(), cfg.candidate_path()),
@@ -160,6 +173,9 @@ pub async fn run(
     // The detector task ended: the ingest thread has revoked everything and is closing.
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
     let _ = reloader.await;
+    if let Some(feedback) = feedback {
+        let _ = feedback.await;
+    }
     parts.close().await;
     tracing::info!(pipeline = %name, elapsed_ms = took.as_millis() as u64, "Pipeline drained and committed.");
     Ok(())
@@ -526,6 +542,7 @@ impl DetectorTask {
                 }
                 self.outputs.resolve_dropped(restored.evicted);
                 tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, "Partitions assigned.");
+                self.report_feedback(); // marks that waited for the restored keys
             }
             Input::Revoked {
                 partitions,
@@ -533,6 +550,14 @@ impl DetectorTask {
                 reply,
             } => self.revoke(partitions, within, reply).await,
             Input::Reload(model) => self.reload(model),
+            Input::Feedback(Ok(f)) => {
+                self.detector.feedback(f);
+                self.report_feedback();
+            }
+            Input::Feedback(Err(why)) => {
+                self.count_feedback("invalid");
+                tracing::warn!(pipeline = %self.name, "A message on the feedback topic is not feedback: {why}.");
+            }
             Input::Candidate { model, decided } => self.shadow(model, decided),
         }
     }
@@ -642,6 +667,7 @@ impl DetectorTask {
                 }
             }
         }
+        self.report_feedback(); // marks that waited for keys seen in this batch
     }
 
     /// Finishes a record with nothing to wait for, or waits for its deliveries in a task.
@@ -897,6 +923,37 @@ impl DetectorTask {
                 let _ = decided.send(false);
             }
         }
+    }
+
+    /// Logs and counts what feedback did (the one place that does): marks applied now, or
+    /// when their key appeared.
+    fn report_feedback(&mut self) {
+        for (f, outcome) in self.detector.take_feedback() {
+            self.count_feedback(outcome.label());
+            let by = f.by.as_deref().unwrap_or("-");
+            match outcome {
+                FeedbackOutcome::Applied { relax } => {
+                    tracing::info!(pipeline = %self.name, key = %f.key, partition = f.partition, started_offset = f.started_offset, by, "An episode was marked as a false alarm: the key's threshold is raised by {:.0}% in all.", relax * 100.0)
+                }
+                FeedbackOutcome::Duplicate => {
+                    tracing::info!(pipeline = %self.name, key = %f.key, started_offset = f.started_offset, by, "An episode marked as a false alarm was marked before: nothing changes.")
+                }
+                FeedbackOutcome::Pending => {
+                    tracing::debug!(pipeline = %self.name, key = %f.key, started_offset = f.started_offset, by, "A false-alarm mark waits for its key.")
+                }
+                FeedbackOutcome::Dropped => {
+                    tracing::warn!(pipeline = %self.name, key = %f.key, started_offset = f.started_offset, by, "A false-alarm mark was dropped: too many keys' marks wait for their key.")
+                }
+            }
+        }
+    }
+
+    fn count_feedback(&self, result: &str) {
+        self.shared
+            .metrics
+            .feedback
+            .with_label_values(&[&self.name, result])
+            .inc();
     }
 
     fn reload(&mut self, model: Arc<Model>) {
