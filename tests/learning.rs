@@ -39,12 +39,12 @@ fn toolkit() -> Option<PathBuf> {
     None
 }
 
-/// Two pipelines on one input topic, each with its own copy of the demo model: `accept` takes
-/// a level lasting 100 points as the key's normal, `never` keeps alerting on it.
-fn config(bootstrap: &str) -> String {
-    let pipeline = |name: &str, rebaseline: &str| {
-        format!(
-            r#"
+/// One pipeline on topic `metrics` with its own copy of the demo model (`NAME.onnx`), its own
+/// output topics (`alerts-NAME`, `scores-NAME`), a level accepted after `rebaseline` points,
+/// candidates judged on 2000 records, and `extra` settings.
+fn pipeline(name: &str, rebaseline: &str, extra: &str) -> String {
+    format!(
+        r#"
 [pipelines.{name}]
 topics = ["metrics"]
 model = "{name}.onnx"
@@ -62,10 +62,15 @@ max_wait = "5ms"
 rebaseline_after = {rebaseline}
 [pipelines.{name}.promotion]
 records = 2000
+{extra}
 "#
-        )
-    };
-    format!(
+    )
+}
+
+/// The daemon's configuration with `pipelines`, written to `dir` with a copy of the demo model
+/// for each; returns its path.
+fn configure(dir: &Path, bootstrap: &str, pipelines: &[(&str, String)]) -> PathBuf {
+    let mut toml = format!(
         r#"
 [kafka]
 brokers = "{bootstrap}"
@@ -78,10 +83,24 @@ listen = "127.0.0.1:0"
 [runtime]
 shutdown_grace = "15s"
 inference_threads = 2
-{}{}"#,
-        pipeline("accept", "100"),
-        pipeline("never", "\"never\"")
-    )
+"#
+    );
+    for (name, section) in pipelines {
+        std::fs::copy(demo_model(), dir.join(format!("{name}.onnx"))).unwrap();
+        toml += section;
+    }
+    let path = dir.join("anomalyd.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Creates `metrics` (3 partitions) and, per pipeline, its alerts and scores topics.
+fn create_topics(tansu: &Tansu, pipelines: &[&str]) {
+    tansu.create_topic("metrics", 3);
+    for p in pipelines {
+        tansu.create_topic(&format!("alerts-{p}"), 1);
+        tansu.create_topic(&format!("scores-{p}"), 1);
+    }
 }
 
 /// The value of one series of a /metrics text (0 when absent).
@@ -149,6 +168,29 @@ fn retrain(toolkit: &Path, config: &Path, pipeline: &str, args: &[&str]) -> (boo
     (out.status.success(), text)
 }
 
+/// The first `n` score rows of a scores topic.
+fn scores(bootstrap: &str, topic: &str, n: usize) -> Vec<serde_json::Value> {
+    read_topic(bootstrap, topic, Duration::from_secs(120), |got| {
+        got.len() >= n
+    })
+    .iter()
+    .map(Got::json)
+    .collect()
+}
+
+/// Every alert event on an alerts topic.
+fn events(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
+    drain_topic(
+        bootstrap,
+        topic,
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .iter()
+    .map(Got::json)
+    .collect()
+}
+
 /// Per model version: host-00's mean score and the other hosts' mean score, over score rows.
 fn mean_scores(rows: &[serde_json::Value]) -> BTreeMap<String, (f64, f64)> {
     let mut sums: BTreeMap<String, [f64; 4]> = BTreeMap::new();
@@ -169,21 +211,16 @@ fn mean_scores(rows: &[serde_json::Value]) -> BTreeMap<String, (f64, f64)> {
 async fn a_level_shift_is_learned_by_a_retrained_candidate_unless_the_pipeline_never_accepts_it() {
     let Some(toolkit) = toolkit() else { return };
     let Some(tansu) = Tansu::start() else { return };
-    for (t, p) in [
-        ("metrics", 3),
-        ("alerts-accept", 1),
-        ("scores-accept", 1),
-        ("alerts-never", 1),
-        ("scores-never", 1),
-    ] {
-        tansu.create_topic(t, p);
-    }
+    create_topics(&tansu, &["accept", "never"]);
     let dir = tempfile::tempdir().unwrap();
-    for p in ["accept", "never"] {
-        std::fs::copy(demo_model(), dir.path().join(format!("{p}.onnx"))).unwrap();
-    }
-    let config_path = dir.path().join("anomalyd.toml");
-    std::fs::write(&config_path, config(&tansu.bootstrap)).unwrap();
+    let config_path = configure(
+        dir.path(),
+        &tansu.bootstrap,
+        &[
+            ("accept", pipeline("accept", "100", "")),
+            ("never", pipeline("never", "\"never\"", "")),
+        ],
+    );
     let daemon = Daemon::start(&config_path, &dir.path().join("anomalyd.log"));
 
     let stream = shifted_stream(
@@ -318,14 +355,7 @@ async fn a_level_shift_is_learned_by_a_retrained_candidate_unless_the_pipeline_n
         Duration::from_secs(180),
         all_scored(all),
     );
-    let rows = |topic: &str| -> Vec<serde_json::Value> {
-        read_topic(&tansu.bootstrap, topic, Duration::from_secs(120), |got| {
-            got.len() >= stream.records.len()
-        })
-        .iter()
-        .map(Got::json)
-        .collect()
-    };
+    let rows = |topic: &str| scores(&tansu.bootstrap, topic, stream.records.len());
     let accept_rows = rows("scores-accept");
     let means = mean_scores(&accept_rows);
     let (old_host0, old_others) = means["1.0.0"];
@@ -335,17 +365,7 @@ async fn a_level_shift_is_learned_by_a_retrained_candidate_unless_the_pipeline_n
     // reconstructs it: host-00 scores like the other hosts.
     assert!(old_host0 > 5.0 * old_others, "{means:?}");
     assert!(new_host0 < 3.0 * new_others, "{means:?}");
-    let alerts = |topic: &str| -> Vec<serde_json::Value> {
-        drain_topic(
-            &tansu.bootstrap,
-            topic,
-            Duration::from_secs(2),
-            Duration::from_secs(30),
-        )
-        .iter()
-        .map(Got::json)
-        .collect()
-    };
+    let alerts = |topic: &str| events(&tansu.bootstrap, topic);
     let host0 = |e: &&serde_json::Value| e["key"] == "host-00";
     let accept_alerts = alerts("alerts-accept");
     let fired_after: Vec<_> = accept_alerts
@@ -385,6 +405,120 @@ async fn a_level_shift_is_learned_by_a_retrained_candidate_unless_the_pipeline_n
         flagged * 10 >= late.len() * 9,
         "never: only {flagged} of host-00's last {} records flagged",
         late.len()
+    );
+    assert!(daemon.terminate().success());
+}
+
+/// Operator feedback on the broker: the alert event of a short excursion, sent back on the
+/// feedback topic as a false alarm, raises its key's threshold by `relax` (10 %) once, however
+/// often it is sent; a message that is not feedback is counted and logged; and a retrain keeps
+/// the marked episode's records instead of leaving them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_episode_marked_as_a_false_alarm_relaxes_its_key_once_and_is_kept_by_the_retrain() {
+    let Some(toolkit) = toolkit() else { return };
+    let Some(tansu) = Tansu::start() else { return };
+    create_topics(&tansu, &["fleet"]);
+    tansu.create_topic("feedback", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let feedback = "[pipelines.fleet.feedback]\ntopic = \"feedback\"";
+    let config_path = configure(
+        dir.path(),
+        &tansu.bootstrap,
+        &[("fleet", pipeline("fleet", "350", feedback))],
+    );
+    let daemon = Daemon::start(&config_path, &dir.path().join("anomalyd.log"));
+    // host-00's latency is 40 ms up for 30 ticks: one episode that fires and resolves.
+    let stream = shifted_stream(HOSTS, 700, 11, |t| {
+        if (SHIFT_AT..SHIFT_AT + 30).contains(&t) {
+            SHIFT_MS
+        } else {
+            0.0
+        }
+    });
+    let (first, rest) = stream.records.split_at(600 * HOSTS);
+    produce(&tansu.bootstrap, "metrics", first).await;
+    let scored_all = |n: usize| move |m: &str| scored(m, "fleet") >= n as f64;
+    wait_metrics(
+        &daemon,
+        "first part scored",
+        Duration::from_secs(180),
+        scored_all(first.len()),
+    );
+    let alerts = events(&tansu.bootstrap, "alerts-fleet");
+    let fired = alerts
+        .iter()
+        .find(|e| e["key"] == "host-00" && e["event"] == "firing")
+        .unwrap_or_else(|| panic!("the excursion did not fire: {alerts:?}"));
+
+    let mut marked = fired.clone();
+    marked["verdict"] = "false_alarm".into();
+    marked["by"] = "test".into();
+    let marked = ("host-00".to_string(), marked.to_string());
+    let not_feedback = (
+        "host-00".to_string(),
+        "{\"verdict\": \"maybe\"}".to_string(),
+    );
+    produce(
+        &tansu.bootstrap,
+        "feedback",
+        &[marked.clone(), marked, not_feedback],
+    )
+    .await;
+    wait_metrics(&daemon, "the feedback read", Duration::from_secs(60), |m| {
+        let result = |r| {
+            metric(
+                m,
+                "anomalyd_feedback_total",
+                &[("pipeline", "fleet"), ("result", r)],
+            )
+        };
+        (result("applied"), result("duplicate"), result("invalid")) == (1.0, 1.0, 1.0)
+    });
+    let log = daemon.log();
+    assert!(
+        log.contains("marked as a false alarm: the key's threshold is raised by 10% in all"),
+        "{log}"
+    );
+
+    produce(&tansu.bootstrap, "metrics", rest).await;
+    wait_metrics(
+        &daemon,
+        "all scored",
+        Duration::from_secs(180),
+        scored_all(stream.records.len()),
+    );
+    let host0: Vec<f64> = scores(&tansu.bootstrap, "scores-fleet", stream.records.len())
+        .iter()
+        .filter(|r| r["key"] == "host-00")
+        .map(|r| r["threshold"].as_f64().unwrap())
+        .collect();
+    // The mark came between host-00's 600th and 601st records: its threshold steps up by 10 %
+    // there (the quantile itself barely moves between two normal points).
+    let step = host0[600] / host0[599];
+    assert!(
+        (1.08..1.12).contains(&step),
+        "threshold {} -> {} ({step})",
+        host0[599],
+        host0[600]
+    );
+
+    let out = dir.path().join("retrained.onnx");
+    let (ok, said) = retrain(
+        &toolkit,
+        &config_path,
+        "fleet",
+        &[
+            "--records",
+            "100000",
+            "--min-records",
+            "1000",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        ok && said.contains("(1 marked as false alarms kept)"),
+        "{said}"
     );
     assert!(daemon.terminate().success());
 }

@@ -13,7 +13,8 @@ refuses it (docs/OPERATIONS.md, "Keeping models current"). This module writes th
    anomalous point (`episode.started_offset`) and its resolved event names its last record, so
    the key's records between the two (in that partition) are exactly the episode. The alerts
    topic is the one output every deployment keeps (scores are optional and large), and it is the
-   record operators already act on.
+   record operators already act on. Episodes an operator marked as false alarms (the
+   pipeline's feedback topic) stay in: what they flagged was normal.
    Each key's remaining records form stretches cut at the episodes, and no training window spans
    a cut.
 4. It fits the serving model's kind and hyper-parameters (its `anomalyd.training` metadata) on
@@ -58,6 +59,7 @@ class Source:
     key_field: str
     field_map: dict[str, str]
     alerts_topic: str
+    feedback_topic: str = ""
 
     def field(self, feature: str) -> str:
         return self.field_map.get(feature, feature)
@@ -115,6 +117,7 @@ def load_source(config: str, pipeline: str, environ: dict[str, str] | None = Non
         key_field=str(p.get("key_field", "host")),
         field_map={str(k): str(v) for k, v in p.get("field_map", {}).items()},
         alerts_topic=str(p.get("alerts_topic", "anomalyd-alerts")),
+        feedback_topic=str(p.get("feedback", {}).get("topic", "")),
     )
 
 
@@ -144,9 +147,9 @@ class Episodes:
     false_alarms: int = 0
 
     @staticmethod
-    def of_events(events: list[dict], pipeline: str, false_alarms: set[tuple[str, str]] = frozenset()) -> "Episodes":
-        """From alert events in topic order. `false_alarms`: (key, started_at) of episodes an
-        operator marked as normal; they are not left out."""
+    def of_events(events: list[dict], pipeline: str, false_alarms: frozenset = frozenset()) -> "Episodes":
+        """From alert events in topic order. `false_alarms`: the episodes an operator marked as
+        normal, as `episode_id`s; they are not left out."""
         eps = Episodes()
         for e in events:
             if e.get("pipeline") != pipeline or "source" not in e or "key" not in e:
@@ -158,7 +161,7 @@ class Episodes:
                 start = ep.get("started_offset", src.get("offset"))
                 if spans and spans[-1][1] is None:
                     spans[-1][1] = start - 1  # the one before ended without a record of its own
-                marked = (str(e["key"]), ep.get("started_at")) in false_alarms
+                marked = (*where, start) in false_alarms
                 eps.false_alarms += marked
                 spans.append([start, None, marked])
             elif e.get("event") == "resolved" and spans and spans[-1][1] is None:
@@ -233,6 +236,22 @@ def stretches(records: list[Record], episodes: Episodes) -> tuple[list[tuple[str
         if current:
             out.append((key, current))
     return out, left_out
+
+
+def episode_id(event: dict) -> tuple[str, int, str, int] | None:
+    """(topic, partition, key, started_offset): how an alert event or a feedback message names
+    its episode (as src/feedback.rs does)."""
+    try:
+        src = event["source"]
+        return (str(src["topic"]), int(src["partition"]), str(event["key"]), int(event["episode"]["started_offset"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def false_alarms(messages: list[dict], pipeline: str) -> frozenset:
+    """The episodes of `pipeline` marked as false alarms on its feedback topic."""
+    return frozenset(i for m in messages if m.get("pipeline") == pipeline and m.get("verdict") == "false_alarm"
+                     and (i := episode_id(m)) is not None)
 
 
 # --- Kafka ----------------------------------------------------------------------------------
@@ -404,22 +423,28 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
             continue
         records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], *decoded))
 
-    events = []
-    if source.alerts_topic:
-        for m in read_topics(source, [source.alerts_topic], lambda _c, _t, _p, low, _h: low, progress):
+    def whole(topic: str) -> list[dict]:
+        """Every JSON object on `topic` (none if it is not configured)."""
+        out = []
+        for m in read_topics(source, [topic], lambda _c, _t, _p, low, _h: low, progress) if topic else ():
             try:
-                events.append(json.loads(m.value() or b""))
+                out.append(json.loads(m.value() or b""))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
+        return [o for o in out if isinstance(o, dict)]
+
+    events = whole(source.alerts_topic)
+    marked = false_alarms(whole(source.feedback_topic), source.pipeline)
     if not opts.quiet:
         print(file=sys.stderr)
-    episodes = Episodes.of_events(events, source.pipeline)
+    episodes = Episodes.of_events(events, source.pipeline, marked)
     parts, left_out = stretches(records, episodes)
     usable = [(k, rs) for k, rs in parts if len(rs) >= window]
     used = sum(len(rs) for _, rs in usable)
     what = (f"{len(messages)} records read from {', '.join(source.topics)} "
             f"({'the last ' + str(opts.records) if opts.records else 'since ' + (opts.since or DEFAULT_SINCE)}): "
-            f"{undecodable} not decodable, {left_out} in {episodes.count()} alert episode(s), "
+            f"{undecodable} not decodable, {left_out} in {episodes.count()} alert episode(s) "
+            f"({episodes.false_alarms} marked as false alarms kept), "
             f"{len(records) - left_out - used} in stretches shorter than the window of {window}")
     if used < opts.min_records:
         raise DataError(f"too little clean data to retrain pipeline {source.pipeline}: {used} usable records of "
@@ -436,7 +461,8 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
                   "alerts_topic": source.alerts_topic},
         "from": _iso(min(stamps)), "to": _iso(max(stamps)),
         "records_read": len(messages), "undecodable": undecodable,
-        "left_out_in_episodes": left_out, "episodes": episodes.count(), "rows": used,
+        "left_out_in_episodes": left_out, "episodes": episodes.count(),
+        "false_alarms_kept": episodes.false_alarms, "rows": used,
         "retrained_from": {"name": meta.get("anomalyd.name"), "version": meta.get("anomalyd.version")},
     }
     version = opts.version or next_version(meta.get("anomalyd.version", "1.0.0"))

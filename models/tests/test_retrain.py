@@ -20,13 +20,13 @@ def test_the_daemons_config_is_read_with_its_defaults_and_environment_overrides(
     config.write_text(
         '[kafka]\nbrokers = "k1:9092"\n[kafka.properties]\n"security.protocol" = "SSL"\n'
         '[pipelines.fleet]\ntopics = "a, b"\nmodel = "../models/fleet.onnx"\n'
-        '[pipelines.fleet.field_map]\ncpu_pct = "cpu.util"\n'
+        '[pipelines.fleet.field_map]\ncpu_pct = "cpu.util"\n[pipelines.fleet.feedback]\ntopic = "fb"\n'
     )
     s = retrain.load_source(str(config), "fleet", environ={})
     assert (s.brokers, s.topics, s.key_field, s.alerts_topic) == ("k1:9092", ["a", "b"], "host", "anomalyd-alerts")
     assert s.model == (tmp_path / "models" / "fleet.onnx").resolve()
     assert s.candidate == (tmp_path / "models" / "fleet.candidate.onnx").resolve()
-    assert s.properties == {"security.protocol": "SSL"}
+    assert (s.properties, s.feedback_topic) == ({"security.protocol": "SSL"}, "fb")
     assert (s.field("cpu_pct"), s.field("latency_ms")) == ("cpu.util", "latency_ms")
 
     s = retrain.load_source(str(config), "fleet", environ={
@@ -93,13 +93,19 @@ def test_an_episode_ended_without_a_record_of_its_key_stays_open_until_the_keys_
     assert [o for o in range(60) if eps.covers("m", 0, "a", o)] == list(range(10, 46))
 
 
-def test_episodes_marked_as_false_alarms_are_kept():
+def test_episodes_marked_as_false_alarms_on_the_feedback_topic_are_kept():
+    first = event("firing", "a", 12, started=10)
+    feedback = [
+        {**first, "verdict": "false_alarm", "by": "alice"},  # the episode's alert event, marked
+        {**event("firing", "a", 40, started=38), "verdict": "real"},  # not a false alarm
+        {**event("firing", "a", 12, started=10, pipeline="other"), "verdict": "false_alarm"},
+        {"verdict": "false_alarm", "pipeline": "fleet"},  # names no episode
+    ]
+    marked = retrain.false_alarms(feedback, "fleet")
+    assert marked == {("m", 0, "a", 10)}
     eps = Episodes.of_events([
-        event("firing", "a", 12, started=10, started_at="t10"),
-        event("resolved", "a", 20),
-        event("firing", "a", 40, started=38, started_at="t38"),
-        event("resolved", "a", 45),
-    ], "fleet", false_alarms={("a", "t10")})
+        first, event("resolved", "a", 20), event("firing", "a", 40, started=38), event("resolved", "a", 45),
+    ], "fleet", marked)
     assert not eps.covers("m", 0, "a", 15) and eps.covers("m", 0, "a", 40)
     assert (eps.count(), eps.false_alarms) == (1, 1)
 
