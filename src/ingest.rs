@@ -437,3 +437,92 @@ impl ConsumerContext for Context {
         self.update_assignment(consumer);
     }
 }
+
+/// Reads a pipeline's feedback topic ([`crate::feedback`]) into the pipeline's input, in order with its records: from the
+/// beginning, then as it grows, until `stop`. Every replica reads all of it, because a verdict
+/// applies wherever its key lives, and marking twice changes nothing, so reading it again after
+/// a restart is harmless. A topic that cannot be read yet is retried every 10 s. Blocking: run
+/// it on a thread of its own.
+pub fn read_feedback(
+    kafka: &KafkaConfig,
+    topic: &str,
+    pipeline: &str,
+    input: mpsc::Sender<Input>,
+    stop: CancellationToken,
+) {
+    let pause = |d: Duration| {
+        let until = std::time::Instant::now() + d;
+        while !stop.is_cancelled() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut warned = false;
+    let consumer = loop {
+        match feedback_consumer(kafka, topic, pipeline) {
+            Ok(c) => break c,
+            Err(why) => {
+                if !warned {
+                    tracing::warn!(
+                        pipeline,
+                        topic,
+                        "Cannot read the feedback topic yet (retrying every 10 s): {why}."
+                    );
+                    warned = true;
+                }
+                pause(Duration::from_secs(10));
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    };
+    tracing::info!(pipeline, topic, "Reading operators' feedback.");
+    while !stop.is_cancelled() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let parsed = crate::feedback::Feedback::parse(m.payload().unwrap_or_default());
+                if input.blocking_send(Input::Feedback(parsed)).is_err() {
+                    return; // the pipeline has stopped
+                }
+            }
+            Some(Err(e)) => tracing::debug!(pipeline, topic, "Reading the feedback topic: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// A consumer assigned every partition of `topic` from its beginning (no group: nothing is
+/// committed, and every replica reads everything).
+fn feedback_consumer(
+    kafka: &KafkaConfig,
+    topic: &str,
+    pipeline: &str,
+) -> Result<BaseConsumer, String> {
+    let mut c = crate::kafka::client_config(kafka);
+    c.set(
+        "group.id",
+        format!("{}.{pipeline}.feedback", kafka.group_id),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(format!("topic {topic} does not exist"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    Ok(consumer)
+}

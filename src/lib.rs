@@ -24,6 +24,7 @@
 //! | [`detect`] | the per-pipeline state machine: window → score → threshold → alert |
 //! | [`shadow`] | a candidate model's verdicts against the serving one's, and the promotion rule |
 //! | [`drift`] | has a pipeline's score stream moved since its model started (a CUSUM) |
+//! | [`feedback`] | operators' false-alarm marks on episodes, and what they do to a key's threshold |
 //! | [`state`] | each key's state as it is kept outside the process |
 //! | [`offsets`] | at-least-once offset tracking |
 //! | [`time`] | timestamps |
@@ -37,7 +38,7 @@
 //! | [`config`] | the configuration file: loading, environment overrides, unknown keys, validation (each section's type lives with its component) |
 //! | [`log`] | the log's format and level |
 //! | [`kafka`] | the `[kafka]` section and the client configurations |
-//! | [`ingest`] | the consumer's thread: decoding, rebalances forwarded in stream order, commits |
+//! | [`ingest`] | the consumer's thread: decoding, rebalances forwarded in stream order, commits; the feedback topic's reader |
 //! | [`pipeline`] | the detector task: batches, inference, barriers, revocations, reloads |
 //! | [`changelog`] | per-key state in a compacted topic, following its partition across replicas |
 //! | [`sink`] | output topics, dead letters and stdout |

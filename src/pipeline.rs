@@ -144,7 +144,7 @@ pub async fn run(
         );
         let stop = shutdown.clone();
         tokio::task::spawn_blocking(move || {
-            crate::feedback::read(&kafka, &topic, &name, input, stop)
+            crate::ingest::read_feedback(&kafka, &topic, &name, input, stop)
         })
     });
     let reloader = tokio::spawn(reload_loop(

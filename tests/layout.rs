@@ -16,6 +16,7 @@ const CORE: &[&str] = &[
     "detect",
     "shadow",
     "drift",
+    "feedback",
     "state",
     "offsets",
     "time",
