@@ -396,11 +396,17 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
         raise DataError("give --since or --records, not both")
     if opts.records is not None and opts.records < 1:
         raise DataError(f"--records must be at least 1, got {opts.records}")
+    if opts.min_records < 1:
+        raise DataError(f"--min-records must be at least 1, got {opts.min_records}")
     seconds = parse_since(opts.since or DEFAULT_SINCE) if opts.records is None else None
     source = load_source(opts.config, opts.pipeline)
     if not source.model.is_file():
         raise DataError(f"the serving model {source.model} does not exist (pipelines.{source.pipeline}.model)")
     meta = export.metadata(str(source.model))
+    missing = [k for k in ("anomalyd.kind", "anomalyd.features", "anomalyd.window", "anomalyd.training") if k not in meta]
+    if missing:
+        raise DataError(f"the serving model {source.model} has no {', '.join(missing)} metadata: retrain fits the "
+                        "serving model's kind and settings, so it needs a model written by `anomalyd-train fit`")
     features, image = json.loads(meta["anomalyd.features"]), "anomalyd.shape" in meta
     window = 1 if image else int(meta["anomalyd.window"])
     progress = (lambda _m: None) if opts.quiet else (lambda m: print(f"\r{m}", end="", file=sys.stderr))

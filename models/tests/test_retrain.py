@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FEATURES
+from conftest import FEATURES, REPO
 
 from anomalyd_train import export, retrain
 from anomalyd_train.data import DataError
@@ -139,3 +139,18 @@ def test_a_candidate_is_fitted_like_the_serving_model(sensors_csv, tmp_path):
     assert (opts.kind, opts.features, opts.window, opts.hidden, opts.latent) == ("lstm", list(FEATURES[:3]), 6, 12, 3)
     assert (opts.lr, opts.batch_size, opts.seed, opts.epochs, opts.decoder) == (2e-3, 32, 4, 2, "position")
     assert (opts.baseline, opts.baseline_half_life, opts.key) == ([FEATURES[0]], 50, "stretch")
+
+
+def test_a_serving_model_the_toolkit_did_not_write_is_refused_before_kafka(tmp_path):
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    proto = onnx.load(str(REPO / "models" / "demo-dense.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(model))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[kafka]\nbrokers = "127.0.0.1:1"\n[pipelines.p]\ntopics = ["m"]\nmodel = "{model}"\n')
+    with pytest.raises(DataError, match="no anomalyd.kind, .*anomalyd.training metadata"):
+        retrain.retrain(retrain.RetrainOptions(config=str(config), pipeline="p", records=10))
+    with pytest.raises(DataError, match="--min-records"):
+        retrain.retrain(retrain.RetrainOptions(config=str(config), pipeline="p", min_records=0))
