@@ -83,9 +83,9 @@ pub enum ThresholdState {
         desired: [f64; 5],
         initialized: bool,
         startup: Vec<f64>,
-        /// Whether the last score exceeded the threshold.
-        #[serde(default)]
-        exceeded: bool,
+        /// Scores since the last one over the threshold (at most [`LONE`]).
+        #[serde(default = "lone")]
+        quiet: u32,
     },
     Spot {
         t: f64,
@@ -411,7 +411,8 @@ impl SmallTail {
 /// Anomalies are fed *censored* at the threshold: they still count as exceeding it (so the
 /// estimate of the q-quantile keeps its rank right and does not sink, which it would if they
 /// were dropped), but their size never raises it. What counts as an anomaly here is a score
-/// more than [`GROSS`] times the threshold, or one of a run of exceedances. A lone exceedance
+/// more than [`GROSS`] times the threshold, or one that follows another within [`LONE`]
+/// scores (a run, or a burst of spikes). A lone exceedance
 /// close to the threshold is fed as it is, like a normal score: that is how a threshold that
 /// started too low (calibrated on a few hundred scores, narrower than live ones) shows, and it
 /// rises to the live quantile, which it could not while every exceedance was capped at it. A
@@ -429,8 +430,8 @@ pub struct P2Quantile {
     initialized: bool,
     /// Scores seen before the markers exist (a cold start without calibration).
     startup: Vec<f64>,
-    /// Whether the last score exceeded the threshold.
-    exceeded: bool,
+    /// Scores since the last one over the threshold (at most [`LONE`]).
+    quiet: u32,
 }
 
 impl P2Quantile {
@@ -443,7 +444,7 @@ impl P2Quantile {
             memory: memory as f64,
             initialized: false,
             startup: Vec::new(),
-            exceeded: false,
+            quiet: LONE,
         }
     }
 
@@ -587,13 +588,26 @@ impl P2Quantile {
 /// quantile within its first 20,000 scores.
 pub const GROSS: f64 = 2.0;
 
+/// An exceedance is lone, and learned if under [`GROSS`] times the threshold, when none of the
+/// previous this-many scores exceeded it. A threshold that starts too low is exceeded by a few
+/// normal scores in a hundred, mostly lone; a fault's run or burst of spikes is not.
+pub const LONE: u32 = 16;
+
+fn lone() -> u32 {
+    LONE
+}
+
 impl Threshold for P2Quantile {
     fn judge(&mut self, score: f64) -> Verdict {
         let threshold = self.threshold();
         let tail = self.tail_probability(score);
         let verdict = Verdict::with_tail(score, threshold, tail);
-        let censored = verdict.is_anomaly && (score > GROSS * threshold || self.exceeded);
-        self.exceeded = verdict.is_anomaly;
+        let censored = verdict.is_anomaly && (score > GROSS * threshold || self.quiet < LONE);
+        self.quiet = if verdict.is_anomaly {
+            0
+        } else {
+            (self.quiet + 1).min(LONE)
+        };
         self.update(if censored { threshold } else { score });
         verdict
     }
@@ -615,7 +629,7 @@ impl Threshold for P2Quantile {
             desired: self.desired,
             initialized: self.initialized,
             startup: self.startup.clone(),
-            exceeded: self.exceeded,
+            quiet: self.quiet,
         }
     }
     fn restore(&mut self, state: &ThresholdState) -> bool {
@@ -625,7 +639,7 @@ impl Threshold for P2Quantile {
             desired,
             initialized,
             startup,
-            exceeded,
+            quiet,
         } = state
         else {
             return false;
@@ -635,7 +649,7 @@ impl Threshold for P2Quantile {
         self.desired = *desired;
         self.initialized = *initialized;
         self.startup = startup.clone();
-        self.exceeded = *exceeded;
+        self.quiet = *quiet;
         true
     }
 }
@@ -775,13 +789,23 @@ mod tests {
         let mut t = P2Quantile::warm(q, 10_000, &Calibration::of_scores(narrow));
         let start = t.threshold();
         let mut live = exp_stream(10);
-        let early = (0..5_000).filter(|_| t.judge(live.next().unwrap()).is_anomaly).count();
-        let late = (0..100_000).filter(|_| t.judge(live.next().unwrap()).is_anomaly).count();
+        let early = (0..5_000)
+            .filter(|_| t.judge(live.next().unwrap()).is_anomaly)
+            .count();
+        let late = (0..100_000)
+            .filter(|_| t.judge(live.next().unwrap()).is_anomaly)
+            .count();
         let (early, late) = (early as f64 / 5e3, late as f64 / 1e5);
         let truth = 1000f64.ln();
         eprintln!("threshold {start:.3} -> {:.3} (live {truth:.3}); flagged {early:.2e} first, then {late:.2e}", t.threshold());
-        assert!(start < 0.85 * truth, "the start is too low: {start} vs {truth}");
-        assert!((0.5e-3..=2e-3).contains(&late), "false-alarm rate {late} after the start");
+        assert!(
+            start < 0.85 * truth,
+            "the start is too low: {start} vs {truth}"
+        );
+        assert!(
+            (0.5e-3..=2e-3).contains(&late),
+            "false-alarm rate {late} after the start"
+        );
     }
 
     /// A fault that stays just over the threshold (a run of exceedances under GROSS times it)
@@ -801,7 +825,11 @@ mod tests {
             .filter(|_| t.judge(1.5 * before).is_anomaly)
             .count();
         assert_eq!(flagged, 500);
-        assert!(t.threshold() <= before * 1.25, "{before} -> {}", t.threshold());
+        assert!(
+            t.threshold() <= before * 1.25,
+            "{before} -> {}",
+            t.threshold()
+        );
     }
 
     #[test]
