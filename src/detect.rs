@@ -352,12 +352,12 @@ const MAX_PENDING: usize = 10_000;
 
 /// Marks a key's episodes with the feedback waiting for it.
 fn apply_pending(
-    waiting: Option<Vec<Feedback>>,
+    waiting: Vec<Feedback>,
     state: &mut KeyState,
     cfg: &FeedbackConfig,
     done: &mut Vec<(Feedback, FeedbackOutcome)>,
 ) {
-    for f in waiting.into_iter().flatten() {
+    for f in waiting {
         let outcome = state.alert.marks_mut().mark(f.started_offset, cfg);
         state.dirty = true;
         done.push((f, outcome));
@@ -602,8 +602,7 @@ impl Detector {
             dirty: false,
         });
         state.dirty = true;
-        if !known && !self.pending.is_empty() {
-            let waiting = self.pending.remove(key);
+        if let Some(waiting) = (!known).then(|| self.pending.remove(key)).flatten() {
             apply_pending(waiting, state, &self.feedback, &mut self.feedback_done);
         }
         (state, evicted)
@@ -960,12 +959,7 @@ impl Detector {
                 if let (Some(waiting), Some(state)) =
                     (self.pending.remove(&key), self.keys.peek_mut(&key))
                 {
-                    apply_pending(
-                        Some(waiting),
-                        state,
-                        &self.feedback,
-                        &mut self.feedback_done,
-                    );
+                    apply_pending(waiting, state, &self.feedback, &mut self.feedback_done);
                 }
             }
             done.keys += 1;

@@ -600,8 +600,7 @@ fn lone() -> u32 {
 impl Threshold for P2Quantile {
     fn judge(&mut self, score: f64) -> Verdict {
         let threshold = self.threshold();
-        let tail = self.tail_probability(score);
-        let verdict = Verdict::with_tail(score, threshold, tail);
+        let verdict = Verdict::with_tail(score, threshold, self.tail_probability(score));
         let censored = verdict.is_anomaly && (score > GROSS * threshold || self.quiet < LONE);
         self.quiet = if verdict.is_anomaly {
             0

@@ -289,20 +289,21 @@ def _partitions(consumer, topic: str) -> list[int]:
 
 
 def read_topics(source: Source, topics: list[str], start, log=lambda _m: None) -> list:
-    """Every message of `topics` from `start(consumer, topic, partition, low, high)` (an offset)
-    to at least the end each partition had when the read began, as confluent-kafka messages."""
+    """Every message of `topics` from `start(consumer, topic, partition, low, high, partitions)`
+    (an offset; `partitions`: how many the topics have in all) to at least the end each partition
+    had when the read began, as confluent-kafka messages."""
     from confluent_kafka import KafkaException, TopicPartition
 
     consumer = _consumer(source)
     try:
         assign, ends = [], {}
-        for topic in topics:
-            for p in _partitions(consumer, topic):
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                first = max(low, start(consumer, topic, p, low, high))
-                if first < high:
-                    assign.append(TopicPartition(topic, p, first))
-                    ends[(topic, p)] = high
+        partitions = [(topic, p) for topic in topics for p in _partitions(consumer, topic)]
+        for topic, p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            first = max(low, start(consumer, topic, p, low, high, len(partitions)))
+            if first < high:
+                assign.append(TopicPartition(topic, p, first))
+                ends[(topic, p)] = high
         consumer.assign(assign)
         messages, idle_since = [], time.monotonic()
         while ends:
@@ -333,16 +334,15 @@ def _start_since(seconds: float):
 
     at_ms = int((time.time() - seconds) * 1000)
 
-    def start(consumer, topic, p, low, high):
+    def start(consumer, topic, p, low, high, _partitions):
         (found,) = consumer.offsets_for_times([TopicPartition(topic, p, at_ms)], timeout=10)
         return high if found.offset < 0 else found.offset
 
     return start
 
 
-def _start_last(records: int, partitions: int):
-    per = math.ceil(records / max(1, partitions))
-    return lambda _c, _t, _p, _low, high: high - per
+def _start_last(records: int):
+    return lambda _c, _t, _p, _low, high, partitions: high - math.ceil(records / partitions)
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -411,15 +411,7 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
     window = 1 if image else int(meta["anomalyd.window"])
     progress = (lambda _m: None) if opts.quiet else (lambda m: print(f"\r{m}", end="", file=sys.stderr))
 
-    if opts.records is not None:
-        consumer = _consumer(source)
-        try:
-            partitions = sum(len(_partitions(consumer, t)) for t in source.topics)
-        finally:
-            consumer.close()
-        start = _start_last(opts.records, partitions)
-    else:
-        start = _start_since(seconds)
+    start = _start_last(opts.records) if opts.records is not None else _start_since(seconds)
     messages = read_topics(source, source.topics, start, progress)
     records, undecodable = [], 0
     for m in messages:
@@ -432,7 +424,7 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
     def whole(topic: str) -> list[dict]:
         """Every JSON object on `topic` (none if it is not configured)."""
         out = []
-        for m in read_topics(source, [topic], lambda _c, _t, _p, low, _h: low, progress) if topic else ():
+        for m in read_topics(source, [topic], lambda _c, _t, _p, low, _h, _n: low, progress) if topic else ():
             try:
                 out.append(json.loads(m.value() or b""))
             except (json.JSONDecodeError, UnicodeDecodeError):
