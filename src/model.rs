@@ -203,7 +203,16 @@ impl Model {
         model
             .select_outputs_by_name(["error", "reconstruction"])
             .map_err(onnx_err)?;
-        let typed = model.into_optimized().map_err(onnx_err)?;
+        let typed = model.into_typed().map_err(onnx_err)?;
+        // Without it, tract cannot prove that a tensor of `batch` x n elements is big enough for
+        // its vectorised element-wise kernels, and runs such Adds and Muls in its generic
+        // broadcasting loop (docs/NOTES.md, "tract 0.23.9 and the model designs").
+        if let Some(TDim::Sym(batch)) = typed.input_fact(0).map_err(onnx_err)?.shape.dims().first()
+        {
+            let assertion = format!("{batch} >= 1");
+            typed.symbols.add_assertion(assertion).map_err(onnx_err)?;
+        }
+        let typed = typed.into_optimized().map_err(onnx_err)?;
         let input = typed.input_fact(0).map_err(onnx_err)?.clone();
         if input.datum_type != f32::datum_type() {
             return Err(contract_err(format!(

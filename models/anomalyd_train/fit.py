@@ -51,6 +51,7 @@ class FitOptions:
     pretrain_epochs: int | None = None
     variance: float = 0.95
     decoder: str = "position"
+    unroll: bool = False
     # features made relative to a slow per-key level (see baseline.py); none by default
     baseline: list[str] = field(default_factory=list)
     baseline_half_life: float = baselines.DEFAULT_HALF_LIFE
@@ -195,7 +196,7 @@ def fit(opts: FitOptions) -> FitResult:
         kind=opts.kind, window=window, features=len(opts.features), image_shape=opts.shape,
         latent=opts.latent, hidden=opts.hidden, sparsity=opts.sparsity,
         sparsity_weight=opts.sparsity_weight, rho=opts.rho, noise_std=opts.noise_std,
-        mask_prob=opts.mask_prob, beta=opts.beta, decoder=opts.decoder, variance=opts.variance,
+        mask_prob=opts.mask_prob, beta=opts.beta, decoder=opts.decoder, unroll=opts.unroll, variance=opts.variance,
     )
     epochs, patience = (opts.epochs, None) if opts.epochs is not None else auto_epochs(len(train), opts.batch_size)
     cfg = TrainConfig(

@@ -44,6 +44,9 @@ class Spec:
     # lstm / gru: "position" (the exact design, see Recurrent); "concat" and "repeat" are designs
     # that tract gets wrong, kept only as test canaries
     decoder: str = "position"
+    # lstm / gru: export the recurrence unrolled over the window as plain matrix products instead
+    # of ONNX's LSTM / GRU operator (see Recurrent; not yet the default: NOTES.md)
+    unroll: bool = False
     # pca: keep the fewest components explaining this share of the variance (unless latent is set)
     variance: float = 0.95
 
@@ -69,7 +72,7 @@ class Spec:
         if self.kind == "vae":
             d.update(beta=self.beta)
         if self.kind in ("lstm", "gru"):
-            d.update(decoder=self.decoder)
+            d.update(decoder=self.decoder, unroll=self.unroll)
         if self.kind == "pca":
             d.update(variance=self.variance)
         return d
@@ -386,6 +389,14 @@ class Recurrent(Core):
       which the encoder's position channel avoids.
     The default "position" design is exact (~1e-7) for LSTM and GRU, F = 1..6, T = 4..32; the
     other two are kept only as canaries for the parity tests (tests/test_parity.py).
+
+    With `unroll`, the exported recurrence is written out over the window: the input projection
+    of every step is one matrix product, then each step is a [B, H] x [H, G*H] product and
+    element-wise gates. The window is fixed at export, so this is the same function as the
+    LSTM / GRU operator, which tract runs as a `Scan` loop (7.7x slower than onnxruntime on the
+    demo model, BENCHMARKS.md). Measured on the demo model it is 1.3x faster than the loop at
+    batch 256 but 2x slower at batch 1 (per-node overhead of ~900 nodes), so it is not the
+    default yet (NOTES.md). Training always uses PyTorch's fused cells.
     """
 
     def __init__(self, spec: Spec):
@@ -396,6 +407,10 @@ class Recurrent(Core):
             raise ValueError(f"decoder must be position, concat or repeat, got {spec.decoder!r}")
         self.design = spec.decoder
         self.t = t
+        self.kind = spec.kind
+        if spec.unroll and self.design != "position":
+            raise ValueError("unroll needs decoder='position'")
+        self.unroll = spec.unroll
         self.encoder = cell(f + (1 if self.design == "position" else 0), h, batch_first=True)
         self.to_code = nn.Linear(h, k)
         self.decoder = cell(k + (0 if self.design == "repeat" else 1), h, batch_first=True)
@@ -403,12 +418,27 @@ class Recurrent(Core):
         self.register_buffer("steps", (torch.arange(1, t + 1, dtype=torch.float32) / t).view(1, t, 1))
 
     def encode(self, x):
+        if self._unrolled():
+            # [x_t, p_t] W^T + b = x_t W_x^T + (p_t w_p + b): every step's input projection in one
+            # product, time-major so that each step's slice is contiguous
+            w_ih, w_hh, bias = self._cell(self.encoder)
+            steps = self.steps.view(self.t, 1, 1)
+            gates = x.transpose(0, 1) @ w_ih[:, :-1].t() + (steps * w_ih[:, -1] + bias)  # [T, B, G]
+            return self.to_code(self._unroll(self.encoder, gates.unbind(0), w_hh)[-1])
         if self.design == "position":
             x = torch.cat([x, self.steps.expand(x.shape[0], -1, -1)], dim=2)
         seq, _ = self.encoder(x)
         return self.to_code(seq[:, -1, :])  # [B, k]
 
     def decode(self, z):
+        if self._unrolled():
+            # [z p_t, p_t] W^T + b = p_t (z W_z^T) + (p_t w_p + b): one product for all steps
+            w_ih, w_hh, bias = self._cell(self.decoder)
+            zw = z @ w_ih[:, :-1].t()  # [B, G]
+            steps = self.steps.view(self.t, 1)
+            const = steps * w_ih[:, -1] + bias  # [T, G]
+            gates = [zw * steps[t] + const[t] for t in range(self.t)]
+            return self.out(torch.stack(self._unroll(self.decoder, gates, w_hh), dim=1))
         pos = self.steps.expand(z.shape[0], -1, -1)  # [B, T, 1]
         rep = z.unsqueeze(1).expand(-1, self.t, -1)  # [B, T, k]
         if self.design == "position":
@@ -419,6 +449,45 @@ class Recurrent(Core):
             dec_in = rep
         dec, _ = self.decoder(dec_in)
         return self.out(dec)
+
+    def _unrolled(self) -> bool:
+        """While tracing for export, the recurrence is written out (see the class doc)."""
+        return self.unroll and not self.training and torch.jit.is_tracing()
+
+    def _cell(self, rnn):
+        """`rnn`'s weights for the written-out cell: the input weights [G, I], the recurrent
+        weights transposed [H, G], and every bias that can be folded into the input projection.
+        An LSTM's gates are reordered i, f, o, g (PyTorch's order is i, f, g, o), so the three
+        sigmoid gates are one slice."""
+        h = rnn.hidden_size
+        w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+        if self.kind == "lstm":
+            order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+            return w_ih[order], w_hh[order].t(), (b_ih + b_hh)[order]
+        # GRU: the candidate's recurrent bias sits inside r * (W_hn h + b_hn), so it stays there
+        return w_ih, w_hh.t(), b_ih + torch.cat([b_hh[: 2 * h], torch.zeros(h)])
+
+    def _unroll(self, rnn, gates, w_hh) -> list:
+        """The outputs [B, H] of `rnn` at each step, from a zero state, given each step's input
+        projection [B, G] (biases folded, as `_cell` gives them)."""
+        n = rnn.hidden_size
+        h, c, outs = None, None, []
+        for a in gates:
+            rec = None if h is None else h @ w_hh
+            if self.kind == "lstm":
+                a = a if rec is None else a + rec
+                sig, g = torch.sigmoid(a[:, : 3 * n]), torch.tanh(a[:, 3 * n :])
+                i, f, o = sig[:, :n], sig[:, n : 2 * n], sig[:, 2 * n :]
+                c = i * g if c is None else f * c + i * g
+                h = o * torch.tanh(c)
+            else:
+                b_hn = rnn.bias_hh_l0[2 * n :]
+                rz = torch.sigmoid(a[:, : 2 * n] if rec is None else a[:, : 2 * n] + rec[:, : 2 * n])
+                r, z = rz[:, :n], rz[:, n:]
+                cand = torch.tanh(a[:, 2 * n :] + r * (b_hn if rec is None else rec[:, 2 * n :] + b_hn))
+                h = cand - z * cand if h is None else cand + z * (h - cand)
+            outs.append(h)
+        return outs
 
 
 def build(spec: Spec, pca_components: int | None = None) -> Core:

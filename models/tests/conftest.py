@@ -74,6 +74,9 @@ VARIANTS = {
     "gru": ("gru", {"window": 8}),
     "lstm-1feature": ("lstm", {"window": 8, "features": ["flow"]}),
     "gru-1feature": ("gru", {"window": 8, "features": ["flow"]}),
+    # the recurrence written out as matrix products instead of ONNX's LSTM / GRU operator
+    "lstm-unrolled": ("lstm", {"window": 8, "unroll": True}),
+    "gru-unrolled": ("gru", {"window": 8, "unroll": True}),
 }
 
 
