@@ -43,17 +43,12 @@ class Exported(nn.Module):
             self.register_buffer("shift", -self.mean / self.std)
 
     def forward(self, input: torch.Tensor):  # noqa: A002 - the ONNX input's name
-        if self.image:
-            z = (input - self.mean) / self.std
-            r = self.core(z)
-            reconstruction = r * self.std + self.mean
-        else:
-            # The per-feature affine maps as [F, F] diagonal products with a bias: tract runs those
-            # in its matmul kernels, while a broadcast op over a few features misses its vectorised
-            # element-wise path (docs/NOTES.md). The same function to float rounding.
-            z = input @ self.scale + self.shift
-            r = self.core(z)
-            reconstruction = r @ self.unscale + self.mean
+        # Tabular models: the per-feature affine maps as [F, F] diagonal products with a bias,
+        # which tract runs in its matmul kernels, while a broadcast op over a few features misses
+        # its vectorised element-wise path (docs/NOTES.md). The same function to float rounding.
+        z = (input - self.mean) / self.std if self.image else input @ self.scale + self.shift
+        r = self.core(z)
+        reconstruction = r * self.std + self.mean if self.image else r @ self.unscale + self.mean
         sq = (r - z) ** 2
         error = sq.mean(dim=(2, 3)) if self.image else sq.mean(dim=1)
         return reconstruction, error
