@@ -379,7 +379,8 @@ def fit_options(meta: dict, data: str, out: str, version: str, quiet: bool):
         latent=arch.get("latent"), hidden=int(arch.get("hidden", 32)),
         baseline=baseline["features"] if baseline else [],
     )
-    for name in ("sparsity", "sparsity_weight", "rho", "noise_std", "mask_prob", "beta", "decoder", "unroll", "variance"):
+    for name in ("sparsity", "sparsity_weight", "rho", "noise_std", "mask_prob", "beta", "decoder", "unroll",
+                 "variance"):
         if name in arch:
             setattr(opts, name, arch[name])
     if baseline:
