@@ -844,6 +844,7 @@ fn throughput(a: &Args, tansu: &Tansu, dir: &Path, tck: f64) -> Vec<f64> {
     let d_prefix = col(&daemon_runs, |r| r.rate_prefix);
     let d_cpu = col(&daemon_runs, |r| r.cpu_us_per_record);
     let d_rss = col(&daemon_runs, |r| r.peak_rss_mb);
+    let d_startup = col(&daemon_runs, |r| r.startup_s);
     let p_rate = col(&python_runs, |r| r.rate);
     let p_cpu = col(&python_runs, |r| r.cpu_us_per_record);
     let p_rss = col(&python_runs, |r| r.peak_rss_mb);
@@ -866,6 +867,7 @@ fn throughput(a: &Args, tansu: &Tansu, dir: &Path, tck: f64) -> Vec<f64> {
             "anomalyd_prefix_records_per_s": d_prefix,
             "anomalyd_cpu_us_per_record": d_cpu,
             "anomalyd_peak_rss_mb": d_rss,
+            "anomalyd_startup_s": d_startup,
             "python_records_per_s": p_rate,
             "python_cpu_us_per_record": p_cpu,
             "python_peak_rss_mb": p_rss,

@@ -135,6 +135,13 @@ def main() -> None:
             f"| anomalyd (first {thr['python_records']:,}) | {runs(thr['anomalyd_prefix_records_per_s'])} | "
             f"{fmt(med('anomalyd_prefix_records_per_s'))} | | |"
         )
+        if thr.get("anomalyd_startup_s"):
+            print(
+                f"\nCold start: from spawning `anomalyd run` to its first record counted on `/metrics` "
+                f"(model load, group join, state restore; polled every 50 ms): "
+                f"{', '.join(f'{v:.2f}' for v in thr['anomalyd_startup_s'])} s, median "
+                f"**{med('anomalyd_startup_s'):.2f} s**.\n"
+            )
         if thr["python_records_per_s"]:
             print(
                 f"| Python (confluent-kafka + onnxruntime, batch 256) | {runs(thr['python_records_per_s'])} | "
