@@ -602,8 +602,10 @@ impl Detector {
             dirty: false,
         });
         state.dirty = true;
-        if let Some(waiting) = (!known).then(|| self.pending.remove(key)).flatten() {
-            apply_pending(waiting, state, &self.feedback, &mut self.feedback_done);
+        if !known {
+            if let Some(waiting) = self.pending.remove(key) {
+                apply_pending(waiting, state, &self.feedback, &mut self.feedback_done);
+            }
         }
         (state, evicted)
     }

@@ -439,10 +439,10 @@ impl ConsumerContext for Context {
 }
 
 /// Reads a pipeline's feedback topic ([`crate::feedback`]) into the pipeline's input, in order
-/// with its records: from the beginning, then as it grows, until `stop`. Every replica reads all of it, because a verdict
-/// applies wherever its key lives, and marking twice changes nothing, so reading it again after
-/// a restart is harmless. A topic that cannot be read yet is retried every 10 s. Blocking: run
-/// it on a thread of its own.
+/// with its records: from the beginning, then as it grows, until `stop`. Every replica reads all
+/// of it, because a verdict applies wherever its key lives, and marking twice changes nothing, so
+/// reading it again after a restart is harmless. A topic that cannot be read yet is retried
+/// every 10 s. Blocking: run it on a thread of its own.
 pub fn read_feedback(
     kafka: &KafkaConfig,
     topic: &str,

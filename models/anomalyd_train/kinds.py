@@ -471,6 +471,7 @@ class Recurrent(Core):
         """The outputs [B, H] of `rnn` at each step, from a zero state, given each step's input
         projection [B, G] (biases folded, as `_cell` gives them)."""
         n = rnn.hidden_size
+        b_hn = rnn.bias_hh_l0[2 * n :]  # GRU: the candidate's recurrent bias
         h, c, outs = None, None, []
         for a in gates:
             rec = None if h is None else h @ w_hh
@@ -481,7 +482,6 @@ class Recurrent(Core):
                 c = i * g if c is None else f * c + i * g
                 h = o * torch.tanh(c)
             else:
-                b_hn = rnn.bias_hh_l0[2 * n :]
                 rz = torch.sigmoid(a[:, : 2 * n] if rec is None else a[:, : 2 * n] + rec[:, : 2 * n])
                 r, z = rz[:, :n], rz[:, n:]
                 cand = torch.tanh(a[:, 2 * n :] + r * (b_hn if rec is None else rec[:, 2 * n :] + b_hn))
