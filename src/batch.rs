@@ -56,7 +56,10 @@ pub struct BatchConfig {
     /// Most samples per inference call.
     #[serde(default = "default_batch_size")]
     pub max_size: usize,
-    /// Longest a record waits for its batch to fill.
+    /// Longest a record waits for its batch to fill. Under load batches fill long before it
+    /// (256 records at 73k records/s take 3.5 ms), so it only matters when traffic is light,
+    /// where it is the latency batching adds: 20 ms gave p99 record-to-alert 48-54 ms at
+    /// 1k records/s on tansu, 5 ms gave 36 ms (docs/BENCHMARKS.md).
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
     pub max_wait: Duration,
 }
@@ -74,7 +77,7 @@ fn default_batch_size() -> usize {
     256
 }
 fn default_batch_wait() -> Duration {
-    Duration::from_millis(20)
+    Duration::from_millis(5)
 }
 
 /// The largest batch: larger ones would not infer faster, only hold more memory.

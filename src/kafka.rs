@@ -163,7 +163,12 @@ pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("topic.metadata.refresh.interval.ms", "10000");
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        // A record waits in the broker for at most this long before the consumer sees it on
+        // brokers that hold a fetch for its full wait (tansu does; Kafka answers once one byte
+        // is there). librdkafka's 500 ms put p50 record-to-alert at 450 ms on tansu
+        // (docs/BENCHMARKS.md); an idle consumer pays 200 empty fetches a second per broker.
+        .set("fetch.wait.max.ms", "5");
     let mut c = with_user_properties(c, kafka);
     c.set("enable.auto.commit", "true")
         .set(
@@ -178,7 +183,7 @@ pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = base_config(kafka);
     c.set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", "2")
         .set("message.timeout.ms", "30000")
         .set("compression.type", "lz4");
     with_user_properties(c, kafka)
