@@ -652,6 +652,10 @@ struct Latency {
     produced_p99_ms: f64,
 }
 
+/// An alert event read back: when it arrived, its CreateTime (ms since the epoch), and the
+/// partition and offset of the record that raised it.
+type Arrival = (Instant, i64, i32, i64);
+
 /// One latency run on fresh topics `lat-in-{run}` and `lat-alerts-{run}`, the daemon with
 /// `--daemon-property` values as its `[kafka.properties]`.
 fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64, run: usize) -> Latency {
@@ -692,7 +696,7 @@ fn latency(a: &Args, tansu: &Tansu, dir: &Path, rate: f64, run: usize) -> Latenc
 
     // The alerts reader: every event's arrival time and its source record.
     let stop = Arc::new(AtomicBool::new(false));
-    let arrivals: Arc<Mutex<Vec<(Instant, i64, i32, i64)>>> = Default::default();
+    let arrivals: Arc<Mutex<Vec<Arrival>>> = Default::default();
     let reader = {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &tansu.bootstrap)
