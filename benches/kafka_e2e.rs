@@ -354,6 +354,23 @@ fn records_total(addr: SocketAddr) -> Option<u64> {
     )
 }
 
+/// The steps of the daemon's cold start, as it reports them (seconds from its start).
+const STARTUP_PHASES: [&str; 4] = ["models_loaded", "assigned", "restored", "first_judged"];
+
+fn startup_phases(addr: SocketAddr) -> Vec<f64> {
+    let body = http_get(addr, "/metrics").map(|r| r.1).unwrap_or_default();
+    STARTUP_PHASES
+        .iter()
+        .map(|phase| {
+            let series =
+                format!("anomalyd_startup_seconds{{phase=\"{phase}\",pipeline=\"fleet\"}} ");
+            body.lines()
+                .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+                .unwrap_or(f64::NAN)
+        })
+        .collect()
+}
+
 fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -491,6 +508,8 @@ struct Run {
     cpu_us_per_record: f64,
     peak_rss_mb: f64,
     startup_s: f64,
+    /// [`STARTUP_PHASES`] as the daemon reports them.
+    phases: Vec<f64>,
 }
 
 fn daemon_throughput(a: &Args, tansu: &Tansu, dir: &Path, group: &str, tck: f64) -> Run {
@@ -552,6 +571,7 @@ fn daemon_throughput(a: &Args, tansu: &Tansu, dir: &Path, group: &str, tck: f64)
         std::thread::sleep(Duration::from_millis(50));
     }
     let rss = peak_rss_mb(pid);
+    let phases = startup_phases(listen);
     sigterm(&mut proc);
     let (t0, c0, cpu0) = first.expect("a first count");
     let (tp, cp) = at_prefix.expect("prefix reached");
@@ -563,6 +583,7 @@ fn daemon_throughput(a: &Args, tansu: &Tansu, dir: &Path, group: &str, tck: f64)
         cpu_us_per_record: (end.2 - cpu0) / (end.1 - c0) as f64 * 1e6,
         peak_rss_mb: rss,
         startup_s: (t0 - spawned).as_secs_f64(),
+        phases,
     }
 }
 
@@ -612,6 +633,7 @@ fn python_throughput(a: &Args, python: &Path, tansu: &Tansu, group: &str) -> Run
         cpu_us_per_record: f("cpu_s") / f("records") * 1e6,
         peak_rss_mb: f("max_rss_mb"),
         startup_s: spawned.elapsed().as_secs_f64() - f("seconds"),
+        phases: Vec::new(),
     }
 }
 
@@ -904,6 +926,11 @@ fn throughput(a: &Args, tansu: &Tansu, dir: &Path, tck: f64) -> Vec<f64> {
             "anomalyd_cpu_us_per_record": d_cpu,
             "anomalyd_peak_rss_mb": d_rss,
             "anomalyd_startup_s": d_startup,
+            "anomalyd_startup_phases": STARTUP_PHASES
+                .iter()
+                .enumerate()
+                .map(|(i, phase)| (phase.to_string(), daemon_runs.iter().map(|r| r.phases[i]).collect::<Vec<_>>().into()))
+                .collect::<serde_json::Map<_, _>>(),
             "python_records_per_s": p_rate,
             "python_cpu_us_per_record": p_cpu,
             "python_peak_rss_mb": p_rss,

@@ -108,6 +108,17 @@ def main() -> None:
                 f"{r['max_abs_diff_error']:.1e} |"
             )
         print()
+    loads = [r for r in results if r["bench"] == "model_load"]
+    if loads:
+        print(
+            "Model load (parse, type, optimise; same command, median of 5): what a model swap costs "
+            "the daemon before the new version serves (`anomalyd_model_swap_seconds` reports each swap), "
+            "and the `models_loaded` step of its cold start.\n"
+        )
+        print("| model | load ms |\n|---|---|")
+        for r in loads:
+            print(f"| {r['model']} | {fmt(r['load_ms'])} |")
+        print()
 
     thr = next((r for r in results if r["bench"] == "kafka_throughput"), None)
     if thr:
@@ -140,8 +151,16 @@ def main() -> None:
                 f"\nCold start: from spawning `anomalyd run` to its first record counted on `/metrics` "
                 f"(model load, group join, state restore; polled every 50 ms): "
                 f"{', '.join(f'{v:.2f}' for v in thr['anomalyd_startup_s'])} s, median "
-                f"**{med('anomalyd_startup_s'):.2f} s**.\n"
+                f"**{med('anomalyd_startup_s'):.2f} s**."
             )
+            phases = thr.get("anomalyd_startup_phases", {})
+            if phases:
+                steps = ", ".join(f"{p} {statistics.median(v):.3f} s" for p, v in phases.items())
+                print(
+                    "The daemon's own account (`anomalyd_startup_seconds`, from its start, medians): "
+                    f"{steps}; the group join is `assigned` − `models_loaded`, the state restore "
+                    "`restored` − `assigned`.\n"
+                )
         if thr["python_records_per_s"]:
             print(
                 f"| Python (confluent-kafka + onnxruntime, batch 256) | {runs(thr['python_records_per_s'])} | "

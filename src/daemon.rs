@@ -76,6 +76,7 @@ pub struct Daemon {
 impl Daemon {
     /// Loads models, binds the HTTP endpoint and starts every pipeline.
     pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Daemon, DaemonError> {
+        let started = std::time::Instant::now();
         let metrics = Metrics::new();
         let health = Arc::new(Health::new(config.pipelines.keys().cloned(), &metrics));
         let models = match load_models(&config) {
@@ -88,6 +89,7 @@ impl Daemon {
             }
         };
         health.set_models_loaded();
+        let models_loaded = started.elapsed();
         let (http_addr, http) = if config.http.listen.is_empty() {
             (None, None)
         } else {
@@ -113,6 +115,8 @@ impl Daemon {
             inference: Arc::new(Semaphore::new(config.runtime.threads())),
             grace: config.runtime.shutdown_grace,
             reload: reload.clone(),
+            started,
+            models_loaded,
         };
         let mut pipelines = JoinSet::new();
         let mut names = HashMap::new();

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -50,10 +50,11 @@ pub enum Input {
         payload: Vec<u8>,
         error: DecodeError,
     },
-    /// Partitions are ours now, with the state of their keys.
+    /// Partitions are ours now, with the state of their keys and how long reading it took.
     Assigned {
         partitions: Vec<Partition>,
         states: Vec<StateRecord>,
+        restore_took: Duration,
     },
     /// Partitions are taken away. Unless they were lost (the group moved on without us), the
     /// detector settles them within `within` and answers with the positions to commit.
@@ -62,8 +63,11 @@ pub enum Input {
         within: Duration,
         reply: Option<std::sync::mpsc::SyncSender<Positions>>,
     },
-    /// A new version of the model, to swap in between batches.
-    Reload(Arc<Model>),
+    /// A new version of the model, to swap in between batches, and when its file was found.
+    Reload {
+        model: Arc<Model>,
+        found: Instant,
+    },
     /// A message of the feedback topic: an operator's verdict on an episode, or why it is not one.
     Feedback(Result<crate::feedback::Feedback, crate::feedback::FeedbackError>),
     /// A candidate model, to score in the shadow of the serving one; `decided` hears whether it
@@ -424,8 +428,13 @@ impl ConsumerContext for Context {
             Rebalance::Assign(tpl) if !self.closing.load(Ordering::SeqCst) => {
                 let partitions = partitions_of(tpl);
                 if !partitions.is_empty() {
+                    let started = Instant::now();
                     let states = self.restore(consumer, &partitions);
-                    let message = Input::Assigned { partitions, states };
+                    let message = Input::Assigned {
+                        partitions,
+                        states,
+                        restore_took: started.elapsed(),
+                    };
                     self.rebalancing.send(&self.input, message);
                 }
             }

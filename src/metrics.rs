@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,11 @@ pub mod label {
     /// `result` of `anomalyd_candidates_total`.
     pub const PROMOTED: &str = "promoted";
     pub const REFUSED: &str = "refused";
+    /// `phase` of `anomalyd_startup_seconds`, in the order they happen.
+    pub const MODELS_LOADED: &str = "models_loaded";
+    pub const ASSIGNED: &str = "assigned";
+    pub const RESTORED: &str = "restored";
+    pub const FIRST_JUDGED: &str = "first_judged";
     /// `role` of `anomalyd_model_info`.
     pub const SERVING: &str = "serving";
     pub const CANDIDATE: &str = "candidate";
@@ -91,7 +96,7 @@ pub struct Metrics {
     pub key_evictions: IntCounterVec,
     pub rebaselines: IntCounterVec,
     pub keys_firing: IntGaugeVec,
-    pub score_drift: prometheus::GaugeVec,
+    pub score_drift: GaugeVec,
     pub drifts: IntCounterVec,
     pub offsets_committed: IntCounterVec,
     pub deliveries_in_flight: IntGaugeVec,
@@ -101,6 +106,8 @@ pub struct Metrics {
     pub feedback: IntCounterVec,
     pub model_load_failures: IntCounterVec,
     pub model_reloads: IntCounterVec,
+    pub startup_seconds: GaugeVec,
+    pub model_swap_seconds: GaugeVec,
     pub build_info: IntGaugeVec,
     pub alertmanager_pushes: IntCounterVec,
     pub alertmanager_pending: IntGaugeVec,
@@ -120,6 +127,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
@@ -162,11 +175,7 @@ impl Metrics {
             key_evictions: counter(&r, "anomalyd_key_evictions_total", "Keys evicted (least recently seen) to stay under max_keys.", &["pipeline"]),
             rebaselines: counter(&r, "anomalyd_rebaselines_total", "Episodes that outlasted rebaseline_after: a key's new level accepted as its normal.", &["pipeline"]),
             keys_firing: gauge(&r, "anomalyd_keys_firing", "Keys with an alert episode currently firing.", &["pipeline"]),
-            score_drift: {
-                let g = prometheus::GaugeVec::new(Opts::new("anomalyd_score_drift", "The drift detector's statistic over its threshold: 1 or more while the pipeline's scores have risen since its model started."), &["pipeline"]).expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            score_drift: float_gauge(&r, "anomalyd_score_drift", "The drift detector's statistic over its threshold: 1 or more while the pipeline's scores have risen since its model started.", &["pipeline"]),
             drifts: counter(&r, "anomalyd_drift_detected_total", "Times a pipeline's scores were found to have risen since its model started (the drift detector crossing its threshold).", &["pipeline"]),
             offsets_committed: counter(&r, "anomalyd_offset_commits_total", "Offset positions stored for commit.", &["pipeline"]),
             deliveries_in_flight: gauge(&r, "anomalyd_deliveries_in_flight", "Records whose outputs await the broker's acknowledgement; consumption pauses at 10000.", &["pipeline"]),
@@ -176,6 +185,8 @@ impl Metrics {
             candidates: counter(&r, "anomalyd_candidates_total", "Candidate models decided: promoted to serve, or refused (did not load, did not fit, or failed the promotion rule).", &["pipeline", "result"]),
             model_load_failures: counter(&r, "anomalyd_model_load_failures_total", "Models refused at start or on reload.", &["pipeline"]),
             model_reloads: counter(&r, "anomalyd_model_reloads_total", "New model versions swapped in while running.", &["pipeline"]),
+            startup_seconds: float_gauge(&r, "anomalyd_startup_seconds", "Seconds from the daemon's start to each step of a pipeline's cold start: models_loaded, assigned (the group gave it partitions), restored (their keys' state read back), first_judged (its first record judged).", &["pipeline", "phase"]),
+            model_swap_seconds: float_gauge(&r, "anomalyd_model_swap_seconds", "Seconds the last model swap took, from finding the new file to the new version serving (mostly loading it).", &["pipeline"]),
             alertmanager_pushes: counter(&r, "anomalyd_alertmanager_pushes_total", "Pushes to Alertmanager by result: ok or error.", &["pipeline", "result"]),
             alertmanager_pending: gauge(&r, "anomalyd_alertmanager_pending_alerts", "Alerts (firings, resolutions, resends) Alertmanager has not taken yet; retried until it does.", &["pipeline"]),
             state_writes: counter(&r, "anomalyd_state_writes_total", "Writes of changed key states to the state topic, by result: ok or error.", &["pipeline", "result"]),

@@ -86,6 +86,10 @@ pub struct Shared {
     pub inference: Arc<Semaphore>,
     /// How long shutdown may take once it starts.
     pub grace: Duration,
+    /// When the daemon started (the origin of `anomalyd_startup_seconds`), and how long after
+    /// it every model was loaded.
+    pub started: std::time::Instant,
+    pub models_loaded: Duration,
     /// Notified (SIGHUP) to check every model file for a new version at once.
     pub reload: Arc<Notify>,
 }
@@ -337,6 +341,8 @@ struct DetectorTask {
     /// The candidate model scored in the shadow of the serving one, if any, and who waits for
     /// the decision (the reload loop, which replaces the model file on a promotion).
     shadow: Option<(Shadow, oneshot::Sender<bool>)>,
+    /// The steps of the cold start seen so far (`phase` of `anomalyd_startup_seconds`).
+    cold_start: Vec<(&'static str, Duration)>,
 }
 
 /// What woke the detector task up.
@@ -376,7 +382,7 @@ impl DetectorTask {
         commits: std::sync::mpsc::Sender<Positions>,
         rebalancing: Arc<Rebalancing>,
     ) -> DetectorTask {
-        DetectorTask {
+        let mut task = DetectorTask {
             name: name.to_string(),
             detector,
             outputs: parts.outputs.clone(),
@@ -401,7 +407,10 @@ impl DetectorTask {
             detector_cfg: cfg.detector(),
             promotion: cfg.promotion,
             shadow: None,
-        }
+            cold_start: Vec::new(),
+        };
+        task.cold_start(label::MODELS_LOADED, shared.models_loaded);
+        task
     }
 
     /// Runs until `input` closes; returns how long the shutdown took from then. Once
@@ -526,7 +535,14 @@ impl DetectorTask {
                 let sent = self.outputs.undecodable(origin, key, payload, &error);
                 self.track(sent);
             }
-            Input::Assigned { partitions, states } => {
+            Input::Assigned {
+                partitions,
+                states,
+                restore_took,
+            } => {
+                let now = self.shared.started.elapsed();
+                self.cold_start(label::ASSIGNED, now.saturating_sub(restore_took));
+                self.cold_start(label::RESTORED, now);
                 let restored = self.detector.restore(states);
                 self.shared
                     .metrics
@@ -541,7 +557,7 @@ impl DetectorTask {
                         .to_alertmanager(AmInput::Event(Box::new(episode)));
                 }
                 self.outputs.resolve_dropped(restored.evicted);
-                tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, "Partitions assigned.");
+                tracing::info!(pipeline = %self.name, ?partitions, keys_restored = restored.keys, restore_ms = restore_took.as_millis() as u64, "Partitions assigned.");
                 self.report_feedback(); // marks that waited for the restored keys
             }
             Input::Revoked {
@@ -549,7 +565,7 @@ impl DetectorTask {
                 within,
                 reply,
             } => self.revoke(partitions, within, reply).await,
-            Input::Reload(model) => self.reload(model),
+            Input::Reload { model, found } => self.reload(model, found),
             Input::Feedback(Ok(f)) => {
                 self.detector.feedback(f);
                 self.report_feedback();
@@ -649,6 +665,13 @@ impl DetectorTask {
                     }
                     _ => {}
                 }
+                if self.cold_start(label::FIRST_JUDGED, self.shared.started.elapsed()) {
+                    let steps = self
+                        .cold_start
+                        .iter()
+                        .map(|(phase, at)| format!("{phase} {:.3} s", at.as_secs_f64()));
+                    tracing::info!(pipeline = %self.name, "Judged the first record; the cold start took {}.", steps.collect::<Vec<_>>().join(", "));
+                }
                 for outcome in outcomes {
                     let sent = self.outputs.emit(outcome);
                     self.track(sent);
@@ -668,6 +691,21 @@ impl DetectorTask {
             }
         }
         self.report_feedback(); // marks that waited for keys seen in this batch
+    }
+
+    /// Records a step of the pipeline's cold start `at` its time from the daemon's start, the
+    /// first time it happens only; says whether it did.
+    fn cold_start(&mut self, phase: &'static str, at: Duration) -> bool {
+        if self.cold_start.iter().any(|(seen, _)| *seen == phase) {
+            return false;
+        }
+        self.cold_start.push((phase, at));
+        self.shared
+            .metrics
+            .startup_seconds
+            .with_label_values(&[&self.name, phase])
+            .set(at.as_secs_f64());
+        true
     }
 
     /// Finishes a record with nothing to wait for, or waits for its deliveries in a task.
@@ -956,7 +994,7 @@ impl DetectorTask {
             .inc();
     }
 
-    fn reload(&mut self, model: Arc<Model>) {
+    fn reload(&mut self, model: Arc<Model>, found: std::time::Instant) {
         let old = self.detector.model().clone();
         let path = model.path.clone();
         let m = &self.shared.metrics;
@@ -965,7 +1003,11 @@ impl DetectorTask {
                 set_model_info(m, &self.name, &old, None);
                 set_model_info(m, &self.name, &model, Some(label::SERVING));
                 m.model_reloads.with_label_values(&[&self.name]).inc();
-                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %model.contract.version, "Swapped in a new model; every key's threshold restarts from its calibration.");
+                let took = found.elapsed();
+                m.model_swap_seconds
+                    .with_label_values(&[&self.name])
+                    .set(took.as_secs_f64());
+                tracing::info!(pipeline = %self.name, from = %old.contract.version, to = %model.contract.version, swap_ms = took.as_millis() as u64, "Swapped in a new model; every key's threshold restarts from its calibration.");
             }
             Err(why) => model_refused(m, &self.name, &format!("model {}: {why}", path.display())),
         }
@@ -1098,7 +1140,7 @@ async fn reload_loop(
             if (is_candidate && stamp.is_none()) || !watching.due(stamp, asked) {
                 continue;
             }
-            let load_path = file.clone();
+            let (load_path, found) = (file.clone(), std::time::Instant::now());
             let loaded = tokio::task::spawn_blocking(move || Model::load(&load_path)).await;
             match &loaded {
                 Ok(Ok(_)) => watching.loaded(stamp),
@@ -1127,7 +1169,7 @@ async fn reload_loop(
                 pending = Some((rx, stamp));
                 Input::Candidate { model, decided: tx }
             } else {
-                Input::Reload(model)
+                Input::Reload { model, found }
             };
             tokio::select! {
                 sent = input.send(message) => if sent.is_err() { return },

@@ -344,6 +344,20 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
         !body.contains("host-0"),
         "an entity key appears as a label:\n{body}"
     );
+    // The cold start, step by step, each after the one before.
+    let startup: Vec<f64> = ["models_loaded", "assigned", "restored", "first_judged"]
+        .iter()
+        .map(|phase| {
+            metrics
+                .startup_seconds
+                .with_label_values(&["fleet", phase])
+                .get()
+        })
+        .collect();
+    assert!(
+        startup[0] > 0.0 && startup.windows(2).all(|w| w[0] <= w[1]),
+        "cold start steps out of order: {startup:?}\n{body}"
+    );
     shutdown.cancel();
     daemon.wait().await.unwrap();
 }
@@ -443,6 +457,8 @@ async fn a_new_model_is_swapped_in_without_dropping_or_double_scoring_and_a_bad_
     // A real new version of the model: swapped in.
     replace(&model_path, &with_version(&original, "1.0.0", "1.0.1"));
     assert!(wait_for(Duration::from_secs(60), || reloads() == 1).await);
+    let swap = m.model_swap_seconds.with_label_values(&["fleet"]).get();
+    assert!(swap > 0.0, "the swap's time is reported: {swap}");
     offsets.extend(producer.await.unwrap());
     let producer = streaming(third);
     daemon.reload_models(); // SIGHUP with nothing new: nothing happens
