@@ -155,7 +155,10 @@ def main() -> None:
             )
             phases = thr.get("anomalyd_startup_phases", {})
             if phases:
-                steps = ", ".join(f"{p} {statistics.median(v):.3f} s" for p, v in phases.items())
+                order = ["models_loaded", "assigned", "restored", "first_judged"]
+                steps = ", ".join(
+                    f"{p} {statistics.median(phases[p]):.3f} s" for p in sorted(phases, key=order.index)
+                )
                 print(
                     "The daemon's own account (`anomalyd_startup_seconds`, from its start, medians): "
                     f"{steps}; the group join is `assigned` − `models_loaded`, the state restore "
