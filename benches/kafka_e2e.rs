@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anomalyd::demo::stream::Fleet;
+use anomalyd::metrics::label::PHASES;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
@@ -354,12 +355,9 @@ fn records_total(addr: SocketAddr) -> Option<u64> {
     )
 }
 
-/// The steps of the daemon's cold start, as it reports them (seconds from its start).
-const STARTUP_PHASES: [&str; 4] = ["models_loaded", "assigned", "restored", "first_judged"];
-
 fn startup_phases(addr: SocketAddr) -> Vec<f64> {
     let body = http_get(addr, "/metrics").map(|r| r.1).unwrap_or_default();
-    STARTUP_PHASES
+    PHASES
         .iter()
         .map(|phase| {
             let series =
@@ -508,7 +506,7 @@ struct Run {
     cpu_us_per_record: f64,
     peak_rss_mb: f64,
     startup_s: f64,
-    /// [`STARTUP_PHASES`] as the daemon reports them.
+    /// The cold start's [`PHASES`], seconds from the daemon's start, as it reports them.
     phases: Vec<f64>,
 }
 
@@ -926,11 +924,15 @@ fn throughput(a: &Args, tansu: &Tansu, dir: &Path, tck: f64) -> Vec<f64> {
             "anomalyd_cpu_us_per_record": d_cpu,
             "anomalyd_peak_rss_mb": d_rss,
             "anomalyd_startup_s": d_startup,
-            "anomalyd_startup_phases": STARTUP_PHASES
+            // In the order they happen (a JSON object would sort them by name).
+            "anomalyd_startup_phases": PHASES
                 .iter()
                 .enumerate()
-                .map(|(i, phase)| (phase.to_string(), daemon_runs.iter().map(|r| r.phases[i]).collect::<Vec<_>>().into()))
-                .collect::<serde_json::Map<_, _>>(),
+                .map(|(i, phase)| serde_json::json!({
+                    "phase": phase,
+                    "seconds": daemon_runs.iter().map(|r| r.phases[i]).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>(),
             "python_records_per_s": p_rate,
             "python_cpu_us_per_record": p_cpu,
             "python_peak_rss_mb": p_rss,

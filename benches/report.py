@@ -153,12 +153,9 @@ def main() -> None:
                 f"{', '.join(f'{v:.2f}' for v in thr['anomalyd_startup_s'])} s, median "
                 f"**{med('anomalyd_startup_s'):.2f} s**."
             )
-            phases = thr.get("anomalyd_startup_phases", {})
+            phases = thr.get("anomalyd_startup_phases", [])
             if phases:
-                order = ["models_loaded", "assigned", "restored", "first_judged"]
-                steps = ", ".join(
-                    f"{p} {statistics.median(phases[p]):.3f} s" for p in sorted(phases, key=order.index)
-                )
+                steps = ", ".join(f"{p['phase']} {statistics.median(p['seconds']):.3f} s" for p in phases)
                 print(
                     "The daemon's own account (`anomalyd_startup_seconds`, from its start, medians): "
                     f"{steps}; the group join is `assigned` − `models_loaded`, the state restore "

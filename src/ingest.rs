@@ -344,7 +344,6 @@ impl Context {
         let Some(changelog) = &self.changelog else {
             return Vec::new();
         };
-        let started = std::time::Instant::now();
         let mut needed = partitions.iter().map(|(_, p)| p + 1).max().unwrap_or(1);
         let topics: std::collections::BTreeSet<&str> =
             partitions.iter().map(|(t, _)| t.as_str()).collect();
@@ -362,7 +361,6 @@ impl Context {
                 if skipped > 0 {
                     tracing::warn!(pipeline = %self.pipeline, topic = changelog.topic(), skipped, "Skipped state records anomalyd cannot read; their keys start from the calibration.");
                 }
-                tracing::debug!(pipeline = %self.pipeline, keys = states.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Read the state of the assigned partitions.");
                 states
             }
             Err(e) => {

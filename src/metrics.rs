@@ -64,6 +64,7 @@ pub mod label {
     pub const ASSIGNED: &str = "assigned";
     pub const RESTORED: &str = "restored";
     pub const FIRST_JUDGED: &str = "first_judged";
+    pub const PHASES: [&str; 4] = [MODELS_LOADED, ASSIGNED, RESTORED, FIRST_JUDGED];
     /// `role` of `anomalyd_model_info`.
     pub const SERVING: &str = "serving";
     pub const CANDIDATE: &str = "candidate";

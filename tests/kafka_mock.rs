@@ -345,7 +345,7 @@ async fn metrics_and_health_are_served_without_entity_keys_as_labels() {
         "an entity key appears as a label:\n{body}"
     );
     // The cold start, step by step, each after the one before.
-    let startup: Vec<f64> = ["models_loaded", "assigned", "restored", "first_judged"]
+    let startup: Vec<f64> = anomalyd::metrics::label::PHASES
         .iter()
         .map(|phase| {
             metrics
