@@ -204,7 +204,7 @@ def block_length(window: int) -> int:
     return 1 if window == 1 else max(8 * window, 64)
 
 
-def _windows(s: np.ndarray, window: int) -> np.ndarray:
+def windows(s: np.ndarray, window: int) -> np.ndarray:
     """All windows of `window` consecutive rows of one series (stride 1): [n, window, F], or
     [n, C, H, W] for image rows (window 1)."""
     if window == 1:
@@ -270,7 +270,7 @@ def _random_blocks(parts, window, val_fraction, seed):
         else:
             flags = np.lib.stride_tricks.sliding_window_view(is_val, window)
             mask_val, mask_train = flags.all(axis=1), (~flags).all(axis=1)
-        w = _windows(s, window)
+        w = windows(s, window)
         train.append(w[mask_train])
         val.append(w[mask_val])
     return _stack(train), _stack(val)
@@ -283,11 +283,11 @@ def _tail_split(parts, window, val_fraction):
         if n < window:
             continue
         if n < 2 * window + 1:
-            train.append(_windows(s, window))
+            train.append(windows(s, window))
             continue
         n_val = min(max(window, round(n * val_fraction)), n - window - 1)
-        train.append(_windows(s[: n - n_val], window))
-        val.append(_windows(s[n - n_val :], window))
+        train.append(windows(s[: n - n_val], window))
+        val.append(windows(s[n - n_val :], window))
     return _stack(train), _stack(val)
 
 
@@ -310,7 +310,7 @@ def folds(parts: list[np.ndarray], window: int, k: int, seed: int) -> list[tuple
             if len(s) < window:
                 continue
             flags = np.lib.stride_tricks.sliding_window_view(where == f, window)
-            w = _windows(s, window)
+            w = windows(s, window)
             held.append(w[flags.all(axis=1)])
             train.append(w[(~flags).all(axis=1)])
         tr, he = _stack(train), _stack(held)

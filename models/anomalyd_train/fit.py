@@ -66,7 +66,7 @@ class FitResult:
     png: str | None
     core: Core
     model: export.Exported  # the PyTorch module that was exported (normalisation included)
-    proto: onnx.ModelProto
+    proto: onnx.ModelProto  # its metadata_props are `meta`, set by `write`
     history: list[dict]
     calibration: dict
     train: np.ndarray  # raw training windows
@@ -156,7 +156,8 @@ def _cross_errors(spec: Spec, parts: list[np.ndarray], window: int, norm, cfg: T
     return np.concatenate(errors) if errors else np.zeros((0, spec.features), np.float32)
 
 
-def fit(opts: FitOptions) -> FitResult:
+def check(opts: FitOptions) -> int:
+    """Rejects bad options before any data is read; returns the window."""
     if opts.kind not in KINDS:
         raise data.DataError(f"unknown kind {opts.kind!r}; kinds: {', '.join(KINDS)}")
     if opts.epochs is not None and opts.epochs < 1 and opts.kind != "pca":
@@ -166,7 +167,7 @@ def fit(opts: FitOptions) -> FitResult:
     validate(opts)
     window = resolve_window(opts)
     if opts.kind == "pca" and opts.shape is None and window * len(opts.features) < 2:
-        # PCA keeps at most D - 1 of D components; with D = 1 it would keep the one there is and
+        # PCA keeps at most D-1 of D components; with D = 1 it would keep the one there is and
         # reconstruct every point exactly: every score 0, nothing ever flagged.
         raise data.DataError(
             "kind pca needs at least 2 input values per sample (window x features), here 1: it keeps "
@@ -174,11 +175,38 @@ def fit(opts: FitOptions) -> FitResult:
             "of 2 or more (a PCA of the series' recent shape), more --features, or another --kind "
             "(dense works on a single value)"
         )
-    seed_everything(opts.seed, opts.threads)
-    started = time.perf_counter()
+    return window
 
+
+def fit(opts: FitOptions) -> FitResult:
+    """Trains on `opts.data` and writes the model to `opts.out` (and its loss curve beside it)."""
+    check(opts)
     table = data.load(opts.data, opts.features, key=opts.key, shape=opts.shape)
     parts = [table.values] if opts.shape is not None else data.series(table)
+    source = {"sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data)}
+    res = fit_series(opts, parts, source)
+    write(res, opts)
+    return res
+
+
+def write(res: FitResult, opts: FitOptions) -> None:
+    """Saves the model with `res.meta` as its metadata (atomically) and, unless `opts.plot` is
+    off, its loss curve."""
+    export.set_metadata(res.proto, res.meta)
+    export.save(res.proto, opts.out)
+    if opts.plot:
+        res.png = plots.loss_png_path(opts.out)
+        window = res.meta["anomalyd.window"]
+        title = f"{res.meta['anomalyd.name']}: {opts.kind}, window {window}, {len(res.train)} training windows"
+        plots.loss_curve(res.history, title, res.png)
+
+
+def fit_series(opts: FitOptions, parts: list[np.ndarray], source: dict) -> FitResult:
+    """Trains on series already loaded (one array per entity, rows in time order) and returns the
+    exported model in memory; `source` describes the data for the metadata (`training_data`)."""
+    window = check(opts)
+    seed_everything(opts.seed, opts.threads)
+    started = time.perf_counter()
     baseline = None
     if opts.baseline:
         if opts.shape is not None:
@@ -225,9 +253,7 @@ def fit(opts: FitOptions) -> FitResult:
         "anomalyd.calibration": calibration,
         "anomalyd.version": opts.version,
         "anomalyd.trained_at": export.trained_at(),
-        "anomalyd.training_data": {
-            "sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data),
-        },
+        "anomalyd.training_data": source,
         "anomalyd.name": name,
         "anomalyd.normalisation": {
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
@@ -255,22 +281,14 @@ def fit(opts: FitOptions) -> FitResult:
         meta["anomalyd.baseline"] = baseline.metadata()
     if opts.kind == "vae":
         meta["anomalyd.vae"] = {"latent": spec.code_size(), "latent_tensor": export.find_tensor(proto, "/core/mu/")}
-    export.set_metadata(proto, meta)
     proto.producer_name = "anomalyd-train"
     proto.producer_version = __version__
     proto.doc_string = (
         f"anomalyd {opts.kind} autoencoder over {window} row(s) of {', '.join(opts.features)}; "
         "see docs/MODEL-CONTRACT.md"
     )
-    export.save(proto, opts.out)
     seconds = time.perf_counter() - started
-
-    png = None
-    if opts.plot:
-        png = plots.loss_png_path(opts.out)
-        title = f"{name}: {opts.kind}, window {window}, {len(train)} training windows"
-        plots.loss_curve(history, title, png)
     return FitResult(
-        path=opts.out, png=png, core=core, model=model, proto=proto, history=history,
+        path=opts.out, png=None, core=core, model=model, proto=proto, history=history,
         calibration=calibration, train=train, val=val, seconds=seconds, meta=meta,
     )

@@ -62,3 +62,33 @@ def loss_curve(history: list[dict], title: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def selection(candidates, chosen, title: str, path: str) -> None:
+    """`select`'s evidence: held-back reconstruction error and ROC AUC on injected anomalies
+    against the code size, one line per kind (and window), the chosen candidate starred."""
+    fig, (err_ax, auc_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    lines: dict[str, list] = {}
+    for c in candidates:
+        if c.status == "ok":
+            lines.setdefault(c.kind + (f" (window {c.window})" if c.window > 1 else ""), []).append(c)
+    for i, (label, cs) in enumerate(lines.items()):
+        cs = sorted(cs, key=lambda c: c.latent)
+        xs = [c.latent for c in cs]
+        err_ax.plot(xs, [c.val_mse for c in cs], "o-", color=f"C{i}", label=label)
+        auc_ax.errorbar(xs, [c.roc_auc for c in cs], yerr=[c.roc_auc_se for c in cs], fmt="o-", capsize=3,
+                        color=f"C{i}", label=label)
+    auc_ax.plot([chosen.latent], [chosen.roc_auc], "*", ms=16, color="k", label=f"chosen: {chosen.name}")
+    err_ax.set_ylabel("held-back reconstruction error (normal rows)")
+    err_ax.set_yscale("log")
+    auc_ax.set_ylabel("ROC AUC, injected anomalies (± 1 s.e.)")
+    for ax in (err_ax, auc_ax):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("code size (latent)")
+        ax.grid(True, which="both", alpha=0.3)
+    auc_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)

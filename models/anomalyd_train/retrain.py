@@ -121,11 +121,11 @@ def load_source(config: str, pipeline: str, environ: dict[str, str] | None = Non
     )
 
 
-def parse_since(text: str) -> float:
+def parse_duration(text: str, option: str = "--since") -> float:
     """`90s`, `30m`, `12h`, `7d`, `2w` -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not m or float(m.group(1)) <= 0:
-        raise DataError(f"--since must be a positive duration like 90s, 30m, 12h, 7d or 2w, got {text!r}")
+        raise DataError(f"{option} must be a positive duration like 90s, 30m, 12h, 7d or 2w, got {text!r}")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
@@ -399,7 +399,7 @@ def retrain(opts: RetrainOptions, log=print) -> dict:
         raise DataError(f"--records must be at least 1, got {opts.records}")
     if opts.min_records < 1:
         raise DataError(f"--min-records must be at least 1, got {opts.min_records}")
-    seconds = parse_since(opts.since or DEFAULT_SINCE) if opts.records is None else None
+    seconds = parse_duration(opts.since or DEFAULT_SINCE) if opts.records is None else None
     source = load_source(opts.config, opts.pipeline)
     if not source.model.is_file():
         raise DataError(f"the serving model {source.model} does not exist (pipelines.{source.pipeline}.model)")

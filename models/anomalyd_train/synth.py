@@ -157,26 +157,47 @@ def noisy_series(rows: int, seed: int, noise_std: float = 0.3, start: int = 0) -
     return clean, clean + noise_std * rng.standard_normal(rows)
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties counted half."""
+def auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties counted half; `weights` count each
+    sample that many times (a bootstrap replicate)."""
     scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, float)
+    _, group = np.unique(scores, return_inverse=True)
+    pos = np.bincount(group, weights=w * labels)
+    neg = np.bincount(group, weights=w * ~labels)
+    if pos.sum() == 0 or neg.sum() == 0:
         raise ValueError("AUC needs both anomalous and normal samples")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty(len(allv))
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[i : j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    r = np.empty(len(allv))
-    r[order] = ranks
-    u = r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    below = np.cumsum(neg) - neg  # negatives scoring strictly lower than each distinct score
+    return float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum()))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: the precision at each distinct
+    score threshold, from the highest down, weighted by the recall it adds."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    if not labels.any():
+        raise ValueError("average precision needs anomalous samples")
+    _, group = np.unique(-scores, return_inverse=True)  # group 0: the highest score
+    tp = np.cumsum(np.bincount(group, weights=labels.astype(float)))
+    seen = np.cumsum(np.bincount(group))
+    recall_added = np.diff(tp, prepend=0.0) / tp[-1]
+    return float((recall_added * tp / seen).sum())
+
+
+def factors(rows: int, features: int = 8, factors: int = 2, curved: bool = False, noise: float = 0.1,
+            seed: int = 0) -> np.ndarray:
+    """[rows, features] of independent rows driven by a few hidden factors z ~ N(0, 1): a random
+    linear map of them (linear structure: PCA's home ground), or with `curved` each feature a
+    sine of its own random combination of them (a curved manifold: a linear projection of any
+    size misses it), plus Gaussian noise of `noise`. The `select` tests' two kinds of data."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((rows, factors))
+    a = rng.standard_normal((factors, features))
+    if curved:
+        x = np.sin(1.5 * z @ a + rng.uniform(0, 2 * np.pi, features))
+    else:
+        x = z @ a / np.sqrt(factors)
+    return x + noise * rng.standard_normal((rows, features))
 
 
 FLEET_FEATURES = ["cpu_pct", "requests_per_s", "latency_ms", "net_out_mbps"]

@@ -42,12 +42,12 @@ def test_the_daemons_config_is_read_with_its_defaults_and_environment_overrides(
 
 
 def test_durations_and_versions():
-    assert retrain.parse_since("7d") == 7 * 86400
-    assert retrain.parse_since("90s") == 90
-    assert retrain.parse_since("1.5h") == 5400
+    assert retrain.parse_duration("7d") == 7 * 86400
+    assert retrain.parse_duration("90s") == 90
+    assert retrain.parse_duration("1.5h") == 5400
     for bad in ("7", "0d", "-1h", "7 days"):
         with pytest.raises(DataError, match="--since"):
-            retrain.parse_since(bad)
+            retrain.parse_duration(bad)
     assert [retrain.next_version(v) for v in ("1.0.0", "2.3.9", "v7", "nightly")] == ["1.0.1", "2.3.10", "v8", "nightly.1"]
 
 
