@@ -53,10 +53,10 @@ class Injected:
 
 
 def period(parts: list[np.ndarray], most: int = 2000) -> int | None:
-    """The dominant seasonal period of the series, in rows: the lag (2 or more) of the highest
-    peak of the autocorrelation, averaged over the series, of any feature, or None when no peak
-    reaches 0.3 and rises 0.2 above the lowest value before it (a slow trend's autocorrelation
-    is high at every lag, without peaks)."""
+    """The dominant seasonal period of the series, in rows: the first lag (2 or more) where the
+    autocorrelation, averaged over the series, of any feature peaks within 90 % of its highest
+    peak; None when no peak reaches 0.3 and rises 0.2 above the lowest value before it (a slow
+    trend's autocorrelation is high at every lag, without peaks)."""
     lags = min(most, max(len(p) for p in parts) // 3)
     acf, count = np.zeros((lags, parts[0].shape[1])), 0
     for p in parts:
@@ -65,18 +65,23 @@ def period(parts: list[np.ndarray], most: int = 2000) -> int | None:
         x = p - p.mean(0)
         spectrum = np.fft.rfft(x, n=2 * len(x), axis=0)
         r = np.fft.irfft(spectrum * np.conj(spectrum), axis=0)[:lags]
+        r /= (len(x) - np.arange(lags))[:, None]  # the mean product at each lag: no bias to short lags
         acf += r / np.where(r[0] > 0, r[0], 1.0)
         count += 1
     if count == 0:
         return None
     acf /= count
-    best, best_lag = MIN_PERIOD_PEAK, None
+    peaks = {}  # lag -> height, of the peaks high and prominent enough
     for k in range(2, lags - 1):
         for j in range(acf.shape[1]):
             a = acf[k, j]
-            if a >= acf[k - 1, j] and a >= acf[k + 1, j] and a > best and a - acf[1:k, j].min() >= 0.2:
-                best, best_lag = a, k
-    return best_lag
+            if a >= acf[k - 1, j] and a >= acf[k + 1, j] and a >= MIN_PERIOD_PEAK and a - acf[1:k, j].min() >= 0.2:
+                peaks[k] = max(a, peaks.get(k, a))
+    if not peaks:
+        return None
+    # A period's multiples peak about as high as the period itself: the first of the highest.
+    top = max(peaks.values())
+    return min(k for k, a in peaks.items() if a >= 0.9 * top)
 
 
 def inject(

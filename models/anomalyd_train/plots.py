@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 
 def loss_png_path(model_path: str) -> str:
@@ -82,9 +82,11 @@ def selection(candidates, chosen, title: str, path: str) -> None:
     err_ax.set_ylabel("held-back reconstruction error (normal rows)")
     err_ax.set_yscale("log")
     auc_ax.set_ylabel("ROC AUC, injected anomalies (± 1 s.e.)")
+    sizes = sorted({c.latent for c in candidates if c.status == "ok"})
     for ax in (err_ax, auc_ax):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("code size (latent)")
         ax.grid(True, which="both", alpha=0.3)
     auc_ax.legend(fontsize=8)

@@ -60,7 +60,7 @@ class SelectOptions:
     holdout: float = 0.3
     inject_share: float = 0.1
     inject_magnitude: float = 4.0
-    budget: float = 1800.0  # seconds; candidates not started once it is spent are skipped
+    budget: float = 1800.0  # seconds; once spent, the candidates not yet started are skipped (the first always runs)
     epochs: int | None = None  # None: fit's early stopping
     seed: int = 0
     threads: int = 1
@@ -231,7 +231,7 @@ def select(opts: SelectOptions) -> Selection:
     started = time.perf_counter()
     bar = tqdm(candidates, desc="select", unit="model", disable=opts.quiet, dynamic_ncols=True)
     for c in bar:
-        if time.perf_counter() - started > opts.budget:
+        if c is not candidates[0] and time.perf_counter() - started > opts.budget:
             c.status = f"skipped: --budget of {opts.budget:g} s spent"
             continue
         bar.set_postfix_str(c.name)
