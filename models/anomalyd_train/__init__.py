@@ -11,6 +11,8 @@ Modules, one concern each:
     generate   sampling synthetic normal data from a trained VAE
     contract   checks that an ONNX file follows the model contract
     synth      synthetic datasets with injected anomalies (tests, examples)
+    inject     anomalies injected into held-back normal data, for `select`
+    selection  `anomalyd-train select`: kind and code size chosen by detection on the user's data
     cli        the `anomalyd-train` command
 """
 

@@ -57,10 +57,10 @@ def period(parts: list[np.ndarray], most: int = 2000) -> int | None:
     autocorrelation, averaged over the series, of any feature peaks within 90 % of its highest
     peak; None when no peak reaches 0.3 and rises 0.2 above the lowest value before it (a slow
     trend's autocorrelation is high at every lag, without peaks)."""
-    lags = min(most, max(len(p) for p in parts) // 3)
+    lags = min(most, max(len(p) for p in parts) // 2)  # two cycles are enough to see one
     acf, count = np.zeros((lags, parts[0].shape[1])), 0
     for p in parts:
-        if len(p) < 3 * lags or lags < 4:
+        if len(p) < 2 * lags or lags < 4:
             continue
         x = p - p.mean(0)
         spectrum = np.fft.rfft(x, n=2 * len(x), axis=0)
