@@ -221,9 +221,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write a synthetic dataset",
                        description="Write a synthetic dataset of correlated sensor series (normal data), "
                        "optionally with injected, labelled anomalies (column `anomaly`).")
+    s.add_argument("--structure", choices=("sensors", "linear", "curved"), default="sensors",
+                   help="sensors (default): entities of four correlated sensors on a cycle; linear / "
+                        "curved: one series of 8 features f0..f7, independent rows driven by 2 hidden "
+                        "factors through a linear map / a curved one (the `select` tests' data)")
     s.add_argument("--rows", type=int, default=10000, help="total rows (default 10000)")
-    s.add_argument("--entities", type=int, default=10, help="number of entities, column `entity` (default 10)")
-    s.add_argument("--anomalies", type=float, default=0.0, help="share of anomalous rows (default 0)")
+    s.add_argument("--entities", type=int, default=10,
+                   help="sensors: number of entities, column `entity` (default 10)")
+    s.add_argument("--anomalies", type=float, default=0.0, help="sensors: share of anomalous rows (default 0)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, metavar="FILE.csv")
 
@@ -385,9 +390,13 @@ def _select(args) -> int:
 
 
 def _synth(args) -> int:
-    from .synth import sensors_table, write_csv
+    from .synth import factors, sensors_table, write_csv
 
-    cols, rows = sensors_table(args.rows, args.entities, args.anomalies, args.seed)
+    if args.structure == "sensors":
+        cols, rows = sensors_table(args.rows, args.entities, args.anomalies, args.seed)
+    else:
+        x = factors(args.rows, curved=args.structure == "curved", seed=args.seed)
+        cols, rows = [f"f{i}" for i in range(x.shape[1])], [[repr(float(v)) for v in r] for r in x]
     write_csv(args.out, cols, rows)
     print(f"wrote {args.out}: {len(rows)} rows, columns {','.join(cols)}")
     return 0

@@ -24,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_every_command_and_kind():
     top = run_cli("--help")
     assert top.returncode == 0
-    for command in ("fit", "generate", "check", "synth"):
+    for command in ("fit", "generate", "check", "synth", "select"):
         assert command in top.stdout
     fit_help = run_cli("fit", "--help").stdout
     for kind in KINDS:
