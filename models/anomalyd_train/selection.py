@@ -138,9 +138,10 @@ class HeldBack:
     injected: list[np.ndarray]  # every copy's series, copy after copy
     rows: list[np.ndarray]  # per injected series: the rows scored
     labels: np.ndarray  # over the scored rows of all injected series, in order
+    unit: np.ndarray  # the bootstrap unit of each scored row
+    replicates: np.ndarray  # [BOOTSTRAP, units]: how often each replicate draws each unit
     events: list[inject.Event]
     season: int | None
-    replicates: list[np.ndarray]  # bootstrap weights over the scored rows
 
     @staticmethod
     def build(held: list[np.ndarray], train: list[np.ndarray], longest: int, opts: SelectOptions) -> "HeldBack":
@@ -177,15 +178,13 @@ class HeldBack:
             )
         rng = np.random.default_rng(opts.seed)
         pos_units, neg_units = np.unique(unit[labels]), np.unique(unit[~labels])
-        replicates = []
-        for _ in range(BOOTSTRAP):
-            counts = np.zeros(block_base[-1] + events)
+        replicates = np.zeros((BOOTSTRAP, block_base[-1] + events), np.float32)
+        for counts in replicates:
             np.add.at(counts, rng.choice(pos_units, len(pos_units)), 1)
             np.add.at(counts, rng.choice(neg_units, len(neg_units)), 1)
-            replicates.append(counts[unit])
         clean_rows = [np.arange(longest - 1, len(h)) for h in held]
         all_events = [e for copy in copies for e in copy.events]
-        return HeldBack(held, clean_rows, series, rows, labels, all_events, season, replicates)
+        return HeldBack(held, clean_rows, series, rows, labels, unit, replicates, all_events, season)
 
     @staticmethod
     def scores(sess, window: int, series: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
@@ -201,7 +200,7 @@ class HeldBack:
         scores = self.scores(sess, c.window, self.injected, self.rows)
         c.val_mse = float(self.scores(sess, c.window, self.clean, self.clean_rows).mean())
         c.roc_auc = auc(scores, self.labels)
-        c.roc_auc_se = float(np.std([auc(scores, self.labels, w) for w in self.replicates]))
+        c.roc_auc_se = float(np.std([auc(scores, self.labels, counts[self.unit]) for counts in self.replicates]))
         c.pr_auc = average_precision(scores, self.labels)
 
 
@@ -225,8 +224,8 @@ def select(opts: SelectOptions) -> Selection:
     cut = [len(s) - round(len(s) * opts.holdout) for s in parts]
     train = [s[:n] for s, n in zip(parts, cut)]
     held = HeldBack.build([s[n:] for s, n in zip(parts, cut)], train, longest, opts)
-    source = {"sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data),
-              "selection_part": f"first {1 - opts.holdout:.0%} of each series"}
+    source = {"sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data)}
+    model = os.path.join(opts.out, "model.onnx")
 
     started = time.perf_counter()
     bar = tqdm(candidates, desc="select", unit="model", disable=opts.quiet, dynamic_ncols=True)
@@ -237,7 +236,7 @@ def select(opts: SelectOptions) -> Selection:
         bar.set_postfix_str(c.name)
         t0 = time.perf_counter()
         try:
-            res = fit_series(_options(opts, c, os.path.join(opts.out, "candidate.onnx"), 1), train, source)
+            res = fit_series(_options(opts, c, model, calibration_folds=1), train, source)
         except (data.DataError, ValueError) as e:
             c.status = f"failed: {e}"
             continue
@@ -255,10 +254,9 @@ def select(opts: SelectOptions) -> Selection:
         "events": dict(Counter(e.shape for e in held.events)),
     }
     # The winner, refitted on all the data (training and held-back parts) like `fit` would.
-    model = os.path.join(opts.out, "model.onnx")
     stem = os.path.splitext(os.path.basename(opts.data))[0]
     final_opts = _options(opts, chosen, model, FitOptions.calibration_folds, name=f"{stem}-{chosen.kind}")
-    final = fit_series(final_opts, parts, {k: v for k, v in source.items() if k != "selection_part"})
+    final = fit_series(final_opts, parts, source)
     final.meta["anomalyd.selection"] = {
         "rule": RULE, "chosen": chosen.name, "holdout": opts.holdout, "injected": injected,
         "candidates": [_row(c) for c in candidates],
