@@ -3,6 +3,7 @@
 # the tests need, caching each piece, then runs every check and test:
 #   - the tansu Kafka broker (cargo install, cached in ~/.cargo/bin; ~17 minutes the first time),
 #   - the Python training toolkit in a venv under target/venv (scripts/python-env.sh),
+#   - podman and local base images for the container image test (scripts/container-tools.sh),
 #   - formatting and clippy, the Rust unit and integration tests, the Python tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,6 +26,7 @@ fi
 log "Python environment"
 venv="$(scripts/python-env.sh | tail -1)"
 scripts/deploy-tools.sh # Prometheus, Alertmanager, kubectl, kubernetes-validate, hadolint: tests/deploy.rs
+scripts/container-tools.sh # podman and local base images: the container image test in tests/deploy.rs
 export ANOMALYD_REQUIRE_TOOLS=1
 
 if [[ -n "$tansu_pid" ]]; then
@@ -47,6 +49,8 @@ cargo clippy --all-targets --locked -- -D warnings
 
 log "cargo build"
 cargo build --all-targets --locked
+# The container image test puts the release binary in the image users get.
+cargo build --release --locked --bin anomalyd
 export ANOMALYD_BIN="$root/target/debug/anomalyd"
 
 log "Rust tests"

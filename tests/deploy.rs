@@ -30,6 +30,9 @@ use serde_json::Value;
 
 #[path = "common/ports.rs"]
 mod ports;
+#[path = "common/tansu.rs"]
+#[allow(dead_code)]
+mod tansu;
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -1270,7 +1273,10 @@ fn dockerfile_passes_hadolint_and_copies_what_exists() {
     // BINARY_FROM names, and both candidates lay the files out alike.
     let stages: Vec<&str> = text_.split("\nFROM ").skip(1).collect();
     assert!(stages.len() >= 2, "not a multi-stage build");
-    assert!(stages.last().unwrap().contains("COPY --from=binary /out/ /"));
+    assert!(stages
+        .last()
+        .unwrap()
+        .contains("COPY --from=binary /out/ /"));
     for stage in ["build", "prebuilt"] {
         let body = stages
             .iter()
@@ -1305,6 +1311,308 @@ fn the_toolkits_dockerfile_passes_hadolint_and_ships_the_entry_point_and_models(
     assert!(
         text_.contains("/usr/local/share/anomalyd/models/"),
         "{text_}"
+    );
+}
+
+// ---- the container image ------------------------------------------------------------------------
+
+/// podman configured by scripts/container-tools.sh (state under target/podman, local bases).
+struct Podman {
+    bin: PathBuf,
+    state: PathBuf,
+}
+
+impl Podman {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("CONTAINERS_CONF", self.state.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.state.join("storage.conf"))
+            .env("TMPDIR", self.state.join("tmp"));
+        c
+    }
+
+    /// The local base images the script made: (BUILD_BASE, RUNTIME_BASE).
+    fn bases(&self) -> (String, String) {
+        let env = read(&self.state.join("bases.env"));
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("no {k} in bases.env"))
+                .to_string()
+        };
+        (get("BUILD_BASE"), get("RUNTIME_BASE"))
+    }
+}
+
+/// The image users get, built from deploy/Dockerfile with its runtime stage as is: only the base
+/// images are local look-alikes made of Debian's packages (no registry is reachable here) and
+/// the binary is the release build of this checkout (no Rust toolchain image either). Then run
+/// the way the Kubernetes manifests run it: their user, read-only root, dropped capabilities,
+/// volumes, arguments and configuration, against a real broker (tansu) on the host.
+#[test]
+fn the_container_image_builds_and_runs_as_the_kubernetes_manifests_expect() {
+    let release = repo().join("target/release/anomalyd");
+    let state = repo().join("target/podman");
+    let (Some(t), Some(k)) = (
+        tools(
+            "container image",
+            &[
+                "podman",
+                state.join("bases.env").to_str().unwrap(),
+                release.to_str().unwrap(),
+            ],
+        ),
+        kubernetes_tools("container image"),
+    ) else {
+        return;
+    };
+    let Some(broker) = tansu::Tansu::start() else {
+        return;
+    };
+    let podman = Podman {
+        bin: t[0].clone(),
+        state,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    const IMAGE: &str = "localhost/anomalyd:test";
+
+    // Build.
+    let (build_base, runtime_base) = podman.bases();
+    let started = Instant::now();
+    ok(podman
+        .cmd()
+        .args(["build", "--pull=never", "--network=none", "-f"])
+        .arg(deploy("Dockerfile"))
+        .args(["--build-arg", "BINARY_FROM=prebuilt"])
+        .arg(format!("--build-arg=BUILD_BASE={build_base}"))
+        .arg(format!("--build-arg=RUNTIME_BASE={runtime_base}"))
+        .args(["-t", IMAGE])
+        .arg(repo()));
+    let built = started.elapsed();
+    let inspect: Value =
+        serde_json::from_str(&ok(podman.cmd().args(["image", "inspect", IMAGE]))).unwrap();
+    let image = &inspect[0];
+    let size = image["Size"].as_u64().unwrap();
+    eprintln!(
+        "container image: built in {:.1} s, {:.1} MB",
+        built.as_secs_f64(),
+        size as f64 / 1e6
+    );
+    assert!(size < 100_000_000, "the image is {size} bytes, over 100 MB");
+    let config = &image["Config"];
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/anomalyd"])
+    );
+    let env: Vec<&str> = config["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let config_path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("ANOMALYD_CONFIG="))
+        .expect("the image sets ANOMALYD_CONFIG");
+
+    // What the manifests ask of it.
+    let objects = render_and_validate(&k, "k8s", d);
+    let deployment = of_kind(&objects, "Deployment");
+    let configmap = of_kind(&objects, "ConfigMap");
+    let spec = &deployment["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    let pod_sc = &spec["securityContext"];
+    let user = format!("{}:{}", pod_sc["runAsUser"], pod_sc["runAsGroup"]);
+    assert_eq!(
+        config["User"],
+        user.as_str(),
+        "the image's user is not the pod's"
+    );
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert!(
+        config["ExposedPorts"].get(format!("{port}/tcp")).is_some(),
+        "the image does not expose {port}: {}",
+        config["ExposedPorts"]
+    );
+    let toml = configmap["data"]["anomalyd.toml"].as_str().unwrap();
+    assert!(
+        toml.contains(&format!("listen = \"0.0.0.0:{port}\"")),
+        "the configuration does not listen on the container's port {port}"
+    );
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--config" && w[1] == config_path),
+        "the container's arguments {args:?} do not name the image's {config_path}"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    // The volumes: the ConfigMap's files in a directory mounted read-only; the others (emptyDir)
+    // as tmpfs; nothing else is writable.
+    let mut run_flags: Vec<String> = [
+        "run",
+        "--rm",
+        "--pull=never",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+    ]
+    .map(String::from)
+    .to_vec();
+    run_flags.push(format!("--user={user}"));
+    let config_dir = d.join("configmap");
+    std::fs::create_dir(&config_dir).unwrap();
+    for (file, content) in configmap["data"].as_object().unwrap() {
+        std::fs::write(config_dir.join(file), content.as_str().unwrap()).unwrap();
+    }
+    for m in c["volumeMounts"].as_array().unwrap() {
+        let path = m["mountPath"].as_str().unwrap();
+        let volume = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap();
+        if volume["configMap"].is_object() {
+            run_flags.push(format!("--volume={}:{path}:ro", config_dir.display()));
+        } else {
+            assert!(volume["emptyDir"].is_object(), "volume {volume}");
+            run_flags.push(format!("--tmpfs={path}"));
+        }
+    }
+    // podman's flags (the manifest's, then `extra`), the image, its arguments.
+    let podman_run = |extra: &[String], args: &[&str]| {
+        let mut cmd = podman.cmd();
+        cmd.args(&run_flags).args(extra).arg(IMAGE).args(args);
+        cmd
+    };
+    let offline = ["--network=none".to_string()];
+
+    // Containers removed however the test ends (killing `podman run` would leave them running).
+    let name = format!("anomalyd-test-{}", std::process::id());
+    let demo_name = format!("{name}-demo");
+    struct Removed<'a>(&'a Podman, [&'a str; 2]);
+    impl Drop for Removed<'_> {
+        fn drop(&mut self) {
+            let mut rm = self.0.cmd();
+            let _ = rm
+                .args(["rm", "--force", "--time", "0"])
+                .args(self.1)
+                .output();
+        }
+    }
+    let _removed = Removed(&podman, [&name, &demo_name]);
+
+    // The binary, the configurations, the demo; no network at all.
+    let version = ok(Command::new(anomalyd_bin()).arg("--version"));
+    assert_eq!(ok(&mut podman_run(&offline, &["--version"])), version);
+    let example = "/usr/local/share/anomalyd/examples/anomalyd.toml";
+    for path in [config_path, example] {
+        let checked = ok(&mut podman_run(&offline, &["check", "--config", path]));
+        assert!(checked.contains(": valid"), "{checked}");
+    }
+    let demo = ok(&mut podman_run(
+        &offline,
+        &["demo", "--hosts", "4", "--ticks", "400", "--rate", "0"],
+    ));
+    assert!(
+        demo.lines()
+            .last()
+            .unwrap_or("")
+            .starts_with("incidents caught "),
+        "{demo}"
+    );
+    // `docker stop` (SIGTERM to PID 1, which has no default signal actions) ends the demo at
+    // once, not with the SIGKILL at the end of the stop timeout.
+    let mut demo = Proc::spawn(
+        "demo-container",
+        &mut podman_run(
+            &[offline[0].clone(), format!("--name={demo_name}")],
+            &["demo", "--listen", "127.0.0.1:0"],
+        ),
+        d,
+    );
+    demo.logged_port("metrics:");
+    ok(podman.cmd().args(["stop", "--time", "60", &demo_name]));
+    let exit = demo.child.wait().unwrap();
+    assert_eq!(
+        exit.code(),
+        Some(143),
+        "the demo's exit on SIGTERM\n{}",
+        demo.tail()
+    );
+
+    // `run` with the manifest's arguments, against tansu on the host (host network). The
+    // broker's address, reading from the start and an ephemeral HTTP port are the only settings
+    // changed, by environment as the configuration suggests.
+    for (topic, partitions) in [
+        ("metrics", 3),
+        ("anomalyd-alerts", 1),
+        ("anomalyd-dead-letters", 1),
+    ] {
+        broker.create_topic(topic, partitions);
+    }
+    let extra = [
+        "--network=host".to_string(),
+        format!("--name={name}"),
+        format!("--env=ANOMALYD__KAFKA__BROKERS={}", broker.bootstrap),
+        "--env=ANOMALYD__KAFKA__AUTO_OFFSET_RESET=earliest".into(),
+        "--env=ANOMALYD__HTTP__LISTEN=127.0.0.1:0".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Proc::spawn("anomalyd-container", &mut podman_run(&extra, &args), d);
+    let http = daemon.logged_port("Serving /metrics");
+    let pid = ok(podman
+        .cmd()
+        .args(["inspect", "--format", "{{.State.Pid}}", &name]));
+    let status = read(Path::new(&format!("/proc/{}/status", pid.trim())));
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().skip(1).all(|id| id == "65532"),
+        "the daemon does not run as 65532: {uid}"
+    );
+    for path in ["/healthz", "/readyz"] {
+        wait_for(
+            &format!("{path} answering 200"),
+            Duration::from_secs(60),
+            || matches!(http_get(http, path), Ok((200, _))).then_some(()),
+            || daemon.tail(),
+        );
+    }
+    produce_fleet(&broker.bootstrap, "metrics");
+    let scored = wait_for(
+        "records scored in the container",
+        Duration::from_secs(120),
+        || {
+            let (_, body) = http_get(http, "/metrics").ok()?;
+            body.lines()
+                .find(|l| {
+                    l.starts_with("anomalyd_records_total{") && l.contains("outcome=\"scored\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .filter(|n| *n >= 1000.0)
+        },
+        || daemon.tail(),
+    );
+    eprintln!("container image: {scored} records scored by the container");
+
+    // SIGTERM to the container's PID 1: the daemon drains and exits 0 (Kubernetes' stop).
+    ok(podman.cmd().args(["stop", "--time", "30", &name]));
+    let exit = daemon.child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "the container exited with {exit}\n{}",
+        daemon.tail()
     );
 }
 

@@ -102,8 +102,18 @@ pub fn main(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     crate::log::init(crate::log::LogFormat::Text, &args.log_level);
     let rt = crate::daemon::runtime()?;
-    rt.block_on(run(args))?;
-    Ok(std::process::ExitCode::SUCCESS)
+    rt.block_on(async {
+        // A container's PID 1 gets no default action for signals: without handlers, Ctrl-C
+        // (`docker run -it … demo`) and `docker stop` would be ignored. Exit as if killed by them.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            report = run(args) => report.map(|_| std::process::ExitCode::SUCCESS),
+            _ = term.recv() => Ok(std::process::ExitCode::from(128 + 15)),
+            _ = int.recv() => Ok(std::process::ExitCode::from(128 + 2)),
+        }
+    })
 }
 
 /// Writes `hosts × ticks` rows of normal data (CSV: host, ts, the four metrics).
