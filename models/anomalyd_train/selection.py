@@ -151,11 +151,14 @@ class HeldBack:
         # The bootstrap's units: each injected anomaly, and each block of `gap` rows of a series
         # (the same block in every copy: its normal rows are the same rows).
         block_base = np.cumsum([0] + [-(-len(h) // gap) for h in held])
-        copies = [inject.inject(held, spread, mean, seed=opts.seed, share=opts.inject_share,
-                                magnitude=opts.inject_magnitude, gap=gap, season=season)]
+
+        def injected(copy: int) -> inject.Injected:
+            return inject.inject(held, spread, mean, seed=opts.seed + 1000 * copy, share=opts.inject_share,
+                                 magnitude=opts.inject_magnitude, gap=gap, season=season)
+
+        copies = [injected(0)]
         wanted = min(MAX_COPIES, -(-MIN_EVENTS // max(1, len(copies[0].events))))
-        copies += [inject.inject(held, spread, mean, seed=opts.seed + 1000 * c, share=opts.inject_share,
-                                 magnitude=opts.inject_magnitude, gap=gap, season=season) for c in range(1, wanted)]
+        copies += [injected(c) for c in range(1, wanted)]
         series, rows, labels, units, events = [], [], [], [], 0
         for copy in copies:
             for i, (s, lab) in enumerate(zip(copy.series, copy.labels)):
