@@ -92,9 +92,6 @@ pub enum ThresholdState {
         peaks: Vec<f64>,
         n: u64,
         n_peaks: u64,
-        /// The fit it judges by until its next refit (absent from older snapshots).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fit: Option<evt::SpotFit>,
     },
     Dspot {
         spot: Box<ThresholdState>,

@@ -349,19 +349,6 @@ pub fn excesses(sorted: &[f64], level: f64) -> (f64, Vec<f64>) {
     )
 }
 
-/// The tail fit a SPOT key judges by between refits, in its snapshot so that a restored key
-/// judges exactly as the one it was taken from.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SpotFit {
-    pub gamma: f64,
-    pub sigma: f64,
-    pub root: Option<f64>,
-    pub z: f64,
-    pub z_far: f64,
-    pub since_fit: usize,
-    pub refined: usize,
-}
-
 /// SPOT's state for one key (DSPOT adds the local level around it).
 #[derive(Debug, Clone)]
 pub struct Spot {
@@ -383,21 +370,7 @@ pub struct Spot {
     refined: usize,
     /// The root of Grimshaw's equation of the last fit, if it had one.
     root: Option<f64>,
-    /// Peaks since the last fit ([`REFIT_EVERY`]).
-    since_fit: usize,
-    /// The largest excess in the window: a change of it refits at once.
-    largest: f64,
 }
-
-/// A full window's tail is refitted every this many peaks, and at once on a peak that is flagged
-/// or that changes the window's largest excess (a new largest, or the largest leaving), which
-/// is what moves a high quantile's estimate most. Refitting on every peak cost ~1.8 µs per
-/// score on a stationary stream, 12 µs on a sustained shift where every score is a peak; the
-/// false-alarm rates of `tests/evt_statistics.rs` are the same either way (docs/NOTES.md).
-const REFIT_EVERY: usize = 16;
-
-/// While the window holds fewer peaks than this, every peak refits (the fit changes most then).
-const REFIT_ALWAYS_BELOW: usize = 32;
 
 /// Once a key's peaks window is full, the tail is fitted in full (every root of Grimshaw's
 /// equation searched) every this many fits, in case another root than the one followed has
@@ -435,16 +408,12 @@ impl Spot {
             // Searched in full first.
             refined: FULL_FIT_EVERY,
             root: None,
-            since_fit: 0,
-            largest: 0.0,
         };
         spot.refit();
         spot
     }
 
     fn refit(&mut self) {
-        self.since_fit = 0;
-        self.largest = self.peaks.iter().fold(0.0, |m: f64, &y| m.max(y));
         if self.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
             self.z_far = f64::INFINITY;
@@ -499,23 +468,12 @@ impl Spot {
         self.n += 1;
         if x > self.t {
             self.n_peaks += 1;
-            let y = x - self.t;
             let peaks = Arc::make_mut(&mut self.peaks);
-            let evicted = if peaks.len() == self.max_peaks {
-                peaks.pop_front()
-            } else {
-                None
-            };
-            peaks.push_back(y);
-            self.since_fit += 1;
-            if verdict.is_anomaly
-                || y > self.largest
-                || evicted == Some(self.largest)
-                || self.since_fit >= REFIT_EVERY
-                || peaks.len() < REFIT_ALWAYS_BELOW
-            {
-                self.refit();
+            if peaks.len() == self.max_peaks {
+                peaks.pop_front();
             }
+            peaks.push_back(x - self.t);
+            self.refit();
         }
         verdict
     }
@@ -545,26 +503,6 @@ impl Threshold for Spot {
             peaks: self.peaks.iter().copied().collect(),
             n: self.n,
             n_peaks: self.n_peaks,
-            // JSON has no infinity: without a finite fit (no peaks yet) the restore refits, to
-            // the same result.
-            fit: [
-                self.gpd.gamma,
-                self.gpd.sigma,
-                self.z,
-                self.z_far,
-                self.root.unwrap_or(0.0),
-            ]
-            .iter()
-            .all(|v| v.is_finite())
-            .then_some(SpotFit {
-                gamma: self.gpd.gamma,
-                sigma: self.gpd.sigma,
-                root: self.root,
-                z: self.z,
-                z_far: self.z_far,
-                since_fit: self.since_fit,
-                refined: self.refined,
-            }),
         }
     }
     fn restore(&mut self, state: &ThresholdState) -> bool {
@@ -573,7 +511,6 @@ impl Threshold for Spot {
             peaks,
             n,
             n_peaks,
-            fit,
         } = state
         else {
             return false;
@@ -584,16 +521,6 @@ impl Threshold for Spot {
         (self.n, self.n_peaks) = (*n, *n_peaks);
         self.refined = FULL_FIT_EVERY;
         self.refit();
-        // The fit it judged by, if the snapshot has it: then it judges exactly as the original
-        // until its next refit (a snapshot of an older version refits now).
-        if let (Some(f), 0) = (fit, keep) {
-            self.gpd = Gpd {
-                gamma: f.gamma,
-                sigma: f.sigma,
-            };
-            (self.root, self.z, self.z_far) = (f.root, f.z, f.z_far);
-            (self.since_fit, self.refined) = (f.since_fit, f.refined);
-        }
         true
     }
 }
@@ -827,44 +754,5 @@ mod tests {
         assert!(Arc::ptr_eq(&key.peaks, &template.peaks));
         key.judge(0.985);
         assert!(!Arc::ptr_eq(&key.peaks, &template.peaks));
-    }
-
-    /// Between refits a key judges by a fit some peaks old; its snapshot carries that fit, so a
-    /// key restored from it (through JSON, as the state topic stores it) judges exactly alike.
-    /// A snapshot without the fit (an older version's) still restores, refitting.
-    #[test]
-    fn a_restored_key_judges_by_the_fit_of_the_key_it_was_taken_from() {
-        let scores = exponential(3, 5000);
-        let mut key = Spot::calibrate(&SpotConfig::default(), &scores);
-        let mut stream = exponential(4, 20_000).into_iter();
-        // Stop mid-cycle: peaks taken since the last refit.
-        while key.since_fit == 0 || key.peaks.len() < REFIT_ALWAYS_BELOW {
-            key.judge(stream.next().unwrap());
-        }
-        let json = serde_json::to_string(&key.snapshot()).unwrap();
-        let state: ThresholdState = serde_json::from_str(&json).unwrap();
-        let mut restored = Spot::calibrate(&SpotConfig::default(), &scores);
-        assert!(restored.restore(&state));
-        for x in stream.take(5000) {
-            let (a, b) = (key.judge(x), restored.judge(x));
-            assert_eq!(a.threshold.to_bits(), b.threshold.to_bits());
-            assert_eq!(a.is_anomaly, b.is_anomaly);
-        }
-
-        let ThresholdState::Spot {
-            t,
-            peaks,
-            n,
-            n_peaks,
-            ..
-        } = key.snapshot()
-        else {
-            unreachable!()
-        };
-        let old = serde_json::json!({"method": "spot", "t": t, "peaks": peaks, "n": n, "n_peaks": n_peaks});
-        let old: ThresholdState = serde_json::from_value(old).unwrap();
-        let mut refitted = Spot::calibrate(&SpotConfig::default(), &scores);
-        assert!(refitted.restore(&old));
-        assert!(refitted.threshold().is_finite());
     }
 }
