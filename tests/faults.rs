@@ -209,7 +209,9 @@ async fn a_failing_output_pauses_consumption_instead_of_piling_up_deliveries() {
     let m = daemon.metrics.clone();
     let in_flight = || m.deliveries_in_flight.with_label_values(&["fleet"]).get() as u64;
     assert!(
-        wait_for(Duration::from_secs(60), || in_flight() >= BOUND).await,
+        // A bound on failure, not a pace: on a loaded 2-core machine (CI beside other builds)
+        // 60 s reached only 8,665.
+        wait_for(Duration::from_secs(300), || in_flight() >= BOUND).await,
         "deliveries in flight reached only {}",
         in_flight()
     );
@@ -456,7 +458,7 @@ async fn a_daemon_paused_by_a_failing_output_still_shuts_down() {
     let daemon = Daemon::start(cfg, shutdown.clone()).await.unwrap();
     let m = daemon.metrics.clone();
     assert!(
-        wait_for(Duration::from_secs(60), || {
+        wait_for(Duration::from_secs(300), || {
             m.deliveries_in_flight.with_label_values(&["fleet"]).get() >= 10_000
         })
         .await
