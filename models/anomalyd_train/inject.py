@@ -15,8 +15,8 @@ every unit and scale:
 | `phase_shift` | 8 to 24 | its values a quarter of the data's period later: its own seasonal      |
 |               |         | shape, out of step with the other features                             |
 
-`phase_shift` needs a period: the lag of the highest autocorrelation peak (at least 0.3) found
-in the training part. Data with no such seasonality gets the other four shapes only.
+`phase_shift` needs a period, found in the training part by `period` (autocorrelation peaks).
+Data with no such seasonality gets the other four shapes only.
 
 Segments are spread at random over every series, at least `gap` rows apart and `gap` rows from a
 series' start, until `share` of the rows are labelled, and the shapes take turns (a seeded
@@ -49,7 +49,6 @@ class Injected:
     series: list[np.ndarray]  # each [rows, F], the anomalies applied
     labels: list[np.ndarray]  # each [rows] bool: the rows of an event
     events: list[Event]
-    period: int | None  # the seasonal period used by phase_shift (None: not injected)
 
 
 def period(parts: list[np.ndarray], most: int = 2000) -> int | None:
@@ -122,8 +121,8 @@ def inject(
         start = int(rng.integers(gap, n - rows - gap))
         if not free[i][start : start + rows + gap].all():
             continue
-        lag = max(1, (season or 0) // 4)
         if shape == "phase_shift":  # a quarter period later, or earlier where the series ends too soon
+            lag = max(1, season // 4)
             lag = lag if start + rows + lag <= n else -lag
             if start + lag < 0:
                 continue
@@ -146,4 +145,4 @@ def inject(
         free[i][max(0, start - gap) : start + rows + gap] = False
         labelled += rows
         events.append(Event(series=i, start=start, rows=rows, shape=shape, feature=j))
-    return Injected(series=out, labels=labels, events=events, period=season)
+    return Injected(series=out, labels=labels, events=events)

@@ -92,7 +92,6 @@ class Selection:
     model: str
     table: str
     plot: str
-    injected: dict
 
 
 def _cost(kind: str) -> int:
@@ -274,7 +273,7 @@ def select(opts: SelectOptions) -> Selection:
     plot_path = os.path.join(opts.out, "selection.png")
     plots.selection(candidates, chosen, f"{stem}: {len(opts.features)} features, {held.labels.sum()} injected "
                     f"anomalous rows of {len(held.labels)}", plot_path)
-    return Selection(chosen, candidates, model, table_path, plot_path, injected)
+    return Selection(chosen, candidates, model, table_path, plot_path)
 
 
 def _row(c: Candidate) -> dict:
