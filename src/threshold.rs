@@ -92,6 +92,9 @@ pub enum ThresholdState {
         peaks: Vec<f64>,
         n: u64,
         n_peaks: u64,
+        /// The fit it judges by (absent from older snapshots, which refit on restore).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fit: Option<evt::SpotFit>,
     },
     Dspot {
         spot: Box<ThresholdState>,
