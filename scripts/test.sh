@@ -49,8 +49,6 @@ cargo clippy --all-targets --locked -- -D warnings
 
 log "cargo build"
 cargo build --all-targets --locked
-# The container image test puts the release binary in the image users get.
-cargo build --release --locked --bin anomalyd
 export ANOMALYD_BIN="$root/target/debug/anomalyd"
 
 log "Rust tests"
