@@ -365,7 +365,6 @@ pub struct SpotFit {
     pub n_peaks: u64,
     pub refined: usize,
     pub run: usize,
-    pub stale: bool,
 }
 
 /// SPOT's state for one key (DSPOT adds the local level around it).
@@ -389,12 +388,11 @@ pub struct Spot {
     refined: usize,
     /// The root of Grimshaw's equation of the last fit, if it had one.
     root: Option<f64>,
-    /// `n` and `n_peaks` at the last fit.
+    /// `n` and `n_peaks` at the last fit: peaks learned since (inside a run, see
+    /// [`Spot::judge`]) make `n_peaks` differ.
     fitted: (u64, u64),
     /// Consecutive peaks learned, the last one included (0 after a score below `t`).
     run: usize,
-    /// Peaks were learned since the last fit (inside a run, see [`Spot::judge`]).
-    stale: bool,
 }
 
 /// A run of consecutive peaks longer than [`RUN_REFIT_ALL`] is a sustained shift: from there on
@@ -448,14 +446,13 @@ impl Spot {
             root: None,
             fitted: (0, 0),
             run: 0,
-            stale: false,
         };
         spot.refit();
         spot
     }
 
     fn refit(&mut self) {
-        self.stale = false;
+        self.fitted = (self.n, self.n_peaks);
         if self.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
             self.z_far = f64::INFINITY;
@@ -479,8 +476,12 @@ impl Spot {
             }
         };
         (self.gpd, self.root) = (gpd, root);
-        self.fitted = (self.n, self.n_peaks);
         self.derive_thresholds();
+    }
+
+    /// Peaks were learned since the last fit.
+    fn stale(&self) -> bool {
+        self.n_peaks != self.fitted.1
     }
 
     /// `z` and `z_far` from the fit and the weight of its tail.
@@ -527,12 +528,10 @@ impl Spot {
             self.run += 1;
             if self.run <= RUN_REFIT_ALL || self.run.is_multiple_of(RUN_REFIT_EVERY) {
                 self.refit();
-            } else {
-                self.stale = true;
             }
         } else {
             self.run = 0;
-            if self.stale {
+            if self.stale() {
                 self.refit();
             }
         }
@@ -577,7 +576,6 @@ impl Threshold for Spot {
                     n_peaks: self.fitted.1,
                     refined: self.refined,
                     run: self.run,
-                    stale: self.stale,
                 }),
         }
     }
@@ -604,7 +602,7 @@ impl Threshold for Spot {
                     sigma: f.sigma,
                 };
                 (self.root, self.fitted) = (f.root, (f.n, f.n_peaks));
-                (self.refined, self.run, self.stale) = (f.refined, f.run, f.stale);
+                (self.refined, self.run) = (f.refined, f.run);
                 self.derive_thresholds();
             }
             // An older version's snapshot, or a smaller window now: fit it afresh.
@@ -860,11 +858,11 @@ mod tests {
             moves.len() >= (1000 - RUN_REFIT_ALL) / RUN_REFIT_EVERY,
             "the tail followed: {moves:?}"
         );
-        assert!(key.stale, "the run's last 8 peaks are not fitted yet");
+        assert!(key.stale(), "the run's last 8 peaks are not fitted yet");
         let before = key.threshold();
         key.judge(0.0);
         assert!(
-            !key.stale && key.threshold() != before,
+            !key.stale() && key.threshold() != before,
             "the run's end refits"
         );
         let before = key.threshold();
@@ -882,7 +880,7 @@ mod tests {
         for i in 0..203 {
             key.judge(shifted(i));
         }
-        assert!(key.stale);
+        assert!(key.stale());
         let json = serde_json::to_string(&key.snapshot()).unwrap();
         let state: ThresholdState = serde_json::from_str(&json).unwrap();
         let mut restored = template.clone();
