@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod recurrent;
+
 use crate::baseline::Baseline;
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
@@ -171,7 +173,8 @@ impl Model {
             path: path.to_path_buf(),
             reason,
         };
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
+        recurrent::register(&mut onnx);
         let proto: ModelProto = onnx.proto_model_for_read(&mut &*bytes).map_err(onnx_err)?;
         let meta: BTreeMap<&str, &str> = proto
             .metadata_props
