@@ -393,10 +393,10 @@ class Recurrent(Core):
     With `unroll`, the exported recurrence is written out over the window: the input projection
     of every step is one matrix product, then each step is a [B, H] x [H, G*H] product and
     element-wise gates. The window is fixed at export, so this is the same function as the
-    LSTM / GRU operator, which tract runs as a `Scan` loop (3.7x slower than onnxruntime on the
-    demo model at batch 256, BENCHMARKS.md). Measured on the demo model it is 1.3x faster than the loop at
-    batch 256 but 2x slower at batch 1 (per-node overhead of ~900 nodes), so it is not the
-    default yet (NOTES.md). Training always uses PyTorch's fused cells.
+    LSTM / GRU operator. The daemon runs that operator as one whole-sequence op (its own
+    `LstmSeq` for LSTM, tract's `GruSeq` for GRU), which is 3x faster than this unrolled graph
+    at batch 256 and 4x at batch 1 (~900 nodes of per-node overhead), so the unrolled export is
+    kept only as a parity canary (NOTES.md). Training always uses PyTorch's fused cells.
     """
 
     def __init__(self, spec: Spec):
