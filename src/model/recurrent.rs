@@ -1,25 +1,22 @@
-//! The ONNX `LSTM` operator run as one whole-sequence op instead of tract's `Scan` loop.
+//! The ONNX `LSTM` and `GRU` operators run as one whole-sequence op each.
 //!
 //! tract 0.23.9 lowers an ONNX `LSTM` to a `Scan` whose body (a matrix product and a fused
-//! epilogue) is dispatched as graph nodes once per timestep; on the demo-lstm that cost 3.5× the
-//! time onnxruntime takes for the same file (docs/BENCHMARKS.md, issue 13). Its GRU already gets a
-//! whole-sequence op (`GruSeq`); the LSTM does not, because the generic fusion hook excludes a
-//! cell state. This module gives the LSTM the same treatment from outside tract: the importer's
-//! `LSTM` is replaced by an expansion that wires [`LstmSeq`] when the node is the plain forward
-//! LSTM every recurrent model of the toolkit exports (constant weights, default activations, no
-//! initial state other than zeros, peepholes or sequence lengths), and tract's own lowering otherwise. The model
-//! contract is untouched: the file is standard ONNX, and the parity tests hold this op to PyTorch
-//! and onnxruntime like every other.
-//!
-//! The op takes the input-side product of every step in one matrix product, then per step one
-//! `[batch, hidden] × [hidden, 4·hidden]` product accumulated onto it and the cell's element-wise
-//! update, with tract's vectorised sigmoid and tanh.
+//! epilogue) is dispatched as graph nodes once per timestep: on the demo-lstm, 3.5× the time
+//! onnxruntime takes for the same file (docs/BENCHMARKS.md, issue 13). Its `GRU` gets a
+//! whole-sequence op (`GruSeq`), but row-major, and it packs the recurrent weights again in every
+//! fresh plan state, which the daemon makes per call. Here the importer's `LSTM` and `GRU` are
+//! replaced by an expansion that wires [`RecurrentSeq`] when the node is the plain forward cell
+//! every recurrent model of the toolkit exports (constant weights, default activations, a zero or
+//! absent initial state, no peepholes or sequence lengths; for GRU `linear_before_reset`, as
+//! PyTorch exports it), and tract's own lowering otherwise. The model contract is untouched: the
+//! file is standard ONNX, and the parity tests hold this op to PyTorch and onnxruntime like every
+//! other.
 
 use std::sync::Arc;
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::ops::rec::common::CommonRec;
-use tract_onnx::ops::rec::lstm::LSTM;
+use tract_onnx::ops::rec::{gru::GRU, lstm::LSTM};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core::ndarray::linalg::general_mat_mul;
 use tract_onnx::tract_core::ndarray::{Array2, Array3, ArrayView2, ArrayViewMut2, ShapeBuilder};
@@ -27,44 +24,102 @@ use tract_onnx::tract_core::tract_linalg::routines::Func;
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::expandable::{expand, Expansion};
+use tract_onnx::tract_hir::ops::{math::tanh, nn::sigmoid};
 
-/// Makes `onnx` import every `LSTM` node through [`Lstm`].
+/// Makes `onnx` import every `LSTM` and `GRU` node through [`Recurrent`].
 pub fn register(onnx: &mut tract_onnx::Onnx) {
-    onnx.op_register.insert("LSTM", parse);
+    onnx.op_register.insert("LSTM", parse_lstm);
+    onnx.op_register.insert("GRU", parse_gru);
 }
 
-fn parse(
-    _ctx: &ParsingContext,
-    pb: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+type Parsed = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+fn parse_lstm(_ctx: &ParsingContext, pb: &NodeProto) -> Parsed {
     // tract's own LSTM, kept for what the fused op does not cover.
     let stock = LSTM {
-        f: Box::new(tract_onnx::tract_hir::ops::nn::sigmoid()),
-        g: Box::new(tract_onnx::tract_hir::ops::math::tanh()),
-        h: Box::new(tract_onnx::tract_hir::ops::math::tanh()),
+        f: Box::new(sigmoid()),
+        g: Box::new(tanh()),
+        h: Box::new(tanh()),
     };
     let common = CommonRec::from_node_and_options(pb, 3, 0, Box::new(stock))?;
-    let activations = pb.get_attr_opt_vec::<String>("activations")?;
-    let plain = pb
+    let plain = plain_forward(pb, &["Sigmoid", "Tanh", "Tanh"])?
+        && pb.get_attr_opt::<i64>("input_forget")?.unwrap_or(0) == 0;
+    Ok((
+        expand(Recurrent {
+            common,
+            cell: Cell::Lstm,
+            plain,
+        }),
+        vec![],
+    ))
+}
+
+fn parse_gru(_ctx: &ParsingContext, pb: &NodeProto) -> Parsed {
+    let linear_before_reset = pb.get_attr_opt::<i64>("linear_before_reset")?.unwrap_or(0) != 0;
+    let stock = GRU {
+        f: Box::new(sigmoid()),
+        g: Box::new(tanh()),
+        linear_before_reset,
+    };
+    let common = CommonRec::from_node_and_options(pb, 3, 0, Box::new(stock))?;
+    let plain = plain_forward(pb, &["Sigmoid", "Tanh"])? && linear_before_reset;
+    Ok((
+        expand(Recurrent {
+            common,
+            cell: Cell::Gru,
+            plain,
+        }),
+        vec![],
+    ))
+}
+
+/// Forward, no clipping, the default activations.
+fn plain_forward(pb: &NodeProto, default_activations: &[&str]) -> TractResult<bool> {
+    Ok(pb
         .get_attr_opt::<String>("direction")?
         .is_none_or(|d| d == "forward")
         && pb.get_attr_opt::<f32>("clip")?.is_none()
-        && pb.get_attr_opt::<i64>("input_forget")?.unwrap_or(0) == 0
-        && activations.is_none_or(|a| a == ["Sigmoid", "Tanh", "Tanh"]);
-    Ok((expand(Lstm { common, plain }), vec![]))
+        && pb
+            .get_attr_opt_vec::<String>("activations")?
+            .is_none_or(|a| a == default_activations))
 }
 
-/// The importer's view of one ONNX `LSTM` node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Cell {
+    /// Gates i, o, f, c (ONNX's order); a cell state.
+    Lstm,
+    /// Gates z, r, h (ONNX's order), `linear_before_reset`.
+    Gru,
+}
+
+impl Cell {
+    fn gates(self) -> usize {
+        match self {
+            Cell::Lstm => 4,
+            Cell::Gru => 3,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Cell::Lstm => "LSTM",
+            Cell::Gru => "GRU",
+        }
+    }
+}
+
+/// The importer's view of one ONNX `LSTM` or `GRU` node.
 #[derive(Debug, Clone)]
-struct Lstm {
+struct Recurrent {
     common: CommonRec,
-    /// Attributes the fused op covers: forward, default activations, no clip, no coupled gates.
+    cell: Cell,
+    /// Attributes the fused op covers (see [`parse_lstm`], [`parse_gru`]).
     plain: bool,
 }
 
-impl Lstm {
-    /// The node as one [`LstmSeq`], outputs in ONNX's layout; `None` when it is not the plain
-    /// case the op covers.
+impl Recurrent {
+    /// The node as one [`RecurrentSeq`], outputs in ONNX's layout; `None` when it is not the
+    /// plain case the op covers.
     fn wire_fused(
         &self,
         prefix: &str,
@@ -79,8 +134,8 @@ impl Lstm {
         {
             return Ok(None);
         }
-        // PyTorch exports the zero initial state as zeros shaped like the batch: fine, anything
-        // else is not.
+        // PyTorch exports the zero initial state as zeros shaped like the batch (`ConstantOfShape`:
+        // not a constant, but known uniform): fine, anything else is not.
         for slot in [c.optional_initial_h_input, c.optional_initial_c_input]
             .into_iter()
             .flatten()
@@ -117,28 +172,31 @@ impl Lstm {
         {
             return Ok(None);
         }
-        let op = LstmSeq::new(&w, &r, b.as_deref())?;
+        let op = RecurrentSeq::new(self.cell, &w, &r, b.as_deref())?;
         let outs = target.wire_node(prefix, op, &[inputs[0]])?;
-        // ONNX: Y [T, 1, B, H], Y_h and Y_c [1, B, H]; LstmSeq yields them without the
-        // direction axis.
+        // ONNX: Y [T, 1, B, H], Y_h and Y_c [1, B, H]; the op yields them without the direction
+        // axis.
         let mut result = tvec!(0.into(); c.nboutputs()?);
         for (slot, out, axis, name) in [
-            (c.optional_y_output, outs[0], 1, "y"),
-            (c.optional_y_h_output, outs[1], 0, "y_h"),
-            (c.optional_y_c_output, outs[2], 0, "y_c"),
+            (c.optional_y_output, 0, 1, "y"),
+            (c.optional_y_h_output, 1, 0, "y_h"),
+            (c.optional_y_c_output, 2, 0, "y_c"),
         ] {
             if let Some(slot) = slot {
-                result[slot] =
-                    target.wire_node(format!("{prefix}.{name}"), AxisOp::Add(axis), &[out])?[0];
+                result[slot] = target.wire_node(
+                    format!("{prefix}.{name}"),
+                    AxisOp::Add(axis),
+                    &[outs[out]],
+                )?[0];
             }
         }
         Ok(Some(result))
     }
 }
 
-impl Expansion for Lstm {
+impl Expansion for Recurrent {
     fn name(&self) -> StaticName {
-        "LSTM".into()
+        self.cell.name().into()
     }
 
     fn validation(&self) -> Validation {
@@ -171,38 +229,46 @@ impl Expansion for Lstm {
     }
 }
 
-/// A forward LSTM over a whole sequence from a zero state, ONNX gate order (i, o, f, c).
+/// A forward LSTM or GRU over a whole sequence from a zero state.
 ///
-/// Input `X` `[T, batch, I]`; outputs `Y` `[T, batch, H]`, `Y_h` and `Y_c` `[batch, H]`.
+/// Input `X` `[T, batch, I]`; outputs `Y` `[T, batch, H]`, `Y_h` `[batch, H]` and, for the LSTM,
+/// `Y_c` `[batch, H]`.
 ///
-/// Inside, a step works feature-major: its gates are `[4H, batch]` = `W · x_tᵀ + R · h_{t-1}ᵀ +
-/// bias`, so the three sigmoid gates are one contiguous block, the tanh gate another, and the
-/// cell update runs over whole `[H, batch]` slices. Per-row calls of the activations cost more
-/// than the arithmetic at a hidden size of 32 (the demo-lstm at batch 256: 3.7 ms a call
-/// row-major, 2.5 ms feature-major; docs/NOTES.md).
+/// Inside, a step works feature-major: its gates are `[G·H, batch]` = `W · x_tᵀ + R · h_{t-1}ᵀ +
+/// bias`, so the sigmoid gates are one contiguous block, the tanh gate another, and the cell
+/// update runs over whole `[H, batch]` slices. Per-row calls of the activations cost more than
+/// the arithmetic at a hidden size of 32 (the demo-lstm at batch 256: 3.7 ms a call row-major,
+/// 2.5 ms feature-major; docs/NOTES.md).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LstmSeq {
+pub struct RecurrentSeq {
+    cell: Cell,
     hidden: usize,
     input: usize,
-    /// `W`, `[4H, I]` row-major, as ONNX stores it.
+    /// `W`, `[G·H, I]` row-major, as ONNX stores it, and `R`, `[G·H, H]`.
     w: Arc<Vec<f32>>,
-    /// `R`, `[4H, H]` row-major.
     r: Arc<Vec<f32>>,
-    /// `Wᵀ` `[I, 4H]` and `Rᵀ` `[H, 4H]`, for narrow batches (see [`narrow_acc`]).
+    /// `Wᵀ` `[I, G·H]` and `Rᵀ` `[H, G·H]`, for a batch of one (see [`narrow_acc`]).
     w_t: Arc<Vec<f32>>,
     r_t: Arc<Vec<f32>>,
-    /// `Wb + Rb`, `[4H]`: both are added to every step's gates, so once is enough.
+    /// The biases added to every step's gates, `[G·H]`: `Wb + Rb` for the LSTM; for the GRU
+    /// `Wb` plus `Rb` of the z and r gates.
     bias: Arc<Vec<f32>>,
+    /// The GRU's `Rb` of the h gate, `[H]`, which the reset gate scales with `R_h · h`.
+    rec_bias: Arc<Vec<f32>>,
 }
 
-impl LstmSeq {
-    /// From ONNX's `W` `[1, 4H, I]`, `R` `[1, 4H, H]` and optional `B` `[1, 8H]`.
-    fn new(w: &Tensor, r: &Tensor, b: Option<&Tensor>) -> TractResult<LstmSeq> {
+// The weights are finite constants of one model, so equality is an equivalence here.
+impl Eq for RecurrentSeq {}
+
+impl RecurrentSeq {
+    /// From ONNX's `W` `[1, G·H, I]`, `R` `[1, G·H, H]` and optional `B` `[1, 2·G·H]`.
+    fn new(cell: Cell, w: &Tensor, r: &Tensor, b: Option<&Tensor>) -> TractResult<RecurrentSeq> {
         let (g, input) = (w.shape()[1], w.shape()[2]);
         let hidden = r.shape()[2];
         ensure!(
-            g == 4 * hidden && r.shape()[1] == g,
-            "LSTM weights of shapes {:?} and {:?}",
+            g == cell.gates() * hidden && r.shape()[1] == g,
+            "{} weights of shapes {:?} and {:?}",
+            cell.name(),
             w.shape(),
             r.shape()
         );
@@ -212,19 +278,26 @@ impl LstmSeq {
             let m = if transpose { m.reversed_axes() } else { m };
             Ok(Arc::new(m.iter().copied().collect()))
         };
-        let mut bias = vec![0f32; g];
-        if let Some(b) = b {
-            let b: Vec<f32> = b.to_plain_array_view::<f32>()?.iter().copied().collect();
-            ensure!(
-                b.len() == 2 * g,
-                "LSTM bias of {} values for {g} gates",
-                b.len()
-            );
-            for (j, v) in bias.iter_mut().enumerate() {
-                *v = b[j] + b[g + j];
-            }
-        }
-        Ok(LstmSeq {
+        let b: Vec<f32> = match b {
+            Some(b) => b.to_plain_array_view::<f32>()?.iter().copied().collect(),
+            None => vec![0.0; 2 * g],
+        };
+        ensure!(
+            b.len() == 2 * g,
+            "{} bias of {} values for {g} gates",
+            cell.name(),
+            b.len()
+        );
+        // The recurrent bias goes with the input's, except the GRU's h gate's.
+        let folded = match cell {
+            Cell::Lstm => g,
+            Cell::Gru => 2 * hidden,
+        };
+        let bias = (0..g)
+            .map(|j| b[j] + if j < folded { b[g + j] } else { 0.0 })
+            .collect();
+        Ok(RecurrentSeq {
+            cell,
             hidden,
             input,
             w: flat(w, input, false)?,
@@ -232,18 +305,24 @@ impl LstmSeq {
             w_t: flat(w, input, true)?,
             r_t: flat(r, hidden, true)?,
             bias: Arc::new(bias),
+            rec_bias: Arc::new(b[g + folded..].to_vec()),
         })
     }
 
-    /// `Y` `[T, batch, H]` and the last cell state `[batch, H]`.
+    /// `Y` `[T, batch, H]` and the last cell state `[batch, H]` (empty for the GRU).
     fn run(&self, x: &[f32], t_len: usize, batch: usize) -> TractResult<(Vec<f32>, Vec<f32>)> {
-        let (h, i) = (self.hidden, self.input);
+        let (h, i, g) = (self.hidden, self.input, self.cell.gates() * self.hidden);
         let hb = h * batch;
+        if hb == 0 {
+            return Ok((vec![], vec![]));
+        }
         let sigmoid = Func::Sigmoid.ew_f32()?;
         let tanh = Func::Tanh.ew_f32()?;
         let mut y = vec![0f32; t_len * hb];
-        let mut gates = vec![0f32; 4 * hb];
-        let mut c = vec![0f32; hb]; // [H, batch]
+        let mut gates = vec![0f32; g * batch];
+        // The GRU's `R · h` is kept apart: the reset gate scales its h-gate rows.
+        let mut rec = vec![0f32; if self.cell == Cell::Gru { g * batch } else { 0 }];
+        let mut c = vec![0f32; if self.cell == Cell::Lstm { hb } else { 0 }]; // [H, batch]
         let mut h_t = vec![0f32; hb]; // [H, batch]
         let mut b_col = vec![0f32; h.max(i)];
         for t in 0..t_len {
@@ -252,59 +331,114 @@ impl LstmSeq {
             }
             // x_t is [batch, I] row-major: as the [I, batch] operand, strides (1, I).
             let x_t = &x[t * batch * i..(t + 1) * batch * i];
-            if batch < NARROW {
-                narrow_acc(&self.w_t, x_t, (1, i), batch, &mut gates, &mut b_col[..i]);
-                if t > 0 {
-                    narrow_acc(
-                        &self.r_t,
-                        &h_t,
-                        (batch, 1),
-                        batch,
-                        &mut gates,
-                        &mut b_col[..h],
-                    );
+            Self::product(
+                &self.w,
+                &self.w_t,
+                i,
+                x_t,
+                (1, i),
+                batch,
+                &mut gates,
+                &mut b_col,
+            )?;
+            match self.cell {
+                Cell::Lstm => {
+                    if t > 0 {
+                        Self::product(
+                            &self.r,
+                            &self.r_t,
+                            h,
+                            &h_t,
+                            (batch, 1),
+                            batch,
+                            &mut gates,
+                            &mut b_col,
+                        )?;
+                    }
+                    let (sig, cand) = gates.split_at_mut(3 * hb);
+                    sigmoid.run(sig)?;
+                    tanh.run(cand)?;
+                    let (gi, rest) = sig.split_at(hb);
+                    let (go, gf) = rest.split_at(hb);
+                    for j in 0..hb {
+                        c[j] = gf[j] * c[j] + gi[j] * cand[j];
+                    }
+                    h_t.copy_from_slice(&c);
+                    tanh.run(&mut h_t)?;
+                    for (v, o) in h_t.iter_mut().zip(go) {
+                        *v *= o;
+                    }
                 }
-            } else {
-                gemm_acc((4 * h, i, batch), &self.w, (i, 1), x_t, (1, i), &mut gates)?;
-                if t > 0 {
-                    gemm_acc(
-                        (4 * h, h, batch),
-                        &self.r,
-                        (h, 1),
-                        &h_t,
-                        (batch, 1),
-                        &mut gates,
-                    )?;
+                Cell::Gru => {
+                    let (rec_zr, rec_h) = rec.split_at_mut(2 * hb);
+                    rec_zr.fill(0.0);
+                    for (row, b) in rec_h.chunks_exact_mut(batch).zip(self.rec_bias.iter()) {
+                        row.fill(*b);
+                    }
+                    if t > 0 {
+                        Self::product(
+                            &self.r,
+                            &self.r_t,
+                            h,
+                            &h_t,
+                            (batch, 1),
+                            batch,
+                            &mut rec,
+                            &mut b_col,
+                        )?;
+                    }
+                    let (zr, cand) = gates.split_at_mut(2 * hb);
+                    for (v, r) in zr.iter_mut().zip(&rec) {
+                        *v += r;
+                    }
+                    sigmoid.run(zr)?;
+                    let (z, reset) = zr.split_at(hb);
+                    for ((v, r), rh) in cand.iter_mut().zip(reset).zip(&rec[2 * hb..]) {
+                        *v += r * rh;
+                    }
+                    tanh.run(cand)?;
+                    for ((v, n), z) in h_t.iter_mut().zip(cand.iter()).zip(z) {
+                        *v = n + z * (*v - n);
+                    }
                 }
-            }
-            let (sig, cand) = gates.split_at_mut(3 * hb);
-            sigmoid.run(sig)?;
-            tanh.run(cand)?;
-            let (gi, rest) = sig.split_at(hb);
-            let (go, gf) = rest.split_at(hb);
-            for j in 0..hb {
-                c[j] = gf[j] * c[j] + gi[j] * cand[j];
-            }
-            h_t.copy_from_slice(&c);
-            tanh.run(&mut h_t)?;
-            for (v, o) in h_t.iter_mut().zip(go) {
-                *v *= o;
             }
             // Y's step is [batch, H]: the transpose of h_t.
-            let y_t = &mut y[t * hb..(t + 1) * hb];
-            for (j, row) in h_t.chunks_exact(batch).enumerate() {
-                for (b, v) in row.iter().enumerate() {
-                    y_t[b * h + j] = *v;
-                }
-            }
+            transpose_into(&h_t, batch, &mut y[t * hb..(t + 1) * hb]);
         }
-        let mut c_out = vec![0f32; hb];
-        for (j, row) in c.chunks_exact(batch).enumerate() {
-            for (b, v) in row.iter().enumerate() {
-                c_out[b * h + j] = *v;
-            }
-        }
+        let mut c_out = vec![0f32; c.len()];
+        transpose_into(&c, batch, &mut c_out);
         Ok((y, c_out))
+    }
+
+    /// `c += a · b` for one of this op's weights `a` (`[G·H, k]` row-major, with its transpose
+    /// `a_t`) and a `[k, batch]` operand `b` given by its strides; `b_col` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        a: &[f32],
+        a_t: &[f32],
+        k: usize,
+        b: &[f32],
+        b_strides: (usize, usize),
+        batch: usize,
+        c: &mut [f32],
+        b_col: &mut [f32],
+    ) -> TractResult<()> {
+        if batch < NARROW {
+            narrow_acc(a_t, b, b_strides, batch, c, &mut b_col[..k]);
+            Ok(())
+        } else {
+            gemm_acc((a.len() / k, k, batch), a, (k, 1), b, b_strides, c)
+        }
+    }
+}
+
+/// `to[b * rows + j] = from[j * batch + b]`: `[rows, batch]` to `[batch, rows]`.
+fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
+    let rows = from.len() / batch.max(1);
+    for (j, row) in from.chunks_exact(batch).enumerate() {
+        for (b, v) in row.iter().enumerate() {
+            to[b * rows + j] = *v;
+        }
     }
 }
 
@@ -378,12 +512,9 @@ fn gemm_acc(
     Ok(())
 }
 
-// The weights are finite constants of one model, so equality is an equivalence here.
-impl Eq for LstmSeq {}
-
-impl Op for LstmSeq {
+impl Op for RecurrentSeq {
     fn name(&self) -> StaticName {
-        "LstmSeq".into()
+        format!("{}Seq", self.cell.name()).into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -393,43 +524,62 @@ impl Op for LstmSeq {
     op_as_typed_op!();
 }
 
-impl EvalOp for LstmSeq {
+impl EvalOp for RecurrentSeq {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs[0].to_plain_array_view::<f32>()?;
         let &[t_len, batch, i] = x.shape() else {
-            bail!("LstmSeq expects X of rank 3, got {:?}", x.shape());
+            bail!(
+                "{}Seq expects X of rank 3, got {:?}",
+                self.cell.name(),
+                x.shape()
+            );
         };
         ensure!(
             i == self.input,
-            "LstmSeq expects {} input features, got {i}",
+            "{}Seq expects {} input features, got {i}",
+            self.cell.name(),
             self.input
         );
-        ensure!(t_len > 0, "LstmSeq needs at least one timestep");
+        ensure!(
+            t_len > 0,
+            "{}Seq needs at least one timestep",
+            self.cell.name()
+        );
         let x = x.as_standard_layout();
         let x = x.as_slice().context("X not contiguous")?;
         let (y, c) = self.run(x, t_len, batch)?;
         let h = self.hidden;
         let y_h = y[(t_len - 1) * batch * h..].to_vec();
-        Ok(tvec!(
+        let mut outputs = tvec!(
             Array3::from_shape_vec((t_len, batch, h), y)?.into_tvalue(),
             Array2::from_shape_vec((batch, h), y_h)?.into_tvalue(),
-            Array2::from_shape_vec((batch, h), c)?.into_tvalue(),
-        ))
+        );
+        if self.cell == Cell::Lstm {
+            outputs.push(Array2::from_shape_vec((batch, h), c)?.into_tvalue());
+        }
+        Ok(outputs)
     }
 }
 
-impl TypedOp for LstmSeq {
+impl TypedOp for RecurrentSeq {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
-        ensure!(x.rank() == 3, "LstmSeq expects X of rank 3, got {x:?}");
+        ensure!(
+            x.rank() == 3,
+            "{}Seq expects X of rank 3, got {x:?}",
+            self.cell.name()
+        );
         let (t, b, h) = (x.shape[0].clone(), x.shape[1].clone(), self.hidden.to_dim());
-        Ok(tvec!(
+        let mut facts = tvec!(
             f32::fact([t, b.clone(), h.clone()]),
-            f32::fact([b.clone(), h.clone()]),
-            f32::fact([b, h]),
-        ))
+            f32::fact([b.clone(), h.clone()])
+        );
+        if self.cell == Cell::Lstm {
+            facts.push(f32::fact([b, h]));
+        }
+        Ok(facts)
     }
 
     as_op!();
@@ -441,36 +591,61 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
 
-    /// The LSTM as ONNX defines it, one scalar at a time.
-    fn reference(op_in: &Inputs, t_len: usize, batch: usize) -> (Vec<f32>, Vec<f32>) {
-        let (h, i) = (op_in.hidden, op_in.input);
+    struct Case {
+        cell: Cell,
+        hidden: usize,
+        input: usize,
+        t_len: usize,
+        batch: usize,
+        x: Vec<f32>,
+        w: Vec<f32>,
+        r: Vec<f32>,
+        b: Vec<f32>,
+    }
+
+    /// The cell as ONNX defines it (GRU with `linear_before_reset`), one scalar at a time: `Y`
+    /// `[T, batch, H]` and the last cell state `[batch, H]` (zeros for the GRU).
+    fn reference(k: &Case) -> (Vec<f32>, Vec<f32>) {
+        let (h, i, batch) = (k.hidden, k.input, k.batch);
+        let g = k.cell.gates() * h;
         let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
         let (mut hs, mut cs) = (vec![0f32; batch * h], vec![0f32; batch * h]);
         let mut y = vec![];
-        for t in 0..t_len {
+        for t in 0..k.t_len {
             let mut next = vec![0f32; batch * h];
             for b in 0..batch {
-                let gate = |g: usize, j: usize| {
-                    let row = g * h + j;
-                    let mut v = op_in.b[row] + op_in.b[4 * h + row];
-                    for k in 0..i {
-                        v += op_in.w[row * i + k] * op_in.x[(t * batch + b) * i + k];
+                // (W x + Wb, R h + Rb) of gate `gate`, unit `j`
+                let pre = |gate: usize, j: usize| {
+                    let row = gate * h + j;
+                    let mut wx = k.b[row];
+                    for n in 0..i {
+                        wx += k.w[row * i + n] * k.x[(t * batch + b) * i + n];
                     }
-                    for k in 0..h {
-                        v += op_in.r[row * h + k] * hs[b * h + k];
+                    let mut rh = k.b[g + row];
+                    for n in 0..h {
+                        rh += k.r[row * h + n] * hs[b * h + n];
                     }
-                    v
+                    (wx, rh)
+                };
+                let both = |gate: usize, j: usize| {
+                    let (wx, rh) = pre(gate, j);
+                    wx + rh
                 };
                 for j in 0..h {
-                    let (gi, go, gf, gc) = (
-                        sig(gate(0, j)),
-                        sig(gate(1, j)),
-                        sig(gate(2, j)),
-                        gate(3, j).tanh(),
-                    );
-                    let c = gf * cs[b * h + j] + gi * gc;
-                    cs[b * h + j] = c;
-                    next[b * h + j] = go * c.tanh();
+                    next[b * h + j] = match k.cell {
+                        Cell::Lstm => {
+                            let (gi, go, gf) = (sig(both(0, j)), sig(both(1, j)), sig(both(2, j)));
+                            let c = gf * cs[b * h + j] + gi * both(3, j).tanh();
+                            cs[b * h + j] = c;
+                            go * c.tanh()
+                        }
+                        Cell::Gru => {
+                            let (z, r) = (sig(both(0, j)), sig(both(1, j)));
+                            let (wx, rh) = pre(2, j);
+                            let n = (wx + r * rh).tanh();
+                            (1.0 - z) * n + z * hs[b * h + j]
+                        }
+                    };
                 }
             }
             hs = next;
@@ -479,83 +654,85 @@ mod tests {
         (y, cs)
     }
 
-    struct Inputs {
-        hidden: usize,
-        input: usize,
-        x: Vec<f32>,
-        w: Vec<f32>,
-        r: Vec<f32>,
-        b: Vec<f32>,
-    }
-
     #[test]
-    fn the_whole_sequence_op_is_the_onnx_lstm_on_both_paths() {
+    fn the_whole_sequence_op_is_the_onnx_cell_on_both_paths() {
         let mut rng = SmallRng::seed_from_u64(7);
         // Batch 1 takes the narrow loops, the others matrixmultiply; hidden sizes that are and
         // are not multiples of the 32-row block.
-        for (hidden, input, t_len, batch) in [
+        let shapes = [
             (32, 5, 16, 1),
             (32, 5, 16, 9),
             (7, 3, 5, 1),
             (7, 3, 5, 4),
             (20, 1, 3, 300),
-        ] {
-            let mut draw =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-            let g = 4 * hidden;
-            let inp = Inputs {
-                hidden,
-                input,
-                x: draw(t_len * batch * input),
-                w: draw(g * input),
-                r: draw(g * hidden),
-                b: draw(2 * g),
-            };
-            let tensor = |v: &[f32], shape: &[usize]| Tensor::from_shape(shape, v).unwrap();
-            let op = LstmSeq::new(
-                &tensor(&inp.w, &[1, g, input]),
-                &tensor(&inp.r, &[1, g, hidden]),
-                Some(&tensor(&inp.b, &[1, 2 * g])),
-            )
-            .unwrap();
-            let out = op
-                .eval(
-                    &EvalContext::out_of_plan(),
-                    tvec!(tensor(&inp.x, &[t_len, batch, input]).into_tvalue()),
+        ];
+        for cell in [Cell::Lstm, Cell::Gru] {
+            for (hidden, input, t_len, batch) in shapes {
+                let g = cell.gates() * hidden;
+                let mut draw = |n: usize| -> Vec<f32> {
+                    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+                };
+                let k = Case {
+                    cell,
+                    hidden,
+                    input,
+                    t_len,
+                    batch,
+                    x: draw(t_len * batch * input),
+                    w: draw(g * input),
+                    r: draw(g * hidden),
+                    b: draw(2 * g),
+                };
+                let tensor = |v: &[f32], shape: &[usize]| Tensor::from_shape(shape, v).unwrap();
+                let op = RecurrentSeq::new(
+                    cell,
+                    &tensor(&k.w, &[1, g, input]),
+                    &tensor(&k.r, &[1, g, hidden]),
+                    Some(&tensor(&k.b, &[1, 2 * g])),
                 )
                 .unwrap();
-            let (want_y, want_c) = reference(&inp, t_len, batch);
-            let got = |ix: usize| {
-                out[ix]
-                    .to_plain_array_view::<f32>()
-                    .unwrap()
-                    .iter()
-                    .copied()
-                    .collect::<Vec<_>>()
-            };
-            let worst = |a: &[f32], b: &[f32]| {
-                a.iter()
-                    .zip(b)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max)
-            };
-            let case = format!("hidden {hidden}, input {input}, {t_len} steps, batch {batch}");
-            assert_eq!(out[0].shape(), [t_len, batch, hidden], "{case}");
-            assert!(
-                worst(&got(0), &want_y) < 1e-5,
-                "Y off by {} ({case})",
-                worst(&got(0), &want_y)
-            );
-            assert_eq!(
-                got(1),
-                got(0)[(t_len - 1) * batch * hidden..],
-                "Y_h is Y's last step ({case})"
-            );
-            assert!(
-                worst(&got(2), &want_c) < 1e-5,
-                "Y_c off by {} ({case})",
-                worst(&got(2), &want_c)
-            );
+                let x = tensor(&k.x, &[t_len, batch, input]).into_tvalue();
+                let out = op.eval(&EvalContext::out_of_plan(), tvec!(x)).unwrap();
+                let (want_y, want_c) = reference(&k);
+                let got = |ix: usize| -> Vec<f32> {
+                    out[ix]
+                        .to_plain_array_view::<f32>()
+                        .unwrap()
+                        .iter()
+                        .copied()
+                        .collect()
+                };
+                let worst = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max)
+                };
+                let case = format!(
+                    "{cell:?}, hidden {hidden}, input {input}, {t_len} steps, batch {batch}"
+                );
+                assert_eq!(out.len(), if cell == Cell::Lstm { 3 } else { 2 }, "{case}");
+                assert_eq!(out[0].shape(), [t_len, batch, hidden], "{case}");
+                let y = got(0);
+                assert!(
+                    worst(&y, &want_y) < 1e-5,
+                    "Y off by {} ({case})",
+                    worst(&y, &want_y)
+                );
+                assert_eq!(
+                    got(1),
+                    y[(t_len - 1) * batch * hidden..],
+                    "Y_h is Y's last step ({case})"
+                );
+                if cell == Cell::Lstm {
+                    let c = got(2);
+                    assert!(
+                        worst(&c, &want_c) < 1e-5,
+                        "Y_c off by {} ({case})",
+                        worst(&c, &want_c)
+                    );
+                }
+            }
         }
     }
 }
