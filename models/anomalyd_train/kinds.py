@@ -41,11 +41,11 @@ class Spec:
     mask_prob: float = 0.1  # probability of replacing an input value by the feature mean
     # vae
     beta: float = 1.0
-    # lstm / gru: "position" (the exact design, see Recurrent); "concat" and "repeat" are designs
-    # that tract gets wrong, kept only as test canaries
+    # lstm / gru: "position" (the default, see Recurrent); "concat" and "repeat" are the classic
+    # designs, which tract's own lowering could not run (the daemon's recurrent op does)
     decoder: str = "position"
     # lstm / gru: export the recurrence unrolled over the window as plain matrix products instead
-    # of ONNX's LSTM / GRU operator (see Recurrent; not yet the default: NOTES.md)
+    # of ONNX's LSTM / GRU operator (see Recurrent: slower in the daemon than the operator)
     unroll: bool = False
     # pca: keep the fewest components explaining this share of the variance (unless latent is set)
     variance: float = 0.95
@@ -379,7 +379,7 @@ class Recurrent(Core):
     Scaling the code by p_t (> 0, so z is recoverable at every step) means the decoder's input
     is not a copy of the code broadcast over time.
 
-    That choice is forced by tract 0.23 as the daemon loads models (`into_optimized`), measured:
+    That choice was forced by tract 0.23's own lowering of the recurrent operators, measured:
     - `decoder="repeat"`, the classic RepeatVector (z alone repeated over time): an LSTM fails
       to load ("EinSum: Trying to substitute a T,batch,4H by 1,batch,4H"); NOTES.md saw it run
       2.7e-2 off in another set-up;
@@ -387,8 +387,10 @@ class Recurrent(Core):
       for LSTM, although NOTES.md measured it exact in another set-up;
     - a GRU reading a single feature (F = 1) fails at run time ("GruSeq: xw not contiguous"),
       which the encoder's position channel avoids.
-    The default "position" design is exact (~1e-7) for LSTM and GRU, F = 1..6, T = 4..32; the
-    other two are kept only as canaries for the parity tests (tests/test_parity.py).
+    The default "position" design is exact (~1e-7) for LSTM and GRU, F = 1..6, T = 4..32. The
+    daemon now runs plain LSTM and GRU nodes with its own whole-sequence op
+    (src/model/recurrent.rs), on which the other two designs are exact as well (the parity tests
+    hold all three); "position" stays the default.
 
     With `unroll`, the exported recurrence is written out over the window: the input projection
     of every step is one matrix product, then each step is a [B, H] x [H, G*H] product and
@@ -396,7 +398,7 @@ class Recurrent(Core):
     LSTM / GRU operator. The daemon runs that operator as one whole-sequence op (its own
     `LstmSeq` for LSTM, tract's `GruSeq` for GRU), which is 3x faster than this unrolled graph
     at batch 256 and 4x at batch 1 (~900 nodes of per-node overhead), so the unrolled export is
-    kept only as a parity canary (NOTES.md). Training always uses PyTorch's fused cells.
+    kept only as a parity variant (NOTES.md). Training always uses PyTorch's fused cells.
     """
 
     def __init__(self, spec: Spec):

@@ -1,6 +1,6 @@
 """Parity: the same inputs through PyTorch, onnxruntime and tract (the daemon's runtime) must give
 the same `reconstruction` and `error`, max abs difference <= 1e-4, for every kind, with a batch of
-3 and a batch of 1. Plus canaries: LSTM decoder designs that tract gets wrong must be caught."""
+3 and a batch of 1, and for the recurrent decoder designs tract's own lowering could not run."""
 
 from __future__ import annotations
 
@@ -64,23 +64,23 @@ def test_tract_matches_onnxruntime(quick_models, name, tmp_path):
         assert code == 0, f"tract differs from onnxruntime beyond {TOL} for {name} (batch {batch}):\n{out}"
 
 
-@pytest.mark.canary
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("design", ["repeat", "concat"])
-def test_known_bad_lstm_decoders_are_caught(quick_models, tmp_path, design):
-    """Known-bad canaries. "repeat" is the classic RepeatVector decoder (the code alone repeated
-    over time); "concat" adds the t/T position channel to it. onnxruntime agrees with PyTorch on
-    both, but tract 0.23 as the daemon loads models cannot: both fail to load (NOTES.md saw
-    "repeat" run 2.7e-2 off in another set-up). The parity check must catch them, which is why
-    `lstm`/`gru` use the "position" design (kinds.Recurrent). If this test fails because tract
-    now agrees, tract was fixed: the other designs could be allowed."""
-    res = quick_models("lstm", decoder=design)
+def test_the_other_recurrent_decoders_run_exactly_in_the_daemon(quick_models, tmp_path, kind, design):
+    """"repeat" is the classic RepeatVector decoder (the code alone repeated over time); "concat"
+    adds the t/T position channel to it. onnxruntime agrees with PyTorch on both. tract 0.23's own
+    lowering of the recurrent operators could not run them (an LSTM failed to load; NOTES.md saw
+    "repeat" 2.7e-2 off in another set-up), which is why the toolkit's default is the "position"
+    design (kinds.Recurrent). The daemon now runs plain LSTM and GRU nodes with its own
+    whole-sequence op (src/model/recurrent.rs), and this holds it to onnxruntime on them too."""
+    res = quick_models(kind, decoder=design)
     x = inputs(res, 3)
     trec, terr = torch_outputs(res, x)
     orec, oerr = export.session(res.path).run(["reconstruction", "error"], {"input": x})
     assert max_diff(trec, orec) <= TOL and max_diff(terr, oerr) <= TOL, "onnxruntime should agree with PyTorch"
     code, out = tract_verify(res.path, x, orec, oerr, tmp_path, tolerance=TOL)
-    print(f"lstm decoder {design!r} in tract: exit {code}: {out.strip()[:300]}")
-    assert code != 0, f"tract now runs the {design!r} LSTM decoder within {TOL}:\n{out}"
+    print(f"{kind} decoder {design!r} in the daemon: exit {code}: {out.strip()[:300]}")
+    assert code == 0, f"the daemon differs from onnxruntime beyond {TOL} on the {design!r} {kind} decoder:\n{out}"
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
