@@ -432,12 +432,16 @@ impl RecurrentSeq {
     }
 }
 
-/// `to[b * rows + j] = from[j * batch + b]`: `[rows, batch]` to `[batch, rows]`.
+/// `to[b * rows + j] = from[j * batch + b]`: `[rows, batch]` to `[batch, rows]`. Written in
+/// order and read across: strided writes to `to` cost 6 % of a demo-lstm replay (perf).
 fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
     let rows = from.len() / batch.max(1);
-    for (j, row) in from.chunks_exact(batch).enumerate() {
-        for (b, v) in row.iter().enumerate() {
-            to[b * rows + j] = *v;
+    if rows == 0 {
+        return;
+    }
+    for (b, out) in to.chunks_exact_mut(rows).enumerate() {
+        for (j, v) in out.iter_mut().enumerate() {
+            *v = from[j * batch + b];
         }
     }
 }
