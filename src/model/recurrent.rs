@@ -341,20 +341,33 @@ impl RecurrentSeq {
                 &mut gates,
                 &mut b_col,
             )?;
+            // The recurrent product: onto the gates for the LSTM, apart for the GRU, whose reset
+            // gate scales its h-gate rows.
+            if self.cell == Cell::Gru {
+                let (rec_zr, rec_h) = rec.split_at_mut(2 * hb);
+                rec_zr.fill(0.0);
+                for (row, b) in rec_h.chunks_exact_mut(batch).zip(self.rec_bias.iter()) {
+                    row.fill(*b);
+                }
+            }
+            if t > 0 {
+                let onto = match self.cell {
+                    Cell::Lstm => &mut gates,
+                    Cell::Gru => &mut rec,
+                };
+                Self::product(
+                    &self.r,
+                    &self.r_t,
+                    h,
+                    &h_t,
+                    (batch, 1),
+                    batch,
+                    onto,
+                    &mut b_col,
+                )?;
+            }
             match self.cell {
                 Cell::Lstm => {
-                    if t > 0 {
-                        Self::product(
-                            &self.r,
-                            &self.r_t,
-                            h,
-                            &h_t,
-                            (batch, 1),
-                            batch,
-                            &mut gates,
-                            &mut b_col,
-                        )?;
-                    }
                     let (sig, cand) = gates.split_at_mut(3 * hb);
                     sigmoid.run(sig)?;
                     tanh.run(cand)?;
@@ -370,23 +383,6 @@ impl RecurrentSeq {
                     }
                 }
                 Cell::Gru => {
-                    let (rec_zr, rec_h) = rec.split_at_mut(2 * hb);
-                    rec_zr.fill(0.0);
-                    for (row, b) in rec_h.chunks_exact_mut(batch).zip(self.rec_bias.iter()) {
-                        row.fill(*b);
-                    }
-                    if t > 0 {
-                        Self::product(
-                            &self.r,
-                            &self.r_t,
-                            h,
-                            &h_t,
-                            (batch, 1),
-                            batch,
-                            &mut rec,
-                            &mut b_col,
-                        )?;
-                    }
                     let (zr, cand) = gates.split_at_mut(2 * hb);
                     for (v, r) in zr.iter_mut().zip(&rec) {
                         *v += r;
