@@ -266,7 +266,7 @@ impl RecurrentSeq {
         let (g, input) = (w.shape()[1], w.shape()[2]);
         let hidden = r.shape()[2];
         ensure!(
-            g == cell.gates() * hidden && r.shape()[1] == g,
+            hidden > 0 && input > 0 && g == cell.gates() * hidden && r.shape()[1] == g,
             "{} weights of shapes {:?} and {:?}",
             cell.name(),
             w.shape(),
@@ -444,12 +444,12 @@ fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
 
 /// Below this batch size a step's products skip `matrixmultiply`, whose packing of the weights
 /// on every call costs more than the arithmetic of one column: the demo-lstm at batch 1 took
-/// 103 µs a call through it and 64 µs with [`narrow_acc`]; at batch 2 the packing already pays
-/// (116 µs against 160 µs or more).
+/// 103 µs a call through it and 64 µs with [`narrow_acc`]; at batch 4 the packing already pays
+/// (130 µs through it, 208–224 µs with the loops; 116 µs at batch 2).
 const NARROW: usize = 2;
 
 /// `c += a · b` like [`gemm_acc`] for a narrow `b` `[k, n]`, from `a_t` = `aᵀ` `[k, m]`
-/// row-major. Per column of `b` and per block of 16 rows of `c`, the 16 sums stay in registers
+/// row-major. Per column of `b` and per block of 32 rows of `c`, the 32 sums stay in registers
 /// over the whole of `k` (multiply-adds over contiguous rows of `a_t`, which vectorise).
 /// `b_col` is scratch of `k` values.
 fn narrow_acc(
