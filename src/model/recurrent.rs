@@ -168,6 +168,9 @@ impl Recurrent {
         };
         if target.outlet_fact(inputs[0])?.datum_type != f32::datum_type()
             || w.datum_type() != f32::datum_type()
+            || r.datum_type() != f32::datum_type()
+            || w.rank() != 3
+            || r.rank() != 3
             || w.shape()[0] != 1
         {
             return Ok(None);
