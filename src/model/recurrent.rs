@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use tract_onnx::model::ParsingContext;
-use tract_onnx::ops::rec::common::CommonRec;
+use tract_onnx::ops::rec::common::{CommonRec, WireBody};
 use tract_onnx::ops::rec::{gru::GRU, lstm::LSTM};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core::ndarray::linalg::general_mat_mul;
@@ -41,17 +41,9 @@ fn parse_lstm(_ctx: &ParsingContext, pb: &NodeProto) -> Parsed {
         g: Box::new(tanh()),
         h: Box::new(tanh()),
     };
-    let common = CommonRec::from_node_and_options(pb, 3, 0, Box::new(stock))?;
     let plain = plain_forward(pb, &["Sigmoid", "Tanh", "Tanh"])?
         && pb.get_attr_opt::<i64>("input_forget")?.unwrap_or(0) == 0;
-    Ok((
-        expand(Recurrent {
-            common,
-            cell: Cell::Lstm,
-            plain,
-        }),
-        vec![],
-    ))
+    recurrent(pb, Box::new(stock), Cell::Lstm, plain)
 }
 
 fn parse_gru(_ctx: &ParsingContext, pb: &NodeProto) -> Parsed {
@@ -61,12 +53,17 @@ fn parse_gru(_ctx: &ParsingContext, pb: &NodeProto) -> Parsed {
         g: Box::new(tanh()),
         linear_before_reset,
     };
-    let common = CommonRec::from_node_and_options(pb, 3, 0, Box::new(stock))?;
     let plain = plain_forward(pb, &["Sigmoid", "Tanh"])? && linear_before_reset;
+    recurrent(pb, Box::new(stock), Cell::Gru, plain)
+}
+
+/// The node's expansion, around tract's own lowering `stock`.
+fn recurrent(pb: &NodeProto, stock: Box<dyn WireBody>, cell: Cell, plain: bool) -> Parsed {
+    let common = CommonRec::from_node_and_options(pb, 3, 0, stock)?;
     Ok((
         expand(Recurrent {
             common,
-            cell: Cell::Gru,
+            cell,
             plain,
         }),
         vec![],
@@ -84,7 +81,7 @@ fn plain_forward(pb: &NodeProto, default_activations: &[&str]) -> TractResult<bo
             .is_none_or(|a| a == default_activations))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cell {
     /// Gates i, o, f, c (ONNX's order); a cell state.
     Lstm,
