@@ -247,7 +247,7 @@ pub struct RecurrentSeq {
     /// `W`, `[G·H, I]` row-major, as ONNX stores it, and `R`, `[G·H, H]`.
     w: Arc<Vec<f32>>,
     r: Arc<Vec<f32>>,
-    /// `Wᵀ` `[I, G·H]` and `Rᵀ` `[H, G·H]`, for a batch of one (see [`narrow_acc`]).
+    /// `Wᵀ` `[I, G·H]` and `Rᵀ` `[H, G·H]`, for a batch of one (see [`matvec_acc`]).
     w_t: Arc<Vec<f32>>,
     r_t: Arc<Vec<f32>>,
     /// The biases added to every step's gates, `[G·H]`: `Wb + Rb` for the LSTM; for the GRU
@@ -310,7 +310,25 @@ impl RecurrentSeq {
     }
 
     /// `Y` `[T, batch, H]` and the last cell state `[batch, H]` (empty for the GRU).
+    ///
+    /// The steps run inside [`pulp::Arch::dispatch`], which compiles them (and everything they
+    /// inline: the batch-1 products, the cell updates, the transposes) once more for AVX2 and
+    /// picks that copy at run time where the CPU has it. The binary itself targets baseline
+    /// x86-64, where the same loops are SSE2, 4 wide: the demo-lstm took 67 µs a call at batch 1
+    /// and 2.40 ms at 256 that way, 39 µs and 2.26 ms dispatched (docs/NOTES.md). Rust does not
+    /// contract `a * b + c` into FMA, so both copies give the same sums.
     fn run(&self, x: &[f32], t_len: usize, batch: usize) -> TractResult<(Vec<f32>, Vec<f32>)> {
+        pulp::Arch::new().dispatch(Steps {
+            op: self,
+            x,
+            t_len,
+            batch,
+        })
+    }
+
+    /// [`RecurrentSeq::run`]'s body, inlined into each of its dispatched copies.
+    #[inline(always)]
+    fn steps(&self, x: &[f32], t_len: usize, batch: usize) -> TractResult<(Vec<f32>, Vec<f32>)> {
         let (h, i, g) = (self.hidden, self.input, self.cell.gates() * self.hidden);
         let hb = h * batch;
         if hb == 0 {
@@ -324,23 +342,13 @@ impl RecurrentSeq {
         let mut rec = vec![0f32; if self.cell == Cell::Gru { g * batch } else { 0 }];
         let mut c = vec![0f32; if self.cell == Cell::Lstm { hb } else { 0 }]; // [H, batch]
         let mut h_t = vec![0f32; hb]; // [H, batch]
-        let mut b_col = vec![0f32; h.max(i)];
         for t in 0..t_len {
             for (row, b) in gates.chunks_exact_mut(batch).zip(self.bias.iter()) {
                 row.fill(*b);
             }
             // x_t is [batch, I] row-major: as the [I, batch] operand, strides (1, I).
             let x_t = &x[t * batch * i..(t + 1) * batch * i];
-            Self::product(
-                &self.w,
-                &self.w_t,
-                i,
-                x_t,
-                (1, i),
-                batch,
-                &mut gates,
-                &mut b_col,
-            )?;
+            Self::product(&self.w, &self.w_t, i, x_t, (1, i), batch, &mut gates)?;
             // The recurrent product: onto the gates for the LSTM, apart for the GRU, whose reset
             // gate scales its h-gate rows.
             if self.cell == Cell::Gru {
@@ -355,16 +363,7 @@ impl RecurrentSeq {
                     Cell::Lstm => &mut gates,
                     Cell::Gru => &mut rec,
                 };
-                Self::product(
-                    &self.r,
-                    &self.r_t,
-                    h,
-                    &h_t,
-                    (batch, 1),
-                    batch,
-                    onto,
-                    &mut b_col,
-                )?;
+                Self::product(&self.r, &self.r_t, h, &h_t, (batch, 1), batch, onto)?;
             }
             match self.cell {
                 Cell::Lstm => {
@@ -407,8 +406,8 @@ impl RecurrentSeq {
     }
 
     /// `c += a · b` for one of this op's weights `a` (`[G·H, k]` row-major, with its transpose
-    /// `a_t`) and a `[k, batch]` operand `b` given by its strides; `b_col` is scratch.
-    #[allow(clippy::too_many_arguments)]
+    /// `a_t`) and a `[k, batch]` operand `b` given by its strides.
+    #[inline(always)]
     fn product(
         a: &[f32],
         a_t: &[f32],
@@ -417,19 +416,43 @@ impl RecurrentSeq {
         b_strides: (usize, usize),
         batch: usize,
         c: &mut [f32],
-        b_col: &mut [f32],
     ) -> TractResult<()> {
-        if batch < NARROW {
-            narrow_acc(a_t, b, b_strides, batch, c, &mut b_col[..k]);
-            Ok(())
-        } else {
-            gemm_acc((a.len() / k, k, batch), a, (k, 1), b, b_strides, c)
+        match batch {
+            0 => Ok(()),
+            // One column skips `matrixmultiply`, whose packing of the weights on every call
+            // costs more than the arithmetic: the demo-lstm at batch 1 took 103 µs a call through
+            // it and 64 µs with these loops. From two columns on, the packing pays (batch 2:
+            // 116 µs through it; batch 4: 130 µs, 208–224 µs with loops).
+            1 => {
+                matvec_acc(a_t, b, b_strides.0, c);
+                Ok(())
+            }
+            _ => gemm_acc((a.len() / k, k, batch), a, (k, 1), b, b_strides, c),
         }
+    }
+}
+
+/// A call of [`RecurrentSeq::steps`], for [`pulp::Arch::dispatch`] to compile once per
+/// instruction set: a closure is not inlined into the dispatched copies, a `with_simd` is.
+struct Steps<'a> {
+    op: &'a RecurrentSeq,
+    x: &'a [f32],
+    t_len: usize,
+    batch: usize,
+}
+
+impl pulp::WithSimd for Steps<'_> {
+    type Output = TractResult<(Vec<f32>, Vec<f32>)>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
+        self.op.steps(self.x, self.t_len, self.batch)
     }
 }
 
 /// `to[b * rows + j] = from[j * batch + b]`: `[rows, batch]` to `[batch, rows]`. Written in
 /// order and read across: strided writes to `to` cost 6 % of a demo-lstm replay (perf).
+#[inline(always)]
 fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
     let rows = from.len() / batch.max(1);
     if rows == 0 {
@@ -442,54 +465,18 @@ fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
     }
 }
 
-/// Below this batch size a step's products skip `matrixmultiply`, whose packing of the weights
-/// on every call costs more than the arithmetic of one column: the demo-lstm at batch 1 took
-/// 103 µs a call through it and 64 µs with [`narrow_acc`]; at batch 4 the packing already pays
-/// (130 µs through it, 208–224 µs with the loops; 116 µs at batch 2).
-const NARROW: usize = 2;
-
-/// `c += a · b` like [`gemm_acc`] for a narrow `b` `[k, n]`, from `a_t` = `aᵀ` `[k, m]`
-/// row-major. Per column of `b` and per block of 32 rows of `c`, the 32 sums stay in registers
-/// over the whole of `k` (multiply-adds over contiguous rows of `a_t`, which vectorise).
-/// `b_col` is scratch of `k` values.
-fn narrow_acc(
-    a_t: &[f32],
-    b: &[f32],
-    (b_row, b_col_stride): (usize, usize),
-    n: usize,
-    c: &mut [f32],
-    b_col: &mut [f32],
-) {
-    const BLOCK: usize = 32;
-    let k = b_col.len();
-    let m = a_t.len() / k;
-    for col in 0..n {
-        for (kk, v) in b_col.iter_mut().enumerate() {
-            *v = b[kk * b_row + col * b_col_stride];
-        }
-        let mut j0 = 0;
-        while j0 < m {
-            let width = BLOCK.min(m - j0);
-            let mut acc = [0f32; BLOCK];
-            if width == BLOCK {
-                for (kk, v) in b_col.iter().enumerate() {
-                    let row: &[f32; BLOCK] =
-                        a_t[kk * m + j0..kk * m + j0 + BLOCK].try_into().unwrap();
-                    for (s, a) in acc.iter_mut().zip(row) {
-                        *s += v * a;
-                    }
-                }
-            } else {
-                for (kk, v) in b_col.iter().enumerate() {
-                    for (s, a) in acc.iter_mut().zip(&a_t[kk * m + j0..kk * m + j0 + width]) {
-                        *s += v * a;
-                    }
-                }
-            }
-            for (l, s) in acc[..width].iter().enumerate() {
-                c[(j0 + l) * n + col] += s;
-            }
-            j0 += width;
+/// `c += a · b` for one column `b` (`k` values `b_stride` apart), from `a_t` = `aᵀ` `[k, m]`
+/// row-major: a multiply-add of a whole row of `a_t` onto `c` per value of `b`, over contiguous
+/// slices, which vectorise at any width. (Sums held in registers across `k`, a `[f32; 32]` per
+/// block of rows, vectorised on their own but were spilled to the stack, scalar, once inlined
+/// into [`RecurrentSeq::steps`]: 119 µs a call against 67.)
+#[inline(always)]
+fn matvec_acc(a_t: &[f32], b: &[f32], b_stride: usize, c: &mut [f32]) {
+    let m = c.len();
+    for (row, kk) in a_t.chunks_exact(m).zip(0..) {
+        let v = b[kk * b_stride];
+        for (s, a) in c.iter_mut().zip(row) {
+            *s += v * a;
         }
     }
 }
@@ -657,8 +644,8 @@ mod tests {
     #[test]
     fn the_whole_sequence_op_is_the_onnx_cell_on_both_paths() {
         let mut rng = SmallRng::seed_from_u64(7);
-        // Batch 1 takes the narrow loops, the others matrixmultiply; hidden sizes that are and
-        // are not multiples of the 32-row block.
+        // Batch 1 takes the matrix-vector loops, the others matrixmultiply; hidden sizes that
+        // are and are not multiples of the vector widths.
         let shapes = [
             (32, 5, 16, 1),
             (32, 5, 16, 9),
