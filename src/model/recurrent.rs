@@ -439,8 +439,9 @@ impl RecurrentSeq {
             0 => Ok(()),
             // One column skips `matrixmultiply`, whose packing of the weights on every call
             // costs more than the arithmetic: the demo-lstm at batch 1 took 103 µs a call through
-            // it and 64 µs with these loops. From two columns on, the packing pays (batch 2:
-            // 116 µs through it; batch 4: 130 µs, 208–224 µs with loops).
+            // it and 64 µs with SSE2 loops (39 µs with these, dispatched). From two columns on,
+            // the packing paid against the SSE2 loops (batch 2: 116 µs through it; batch 4:
+            // 130 µs, 208–224 µs with loops); not measured again since.
             1 => {
                 matvec_acc(a_t, b, b_strides.0, c);
                 Ok(())
