@@ -315,8 +315,9 @@ impl RecurrentSeq {
     /// inline: the batch-1 products, the cell updates, the transposes) once more for AVX2 and
     /// picks that copy at run time where the CPU has it. The binary itself targets baseline
     /// x86-64, where the same loops are SSE2, 4 wide: the demo-lstm took 67 µs a call at batch 1
-    /// and 2.40 ms at 256 that way, 39 µs and 2.26 ms dispatched (docs/NOTES.md). Rust does not
-    /// contract `a * b + c` into FMA, so both copies give the same sums.
+    /// and 2.40 ms at 256 that way, 39 µs and 2.26 ms dispatched (before [`activate`];
+    /// docs/NOTES.md). Rust does not contract `a * b + c` into FMA, so both copies give the same
+    /// sums.
     fn run(&self, x: &[f32], t_len: usize, batch: usize) -> TractResult<(Vec<f32>, Vec<f32>)> {
         pulp::Arch::new().dispatch(Steps {
             op: self,

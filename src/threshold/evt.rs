@@ -817,7 +817,7 @@ mod tests {
 
     /// The policy on a sustained shift: flagged scores below `z_far` are learned, so a shift
     /// the tail can reach is absorbed and its alarms stop; one beyond `z_far` is never learned
-    /// and keeps alarming. Past the filling of the peaks window, fits follow their root.
+    /// and keeps alarming. Between full searches, fits follow their root.
     #[test]
     fn a_sustained_shift_within_reach_is_absorbed_and_one_beyond_keeps_alarming() {
         let (mut near, shifted) = key_and_shift();
@@ -827,7 +827,10 @@ mod tests {
         for i in 0..600 {
             alarms += usize::from(near.judge(shifted(i)).is_anomaly);
             if i == 400 {
-                assert!(near.refined > 0, "the full window's fits follow their root");
+                assert!(
+                    near.refined > 0,
+                    "fits follow their root between full searches"
+                );
             }
         }
         assert!(alarms < 50, "absorbed after {alarms} alarms");
