@@ -658,7 +658,8 @@ impl Detector {
                 reconstruction = Cow::Owned(shifted.map(|(l, r)| l + r).collect());
             }
             let top = Top::of(errors);
-            let source = SourceRef {
+            // Built only for an event: most records make none, and its topic is a new String.
+            let source = || SourceRef {
                 topic: entry.origin.topic.to_string(),
                 partition: entry.origin.partition,
                 offset: entry.origin.offset,
@@ -700,9 +701,8 @@ impl Detector {
                     w.level = Some(b.start());
                 }
             }
-            let evicted = evicted.map(|gone| {
-                self.episode_event(EventKind::Resolved, gone, Some(source.clone()), EVICTED)
-            });
+            let evicted = evicted
+                .map(|gone| self.episode_event(EventKind::Resolved, gone, Some(source()), EVICTED));
             let event = transition.map(|t| {
                 let (kind, episode, reason) = match t {
                     Transition::Fired(e) => (EventKind::Firing, e, None),
@@ -730,7 +730,7 @@ impl Detector {
                         })
                         .collect(),
                     model: model_ref.clone(),
-                    source,
+                    source: source(),
                     episode,
                     reason,
                 }
