@@ -42,6 +42,8 @@ kinds:
   denoising  reconstructs clean inputs from corrupted ones (--noise-std, --mask-prob); its
              reconstruction is a denoised signal
   lstm, gru  recurrent sequence-to-sequence autoencoders over windows of T rows (default T=16)
+  (conv 1-D, lstm and gru with 2+ features: a code per row, scored on the window's last row; see
+  --code)
 
 Point kinds use window 1 unless --window is given (their window is then flattened).
 With --key, rows are grouped per entity (file order) and windows never cross entities.
@@ -137,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
 
     a = f.add_argument_group("architecture")
     a.add_argument("--latent", metavar="K", type=int,
-                   help="code size (default: min(D/2, 8) for D = window x features; sparse: twice that; "
+                   help="code size (default: min(D/2, 8) for D = window x features, or D = features for "
+                        "a code per row (--code); sparse: twice that; "
                         "pca: the fewest components explaining --variance)")
     a.add_argument("--hidden", metavar="H", type=int, default=32,
                    help="hidden layer / recurrent state size (default 32)")
@@ -153,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
                    help="denoising: Gaussian corruption in normalised units (default 0.5)")
     a.add_argument("--mask-prob", metavar="P", type=float, default=0.1,
                    help="denoising: probability of masking an input value (default 0.1)")
+    a.add_argument("--code", choices=("step", "window"),
+                   help="conv (1-D), lstm, gru: a code of --latent units for every row, scored on the "
+                        "window's last row (default with 2 or more features), or one code for the whole "
+                        "window, scored over all its rows (the default for a single series)")
     a.add_argument("--beta", metavar="X", type=float, default=1.0,
                    help="vae: weight of the KL term (default 1)")
     a.add_argument("--pretrain-epochs", metavar="N", type=int,
@@ -318,7 +325,7 @@ def _fit(args) -> int:
         sparsity=args.sparsity, sparsity_weight=args.sparsity_weight, rho=args.rho, noise_std=args.noise_std,
         mask_prob=args.mask_prob, beta=args.beta, pretrain_epochs=args.pretrain_epochs, variance=args.variance,
         baseline=args.baseline, baseline_half_life=args.baseline_half_life,
-        calibration_folds=args.calibration_folds,
+        calibration_folds=args.calibration_folds, code=args.code,
     )
     res = fit(opts)
     q = res.calibration["quantiles"]

@@ -4,6 +4,7 @@
                                    r = core(z)
     reconstruction = r * std + mean               [batch, T, F], raw units
     error          = mean over T of (r - z)^2      [batch, F], normalised units
+                     (the last row's (r - z)^2 for a code per row, kinds.StepCode)
 
 (For image models: input [batch, C, H, W], per-channel mean/std, error averaged over H x W.)
 The graph is written with the TorchScript-based ONNX exporter at opset 17, weights inline, the
@@ -50,7 +51,10 @@ class Exported(nn.Module):
         r = self.core(z)
         reconstruction = r * self.std + self.mean if self.image else r @ self.unscale + self.mean
         sq = (r - z) ** 2
-        error = sq.mean(dim=(2, 3)) if self.image else sq.mean(dim=1)
+        if self.image:
+            error = sq.mean(dim=(2, 3))
+        else:
+            error = sq[:, -1, :] if self.core.last_row_error else sq.mean(dim=1)
         return reconstruction, error
 
 

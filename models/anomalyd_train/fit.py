@@ -52,6 +52,7 @@ class FitOptions:
     variance: float = 0.95
     decoder: str = "position"
     unroll: bool = False
+    code: str | None = None  # conv (1-D), lstm, gru: "step" or "window"; None: step with >= 2 features
     # features made relative to a slow per-key level (see baseline.py); none by default
     baseline: list[str] = field(default_factory=list)
     baseline_half_life: float = baselines.DEFAULT_HALF_LIFE
@@ -98,6 +99,9 @@ def validate(opts: FitOptions) -> None:
         (opts.beta >= 0, f"--beta must not be negative, got {opts.beta}"),
         (opts.pretrain_epochs is None or opts.pretrain_epochs >= 1,
          f"--pretrain-epochs must be at least 1, got {opts.pretrain_epochs}"),
+        (opts.code in (None, "step", "window"), f"--code must be step or window, got {opts.code}"),
+        (opts.code != "step" or len(opts.features) >= 2,
+         "--code step needs at least 2 features (one value per row cannot be compressed); use --code window"),
     ]
     for ok, message in checks:
         if not ok:
@@ -225,6 +229,7 @@ def fit_series(opts: FitOptions, parts: list[np.ndarray], source: dict) -> FitRe
         latent=opts.latent, hidden=opts.hidden, sparsity=opts.sparsity,
         sparsity_weight=opts.sparsity_weight, rho=opts.rho, noise_std=opts.noise_std,
         mask_prob=opts.mask_prob, beta=opts.beta, decoder=opts.decoder, unroll=opts.unroll, variance=opts.variance,
+        code=opts.code,
     )
     epochs, patience = (opts.epochs, None) if opts.epochs is not None else auto_epochs(len(train), opts.batch_size)
     cfg = TrainConfig(

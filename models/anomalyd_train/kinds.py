@@ -49,6 +49,9 @@ class Spec:
     unroll: bool = False
     # pca: keep the fewest components explaining this share of the variance (unless latent is set)
     variance: float = 0.95
+    # conv (1-D), lstm, gru: "step", a code for every row (`latent` units each, see StepCode), or
+    # "window", one code for the whole window; None: step when there are at least 2 features
+    code: str | None = None
 
     @property
     def flat(self) -> int:
@@ -57,10 +60,21 @@ class Spec:
             return c * h * w
         return self.window * self.features
 
+    def step_code(self) -> bool:
+        """Whether this sequence model has a code per row (StepCode) rather than per window."""
+        if self.kind not in ("conv", "lstm", "gru") or self.image_shape is not None:
+            return False
+        if self.code not in (None, "step", "window"):
+            raise ValueError(f"code must be step or window, got {self.code!r}")
+        if self.code == "step" and self.features < 2:
+            raise ValueError("a code per row needs at least 2 features to compress; use code window")
+        return self.code == "step" or (self.code is None and self.features >= 2)
+
     def code_size(self) -> int:
+        """Units of the code: per row for a step code, else per sample."""
         if self.latent is not None:
             return self.latent
-        base = max(1, min(self.flat // 2, 8))
+        base = max(1, min((self.features if self.step_code() else self.flat) // 2, 8))
         return 2 * base if self.kind == "sparse" else base
 
     def describe(self) -> dict:
@@ -71,7 +85,9 @@ class Spec:
             d.update(noise_std=self.noise_std, mask_prob=self.mask_prob)
         if self.kind == "vae":
             d.update(beta=self.beta)
-        if self.kind in ("lstm", "gru"):
+        if self.kind in ("conv", "lstm", "gru") and self.image_shape is None:
+            d.update(code="step" if self.step_code() else "window")
+        if self.kind in ("lstm", "gru") and not self.step_code():
             d.update(decoder=self.decoder, unroll=self.unroll)
         if self.kind == "pca":
             d.update(variance=self.variance)
@@ -95,6 +111,8 @@ class Core(nn.Module):
     """
 
     bounded = True  # pca, a linear baseline, opts out
+    # The exported `error` is the last row's (StepCode) instead of the mean over the window.
+    last_row_error = False
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -341,6 +359,95 @@ class Conv1D(Core):
         return self.out(h).transpose(1, 2)
 
 
+class StepCode(Core):
+    """Base of the sequence models with a code per row (the default with 2 or more features).
+
+    Causal: row t's code z_t (k < F units) is computed from rows up to t, and row t is rebuilt
+    from z_1..z_t. The codes before t know nothing of row t, so its own information passes only
+    through z_t's k units: a bottleneck per row, like the dense model's, with the rows before
+    it as context. A window-wide code (Conv1D, Recurrent) must squeeze T rows into one code of
+    at most 8 units; on 400 rows of 8 load-driven channels (`anomalyd-train machines`) that left
+    conv and lstm reconstructing no better than 0.08 and 0.24 (normalised MSE), where a step
+    code gets 0.009 and 0.011 (dense: 0.004), and ROC AUC 0.83 -> 0.91 and 0.73 -> 0.93.
+
+    The score is the last row's error (`last_row_error`): the row being judged, with the most
+    context; the window's earlier rows were judged when they arrived. Averaging over the window
+    would smear a fault over the T rows after it and dilute its first ones (AUC 0.88 / 0.90
+    averaged against 0.91 / 0.93 on the last row, the same models). One feature cannot be
+    compressed per row, so a single series keeps the window code."""
+
+    last_row_error = True
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.t, self.k = spec.window, spec.code_size()
+
+    def encode_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, F] -> codes [B, T, k]."""
+        raise NotImplementedError
+
+    def decode_steps(self, z: torch.Tensor) -> torch.Tensor:
+        """codes [B, T, k] -> [B, T, F]."""
+        raise NotImplementedError
+
+    def encode(self, x):
+        return torch.flatten(self.encode_steps(x), 1)  # bounded per unit and row
+
+    def decode(self, z):
+        return self.decode_steps(z.view(-1, self.t, self.k))
+
+
+class Conv1DStep(StepCode):
+    """Causal 1-D convolutions along time (kernel 3, padded on the left only), a per-row code
+    of `latent` units, and the mirror image back."""
+
+    KERNEL = 3
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        f, h = spec.features, spec.hidden
+        self.enc = nn.Sequential(nn.Conv1d(f, h, self.KERNEL), nn.Tanh(), nn.Conv1d(h, self.k, 1), nn.Tanh())
+        self.dec = nn.Sequential(nn.Conv1d(self.k, h, self.KERNEL), nn.Tanh(), nn.Conv1d(h, f, 1))
+
+    def _causal(self, layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        return layers(fn.pad(x.transpose(1, 2), (self.KERNEL - 1, 0))).transpose(1, 2)
+
+    def encode_steps(self, x):
+        return self._causal(self.enc, x)
+
+    def decode_steps(self, z):
+        return self._causal(self.dec, z)
+
+
+class RecurrentStep(StepCode):
+    """An LSTM or GRU reads the rows, a linear layer and tanh give each row's code, a second
+    one reads the codes and a linear layer rebuilds each row. Both read the row's position
+    p_t = t / T too, as Recurrent's do: tract's GRU kernel fails on a single input feature."""
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        if spec.decoder != "position" or spec.unroll:
+            raise ValueError("the decoder designs and unroll are for a window code (code window)")
+        cell = {"lstm": nn.LSTM, "gru": nn.GRU}[spec.kind]
+        f, h = spec.features, spec.hidden
+        self.encoder = cell(f + 1, h, batch_first=True)
+        self.to_code = nn.Linear(h, self.k)
+        self.decoder = cell(self.k + 1, h, batch_first=True)
+        self.out = nn.Linear(h, f)
+        self.register_buffer("steps", (torch.arange(1, self.t + 1, dtype=torch.float32) / self.t).view(1, self.t, 1))
+
+    def _with_position(self, x):
+        return torch.cat([x, self.steps.expand(x.shape[0], -1, -1)], dim=2)
+
+    def encode_steps(self, x):
+        seq, _ = self.encoder(self._with_position(x))
+        return torch.tanh(self.to_code(seq))
+
+    def decode_steps(self, z):
+        seq, _ = self.decoder(self._with_position(z))
+        return self.out(seq)
+
+
 class Conv2D(Core):
     """2-D convolutional autoencoder over image-shaped records [B, C, H, W]: two stride-2
     convolutions, a dense bottleneck, two stride-2 transposed convolutions, cropped to H x W."""
@@ -498,7 +605,7 @@ def build(spec: Spec, pca_components: int | None = None) -> Core:
     if spec.kind == "pca":
         return PCA(spec, pca_components or 1)
     if spec.kind == "conv":
-        return Conv2D(spec) if spec.image_shape is not None else Conv1D(spec)
+        return Conv2D(spec) if spec.image_shape is not None else Conv1DStep(spec) if spec.step_code() else Conv1D(spec)
     if spec.image_shape is not None:
         raise ValueError(f"--shape (image-shaped input) is for kind conv only, not {spec.kind}")
     return {
@@ -507,6 +614,6 @@ def build(spec: Spec, pca_components: int | None = None) -> Core:
         "sparse": Sparse,
         "stacked": Stacked,
         "vae": VAE,
-        "lstm": Recurrent,
-        "gru": Recurrent,
+        "lstm": RecurrentStep if spec.step_code() else Recurrent,
+        "gru": RecurrentStep if spec.step_code() else Recurrent,
     }[spec.kind](spec)

@@ -369,6 +369,9 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         # The NAB line was measured on the probation's validation windows alone (SPOT fits its
         # tail on them); out-of-fold calibration is for the quantile's small-sample problem.
         calibration_folds=1,
+        # One series plus calendar columns, which the rows before predict exactly: a code per row
+        # (kinds.StepCode) would be left to carry the value itself. One code per window.
+        code="window",
     )
     table = np.stack([feats[c] for c in columns], axis=1)
     train_model(fit_opts, opts, [table[:probation]], work)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import SEQUENCE_KINDS
 from .data import DataError
 
 ENV_PREFIX = "ANOMALYD__"
@@ -380,9 +381,11 @@ def fit_options(meta: dict, data: str, out: str, version: str, quiet: bool):
         baseline=baseline["features"] if baseline else [],
     )
     for name in ("sparsity", "sparsity_weight", "rho", "noise_std", "mask_prob", "beta", "decoder", "unroll",
-                 "variance"):
+                 "variance", "code"):
         if name in arch:
             setattr(opts, name, arch[name])
+    if opts.kind in SEQUENCE_KINDS and not shape and "code" not in arch:
+        opts.code = "window"  # written before per-row codes: the design it was trained with
     if baseline:
         opts.baseline_half_life = float(baseline["half_life"])
     return opts

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from . import KINDS, SEQUENCE_KINDS, data, export, inject, plots
 from .fit import DEFAULT_SEQUENCE_WINDOW, FitOptions, fit_series, write
+from .kinds import Spec
 from .synth import auc, average_precision
 
 DEFAULT_KINDS = ("pca", "dense", "conv", "lstm")
@@ -100,14 +101,15 @@ def _cost(kind: str) -> int:
 
 def grid(kinds: list[str], latents: list[int], windows: list[int], features: int) -> list[Candidate]:
     """Every (kind, window, latent), cheapest first. A code wider than the input (D = window x
-    features values) is left out, except D itself: the identity the rule must see lose. PCA stops
-    at D - 1 components (with D it reproduces every input exactly: every score 0)."""
+    features values, or the features alone for a sequence kind's code per row, kinds.StepCode)
+    is left out, except D itself: the identity the rule must see lose. PCA stops at D - 1
+    components (with D it reproduces every input exactly: every score 0)."""
     out = []
     for kind in kinds:
         if kind not in KINDS:
             raise data.DataError(f"unknown kind {kind!r} in --kinds; kinds: {', '.join(KINDS)}")
         for window in windows if kind in SEQUENCE_KINDS else [1]:
-            d = window * features
+            d = features if Spec(kind=kind, window=window, features=features).step_code() else window * features
             for latent in sorted(set(latents)):
                 if latent <= d - (kind == "pca"):
                     out.append(Candidate(kind, window, latent))

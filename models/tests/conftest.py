@@ -63,6 +63,7 @@ VARIANTS = {
     "pca": ("pca", {}),
     "dense": ("dense", {}),
     "conv1d": ("conv", {"window": 8}),
+    "conv1d-window": ("conv", {"window": 8, "code": "window"}),
     "conv2d": ("conv", {"shape": IMAGE_SHAPE}),
     "vae": ("vae", {}),
     "sparse-kl": ("sparse", {"sparsity": "kl"}),
@@ -72,11 +73,13 @@ VARIANTS = {
     "denoising-window": ("denoising", {"window": 4}),
     "lstm": ("lstm", {"window": 8}),
     "gru": ("gru", {"window": 8}),
+    "lstm-window": ("lstm", {"window": 8, "code": "window"}),
+    "gru-window": ("gru", {"window": 8, "code": "window"}),
     "lstm-1feature": ("lstm", {"window": 8, "features": ["flow"]}),
     "gru-1feature": ("gru", {"window": 8, "features": ["flow"]}),
     # the recurrence written out as matrix products instead of ONNX's LSTM / GRU operator
-    "lstm-unrolled": ("lstm", {"window": 8, "unroll": True}),
-    "gru-unrolled": ("gru", {"window": 8, "unroll": True}),
+    "lstm-unrolled": ("lstm", {"window": 8, "code": "window", "unroll": True}),
+    "gru-unrolled": ("gru", {"window": 8, "code": "window", "unroll": True}),
 }
 
 

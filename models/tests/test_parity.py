@@ -73,7 +73,7 @@ def test_the_other_recurrent_decoders_run_exactly_in_the_daemon(quick_models, tm
     "repeat" 2.7e-2 off in another set-up), which is why the toolkit's default is the "position"
     design (kinds.Recurrent). The daemon now runs plain LSTM and GRU nodes with its own
     whole-sequence op (src/model/recurrent.rs), and this holds it to onnxruntime on them too."""
-    res = quick_models(kind, decoder=design)
+    res = quick_models(kind, code="window", decoder=design)
     x = inputs(res, 3)
     trec, terr = torch_outputs(res, x)
     orec, oerr = export.session(res.path).run(["reconstruction", "error"], {"input": x})

@@ -102,7 +102,9 @@ def test_grid_stops_at_the_input_width_and_runs_cheapest_first():
     names = [c.name for c in g]
     assert names[:2] == ["pca latent 1", "dense latent 1"], names  # pca: D - 1 = 1 component at most
     assert "dense latent 2" in names and "dense latent 4" not in names  # D = 2: the identity, no wider
-    assert [c.latent for c in g if c.kind == "lstm"] == [1, 2, 4, 8]  # D = 4 x 2
+    assert [c.latent for c in g if c.kind == "lstm"] == [1, 2]  # a code per row: D = 2 features
+    one = grid(["lstm"], [1, 2, 4, 8, 16], [4], features=1)
+    assert [c.latent for c in one] == [1, 2, 4]  # one feature, a code per window: D = 4 x 1
     with pytest.raises(DataError, match="unknown kind"):
         grid(["dense", "transformer"], [1], [16], features=2)
 
