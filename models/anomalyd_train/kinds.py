@@ -368,12 +368,12 @@ class StepCode(Core):
     it as context. A window-wide code (Conv1D, Recurrent) must squeeze T rows into one code of
     at most 8 units; on 400 rows of 8 load-driven channels (`anomalyd-train machines`) that left
     conv and lstm reconstructing no better than 0.08 and 0.24 (normalised MSE), where a step
-    code gets 0.009 and 0.011 (dense: 0.004), and ROC AUC 0.83 -> 0.91 and 0.73 -> 0.93.
+    code gets 0.009 and 0.035 (dense: 0.004), and ROC AUC 0.83 -> 0.91 and 0.73 -> 0.92.
 
     The score is the last row's error (`last_row_error`): the row being judged, with the most
     context; the window's earlier rows were judged when they arrived. Averaging over the window
-    would smear a fault over the T rows after it and dilute its first ones (AUC 0.88 / 0.90
-    averaged against 0.91 / 0.93 on the last row, the same models). One feature cannot be
+    would smear a fault over the T rows after it and dilute its first ones (conv: ROC AUC 0.88
+    averaged, 0.91 on the last row, the same models). One feature cannot be
     compressed per row, so a single series keeps the window code."""
 
     last_row_error = True
