@@ -79,6 +79,17 @@ def _shape(text: str) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
+def _baseline_args(g) -> None:
+    g.add_argument("--baseline", type=_csv_list, default=[], metavar="A,B",
+                   help="features that drift (temperatures following the ambient, counters, ...): "
+                        "the model sees each one's distance from the key's own slow level instead of "
+                        "its value, so drift does not read as an anomaly while a step, spike or fast "
+                        "ramp still does (computed alike by the daemon; docs/MODEL-CONTRACT.md)")
+    g.add_argument("--baseline-half-life", type=float, default=DEFAULT_HALF_LIFE, metavar="N",
+                   help="records after which a value weighs half in a --baseline level "
+                        f"(default {DEFAULT_HALF_LIFE:g})")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="anomalyd-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,14 +114,7 @@ def parser() -> argparse.ArgumentParser:
                    help="rows per sample (default 1; 16 for conv, lstm, gru)")
     g.add_argument("--shape", type=_shape, metavar="C,H,W",
                    help="conv only: image-shaped records (2-D model)")
-    g.add_argument("--baseline", type=_csv_list, default=[], metavar="A,B",
-                   help="features that drift (temperatures following the ambient, counters, ...): "
-                        "the model sees each one's distance from the key's own slow level instead of "
-                        "its value, so drift does not read as an anomaly while a step, spike or fast "
-                        "ramp still does (computed alike by the daemon; docs/MODEL-CONTRACT.md)")
-    g.add_argument("--baseline-half-life", type=float, default=DEFAULT_HALF_LIFE, metavar="N",
-                   help="records after which a value weighs half in a --baseline level "
-                        f"(default {DEFAULT_HALF_LIFE:g})")
+    _baseline_args(g)
     g.add_argument("--out", required=True, metavar="NAME.onnx", help="the model file to write")
     g.add_argument("--name", help="model name in the metadata (default: the file's stem)")
     g.add_argument("--version", dest="model_version", metavar="VERSION", default="1.0.0",
@@ -209,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
                      help="code sizes to try (default 1,2,4,8,16; those wider than the input are left out)")
     sel.add_argument("--window", type=_int_list, default=[16], metavar="T,T",
                      help="windows to try for the sequence kinds conv, lstm, gru (default 16)")
+    _baseline_args(sel)
     sel.add_argument("--holdout", type=float, default=0.3, metavar="X",
                      help="share of each series (its end) held back for judging (default 0.3)")
     sel.add_argument("--inject-share", type=float, default=0.1, metavar="X",
@@ -384,6 +389,7 @@ def _select(args) -> int:
         latents=args.latent, windows=args.window, holdout=args.holdout, inject_share=args.inject_share,
         inject_magnitude=args.inject_magnitude, budget=parse_duration(args.budget, "--budget"),
         epochs=args.epochs, seed=args.seed, threads=args.threads, quiet=args.quiet,
+        baseline=args.baseline, baseline_half_life=args.baseline_half_life,
     ))
     c = res.chosen
     ok = sum(x.status == "ok" for x in res.candidates)

@@ -30,12 +30,13 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
 
 from . import KINDS, SEQUENCE_KINDS, data, export, inject, plots
+from . import baseline as baselines
 from .fit import DEFAULT_SEQUENCE_WINDOW, FitOptions, fit_series, write
 from .kinds import Spec
 from .synth import auc, average_precision
@@ -66,6 +67,9 @@ class SelectOptions:
     seed: int = 0
     threads: int = 1
     quiet: bool = False
+    # features measured from each key's slow level (fit --baseline), in every candidate alike
+    baseline: list[str] = field(default_factory=list)
+    baseline_half_life: float = baselines.DEFAULT_HALF_LIFE
 
 
 @dataclass
@@ -190,6 +194,17 @@ class HeldBack:
         all_events = [e for copy in copies for e in copy.events]
         return HeldBack(held, clean_rows, series, rows, labels, unit, replicates, all_events, season)
 
+    def relative(self, baseline: baselines.Baseline, train: list[np.ndarray], names: list[str]) -> "HeldBack":
+        """The held-back series as a model with this `--baseline` sees them in the daemon: each
+        key's level carried on from its training rows (anomalies are injected in raw units)."""
+
+        def after(i: int, s: np.ndarray) -> np.ndarray:
+            t = train[i % len(train)]  # clean, then every copy, series by series
+            return baseline.apply(np.concatenate([t, s]), names)[len(t):]
+
+        return replace(self, clean=[after(i, s) for i, s in enumerate(self.clean)],
+                       injected=[after(i, s) for i, s in enumerate(self.injected)])
+
     @staticmethod
     def scores(sess, window: int, series: list[np.ndarray], rows: list[np.ndarray]) -> np.ndarray:
         """The daemon's score (mean of `error`) of the window ending at each of `rows`."""
@@ -212,7 +227,8 @@ def _options(opts: SelectOptions, c: Candidate, out: str, calibration_folds: int
     return FitOptions(
         kind=c.kind, data=opts.data, features=opts.features, out=out, key=opts.key, window=c.window,
         latent=c.latent, epochs=opts.epochs, seed=opts.seed, threads=opts.threads, quiet=True, plot=True,
-        calibration_folds=calibration_folds, name=name,
+        calibration_folds=calibration_folds, name=name, baseline=opts.baseline,
+        baseline_half_life=opts.baseline_half_life,
     )
 
 
@@ -228,6 +244,9 @@ def select(opts: SelectOptions) -> Selection:
     cut = [len(s) - round(len(s) * opts.holdout) for s in parts]
     train = [s[:n] for s, n in zip(parts, cut)]
     held = HeldBack.build([s[n:] for s, n in zip(parts, cut)], train, longest, opts)
+    if opts.baseline:
+        level = baselines.fit(train, opts.features, opts.baseline, opts.baseline_half_life)
+        held = held.relative(level, train, opts.features)
     source = {"sha256": table.sha256, "rows": table.rows, "file": os.path.basename(opts.data)}
     model = os.path.join(opts.out, "model.onnx")
 

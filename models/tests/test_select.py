@@ -204,3 +204,21 @@ def test_cli_selects_over_sequence_kinds_within_a_budget(tmp_path):
 def test_too_little_held_back_data_is_refused_clearly(tmp_path):
     with pytest.raises(DataError, match="too short to inject anomalies"):
         _select(tmp_path, synth.factors(120, seed=1), "short")
+
+
+def test_baseline_lets_a_drifting_feature_through_selection(tmp_path):
+    """A feature that drifts out of its training range over the held-back part: without
+    --baseline every candidate rebuilds the held-back rows badly; with it, they are judged as the
+    daemon would feed them (each key's level carried on from its training rows), and the winner
+    says so in its metadata."""
+    x = synth.factors(2000, seed=1)
+    x[:, 0] += np.linspace(0, 15, len(x)) * x[:, 0].std()  # a slow drift, 15 spreads over the run
+    plain = _select(tmp_path, x, "plain")
+    level = _select(tmp_path, x, "level", baseline=[FACTOR_FEATURES[0]])
+    # The autoencoders' codes are bounded to their training range (PCA's linear map follows a
+    # linear drift either way).
+    before, after = (min(c.val_mse for c in s.candidates if c.kind == "dense") for s in (plain, level))
+    print(f"held-back error of the best dense candidate: plain {before:.4g}, baseline {after:.4g}")
+    assert after < before / 5, (plain.candidates, level.candidates)
+    meta = export.metadata(level.model)
+    assert json.loads(meta["anomalyd.baseline"])["features"] == [FACTOR_FEATURES[0]]
