@@ -139,6 +139,13 @@ def test_a_candidate_is_fitted_like_the_serving_model(sensors_csv, tmp_path):
     assert (opts.kind, opts.features, opts.window, opts.hidden, opts.latent) == ("lstm", list(FEATURES[:3]), 6, 12, 3)
     assert (opts.lr, opts.batch_size, opts.seed, opts.epochs, opts.decoder) == (2e-3, 32, 4, 2, "position")
     assert (opts.baseline, opts.baseline_half_life, opts.key) == ([FEATURES[0]], 50, "stretch")
+    assert opts.code == "step"
+    # a model written before codes per row had one per window, and says nothing of it
+    meta = export.metadata(serving.path)
+    training = json.loads(meta["anomalyd.training"])
+    del training["architecture"]["code"]
+    older = retrain.fit_options({**meta, "anomalyd.training": json.dumps(training)}, "d", "c.onnx", "1.0.1", True)
+    assert older.code == "window"
 
 
 def test_a_serving_model_the_toolkit_did_not_write_is_refused_before_kafka(tmp_path):
