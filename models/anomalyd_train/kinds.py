@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as fn
 
-from . import KINDS
+from . import KINDS, SEQUENCE_KINDS
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Spec:
 
     def step_code(self) -> bool:
         """Whether this sequence model has a code per row (StepCode) rather than per window."""
-        if self.kind not in ("conv", "lstm", "gru") or self.image_shape is not None:
+        if self.kind not in SEQUENCE_KINDS or self.image_shape is not None:
             return False
         if self.code not in (None, "step", "window"):
             raise ValueError(f"code must be step or window, got {self.code!r}")
@@ -85,7 +85,7 @@ class Spec:
             d.update(noise_std=self.noise_std, mask_prob=self.mask_prob)
         if self.kind == "vae":
             d.update(beta=self.beta)
-        if self.kind in ("conv", "lstm", "gru") and self.image_shape is None:
+        if self.kind in SEQUENCE_KINDS and self.image_shape is None:
             d.update(code="step" if self.step_code() else "window")
         if self.kind in ("lstm", "gru") and not self.step_code():
             d.update(decoder=self.decoder, unroll=self.unroll)
@@ -139,6 +139,11 @@ class Core(nn.Module):
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return fn.mse_loss(self(x), x)
+
+
+def positions(t: int) -> torch.Tensor:
+    """The recurrent kinds' position channel p_t = t / T, t = 1..T, as [1, T, 1]."""
+    return (torch.arange(1, t + 1, dtype=torch.float32) / t).view(1, t, 1)
 
 
 def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:
@@ -434,7 +439,7 @@ class RecurrentStep(StepCode):
         self.to_code = nn.Linear(h, self.k)
         self.decoder = cell(self.k + 1, h, batch_first=True)
         self.out = nn.Linear(h, f)
-        self.register_buffer("steps", (torch.arange(1, self.t + 1, dtype=torch.float32) / self.t).view(1, self.t, 1))
+        self.register_buffer("steps", positions(self.t))
 
     def _with_position(self, x):
         return torch.cat([x, self.steps.expand(x.shape[0], -1, -1)], dim=2)
@@ -524,7 +529,7 @@ class Recurrent(Core):
         self.to_code = nn.Linear(h, k)
         self.decoder = cell(k + (0 if self.design == "repeat" else 1), h, batch_first=True)
         self.out = nn.Linear(h, f)
-        self.register_buffer("steps", (torch.arange(1, t + 1, dtype=torch.float32) / t).view(1, t, 1))
+        self.register_buffer("steps", positions(t))
 
     def encode(self, x):
         if self._unrolled():
