@@ -134,7 +134,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-folds", metavar="K", type=int, default=5,
                    help=f"with fewer than {SMALL_CALIBRATION} validation windows, also train K models on "
                         "K-1 of K folds of the data and calibrate on their held-out scores too, so that "
-                        "every row gives a score the thresholds start from (default 5; 1: off)")
+                        "every row gives a score the thresholds start from; for conv, lstm and gru the folds "
+                        "are contiguous and a series' first fold is never held out, its start being a regime "
+                        "live rows have left (default 5; 1: off)")
     t.add_argument("--seed", type=int, metavar="N", default=0,
                    help="random seed: same seed and data, same model (default 0)")
     t.add_argument("--threads", metavar="N", type=int, default=1,

@@ -104,6 +104,23 @@ def test_windows_never_cross_entities_and_splits_share_no_rows():
     assert 0.1 < len(val) / (len(train) + len(val)) < 0.4
 
 
+def test_sequence_folds_hold_out_every_chunk_but_a_series_start():
+    # Rows are e*1000 + t again. Point models: every row held out once. Sequence models: every
+    # window of chunks 1..4 held out once, none of the first chunk, and never a row trained on.
+    parts = [np.stack([np.arange(200) + 1000 * e] * 2, axis=1).astype(float) for e in range(3)]
+    point = data.folds(parts, window=1, k=5, seed=0)
+    assert sorted(np.concatenate([h[:, 0, 0] for _, h in point]).tolist()) == sorted(
+        np.concatenate([p[:, 0] for p in parts]).tolist())
+    seq = data.folds(parts, window=8, k=5, seed=0)
+    assert len(seq) == 4
+    held_rows = []
+    for train, held in seq:
+        assert not set(train[:, :, 0].ravel().tolist()) & set(held[:, :, 0].ravel().tolist())
+        held_rows += held[:, :, 0].ravel().tolist()
+    assert {r % 1000 for r in held_rows} == set(range(40, 200)), "the first 40 rows of each series stay in training"
+    assert all(len(h) == 3 * (40 - 8 + 1) for _, h in seq), "every window inside a chunk, once"
+
+
 def test_calibration_summary():
     rng = np.random.default_rng(0)
     err = rng.gamma(2.0, 0.01, size=(5000, 3))
