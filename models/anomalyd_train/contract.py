@@ -217,11 +217,16 @@ def _check_run(proto, meta, shape, f: int, image: bool) -> list[str]:
         p.append("outputs are not finite, or error is negative")
     if norm:
         sq = ((rec - x) / std) ** 2
-        # a sequence model with a code per row (kinds.StepCode) scores the window's last row
+        # a sequence model with a code per row (kinds.StepCode) scores the window's last row; a
+        # VAE divides each value's squared error by its noise variance
         arch = json.loads(meta.get("anomalyd.training", "{}")).get("architecture", {})
+        if "noise_variance" in arch:
+            sq = sq / np.asarray(arch["noise_variance"], np.float32)
         last_row = not image and arch.get("code") == "step"
         expect = sq.mean(axis=(2, 3)) if image else sq[:, -1, :] if last_row else sq.mean(axis=1)
         if not np.allclose(err, expect, rtol=1e-3, atol=1e-4):
             which = "of the last row" if last_row else "mean"
-            p.append(f"error is not the {which} squared difference of reconstruction and input in normalised units")
+            over = " over the noise variance" if "noise_variance" in arch else ""
+            p.append(f"error is not the {which} squared difference of reconstruction and input in normalised "
+                     f"units{over}")
     return p

