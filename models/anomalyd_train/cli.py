@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
                         "window's last row (default with 2 or more features), or one code for the whole "
                         "window, scored over all its rows (the default for a single series)")
     a.add_argument("--beta", metavar="X", type=float, default=1.0,
-                   help="vae: weight of the KL term (default 1)")
+                   help="vae, and the per-row codes of conv, lstm, gru: weight of the KL term (default 1)")
     a.add_argument("--pretrain-epochs", metavar="N", type=int,
                    help="stacked: epochs per level (default epochs/3)")
 
