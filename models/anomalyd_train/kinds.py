@@ -39,7 +39,7 @@ class Spec:
     # denoising
     noise_std: float = 0.5  # Gaussian corruption, in normalised units
     mask_prob: float = 0.1  # probability of replacing an input value by the feature mean
-    # vae
+    # vae, and the per-row codes of conv, lstm, gru (StepCode): weight of the KL term
     beta: float = 1.0
     # lstm / gru: "position" (the default, see Recurrent); "concat" and "repeat" are the classic
     # designs, which tract's own lowering could not run (the daemon's recurrent op does)
