@@ -217,8 +217,8 @@ def _check_run(proto, meta, shape, f: int, image: bool) -> list[str]:
         p.append("outputs are not finite, or error is negative")
     if norm:
         sq = ((rec - x) / std) ** 2
-        # a sequence model with a code per row (kinds.StepCode) scores the window's last row; a
-        # VAE divides each value's squared error by its noise variance
+        # a sequence model with a code per row (kinds.StepCode) scores the window's last row; the
+        # variational models (VAE, per-row codes) divide each value's squared error by its noise variance
         arch = json.loads(meta.get("anomalyd.training", "{}")).get("architecture", {})
         if "noise_variance" in arch:
             sq = sq / np.asarray(arch["noise_variance"], np.float32)

@@ -84,7 +84,8 @@ def best_val_mse(history: list[dict], spec: Spec) -> float:
 
 
 def noise_variance(core: Core) -> dict:
-    """The VAE's per-value noise variance, which its `error` is divided by, for the metadata."""
+    """A variational model's per-value noise variance, which its `error` is divided by, for the
+    metadata (kinds.Variational)."""
     if not hasattr(core, "noise_var"):
         return {}
     return {"noise_variance": [[float(f"{v:.6g}") for v in row] for row in core.noise_var.tolist()]}

@@ -141,7 +141,7 @@ class Core(nn.Module):
         return fn.mse_loss(self(x), x)
 
     def fit_noise(self, x: torch.Tensor) -> None:
-        """After training: whatever `squared_error` needs from the training data (`Likelihood`)."""
+        """After training: whatever `squared_error` needs from the training data (`Variational`)."""
 
     def squared_error(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The exported `error` before its mean over the window: (r - x)^2 in normalised units."""
@@ -162,10 +162,11 @@ def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class Likelihood:
-    """The variational kinds' score (VAE, and the sequence models' per-row codes): each value's
-    squared error over that value's noise variance, the ML sigma^2 of the "optimal sigma" loss,
-    measured on the training data after training (`noise_var`, in the metadata as
+class Variational:
+    """What the variational kinds (VAE, and the sequence models' per-row codes) share: their loss
+    (`variational_loss`, over their `mu`, `logvar` heads and `beta`) and their score, each
+    value's squared error over that value's noise variance, the ML sigma^2 of the "optimal sigma"
+    loss, measured on the training data after training (`noise_var`, in the metadata as
     `noise_variance`).
 
     A variational model rebuilds its inputs unevenly: at beta 1 the loss pays for information in
@@ -189,13 +190,15 @@ class Likelihood:
     def squared_error(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (r - x) ** 2 / self.noise_var
 
-
-def elbo(r: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float) -> torch.Tensor:
-    """The "optimal sigma" loss per input value: 1/2 sum_d log(MSE_d) + beta * KL(q(z|x) || N(0, I)),
-    MSE_d the batch's mean squared error of value d (its ML noise variance)."""
-    mse = ((r - x) ** 2).mean(dim=0) + 1e-6
-    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).flatten(1).sum(dim=1).mean()
-    return (0.5 * torch.log(mse).sum() + beta * kl) / mse.numel()
+    def variational_loss(self, h: torch.Tensor, x: torch.Tensor, decode) -> torch.Tensor:
+        """The "optimal sigma" loss per input value, 1/2 sum_d log(MSE_d) + beta * KL(q(z|x) || N(0, I)),
+        MSE_d the batch's mean squared error of value d (its ML noise variance); the code is
+        sampled from the `mu`, `logvar` heads over the encoder's state `h`, and `decode`d."""
+        mu, logvar = self.mu(h), self.logvar(h).clamp(-10, 10)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        mse = ((decode(z) - x) ** 2).mean(dim=0) + 1e-6
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).flatten(1).sum(dim=1).mean()
+        return (0.5 * torch.log(mse).sum() + self.beta * kl) / mse.numel()
 
 
 class Flat(Core):
@@ -342,15 +345,15 @@ class Stacked(Flat):
         return z
 
 
-class VAE(Likelihood, Flat):
+class VAE(Variational, Flat):
     """Variational autoencoder with a Gaussian latent.
 
     Training maximises the ELBO with a Gaussian likelihood whose per-dimension variance is set to
     its maximum-likelihood value, the batch's mean squared error (the "optimal sigma" VAE,
-    `elbo`). This balances reconstruction against the prior without tuning a noise level, so both
+    `Variational`). This balances reconstruction against the prior without tuning a noise level, so both
     the reconstructions (for detection) and the samples decoded from the prior (for generation)
     stay sharp. The exported graph uses the mean path z = mu, and scores by the likelihood
-    (`Likelihood`). `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal
+    (`Variational`). `anomalyd-train generate` decodes z ~ N(0, I) to sample synthetic normal
     data."""
 
     def __init__(self, spec: Spec):
@@ -370,10 +373,7 @@ class VAE(Likelihood, Flat):
 
     def loss(self, x):
         flat = torch.flatten(x, 1)
-        hid = self.body(flat)
-        mu, logvar = self.mu(hid), self.logvar(hid).clamp(-10, 10)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return elbo(self.decode_flat(z), flat, mu, logvar, self.beta)
+        return self.variational_loss(self.body(flat), flat, self.decode_flat)
 
 
 class Conv1D(Core):
@@ -403,7 +403,7 @@ class Conv1D(Core):
         return self.out(h).transpose(1, 2)
 
 
-class StepCode(Likelihood, Core):
+class StepCode(Variational, Core):
     """Base of the sequence models with a code per row (the default with 2 or more features).
 
     Causal: row t's code z_t (k < F units) is computed from rows up to t, and row t is rebuilt
@@ -421,8 +421,8 @@ class StepCode(Likelihood, Core):
     compressed per row, so a single series keeps the window code.
 
     The codes are variational, as the VAE's: each row's code is a Gaussian (`mu`, `logvar` from
-    the encoder's state at that row), trained with the VAE's loss (`elbo`, `--beta`), and scored
-    by the likelihood (`Likelihood`). The KL term makes every unit of a row's code cost what it
+    the encoder's state at that row), trained with the VAE's loss (`--beta`), and scored
+    by the likelihood (`Variational`). The KL term makes every unit of a row's code cost what it
     carries, so the code does not spend itself on a row's deviation from what the earlier rows
     predict; with the plain deterministic code it carried a leak or a stuck sensor into the
     reconstruction (conv missed 85 % and 82 % of their rows on the drifting machines)."""
@@ -455,10 +455,7 @@ class StepCode(Likelihood, Core):
         return self.decode_steps(z.view(-1, self.t, self.k))
 
     def loss(self, x):
-        h = self.hidden_steps(x)
-        mu, logvar = self.mu(h), self.logvar(h).clamp(-10, 10)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return elbo(self.decode_steps(z), x, mu, logvar, self.beta)
+        return self.variational_loss(self.hidden_steps(x), x, self.decode_steps)
 
 
 class Conv1DStep(StepCode):
