@@ -132,9 +132,15 @@ def resolve_window(opts: FitOptions) -> int:
     return opts.window
 
 
+# Fewest held-back windows a variational model's noise variance is measured on; with fewer, the
+# training windows are added (a variance from a handful of windows would be mostly chance).
+MIN_NOISE_WINDOWS = 20
+
+
 def _train(spec: Spec, train_n: torch.Tensor, val_n: torch.Tensor, cfg: TrainConfig) -> tuple[Core, list[dict]]:
     """One model of `spec` trained on normalised windows, in eval mode, its code bounded to
-    what the training windows produce."""
+    what the training windows produce, and (variational kinds) its noise variance measured on
+    the held-back windows (kinds.Variational.fit_noise says why)."""
     if spec.kind == "pca":
         core, history = fit_pca(spec, train_n, val_n)
     else:
@@ -145,7 +151,7 @@ def _train(spec: Spec, train_n: torch.Tensor, val_n: torch.Tensor, cfg: TrainCon
             history = fit_minibatch(core, train_n, val_n, cfg)
     core.fit_code_bounds(train_n)
     core.eval()
-    core.fit_noise(train_n)
+    core.fit_noise(val_n if len(val_n) >= MIN_NOISE_WINDOWS else torch.cat([train_n, val_n]))
     return core, history
 
 

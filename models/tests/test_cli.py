@@ -121,6 +121,31 @@ def test_sequence_folds_hold_out_every_chunk_but_a_series_start():
     assert all(len(h) == 3 * (40 - 8 + 1) for _, h in seq), "every window inside a chunk, once"
 
 
+def test_a_variational_models_noise_variance_is_its_error_on_the_held_back_windows():
+    # The score divides by the error on rows the model was not fitted to (kinds.Variational.fit_noise):
+    # here the held-back rows are four times noisier, and so is the variance.
+    import torch
+
+    from anomalyd_train import fit, kinds, train
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 1, 1, generator=gen).repeat(1, 1, 4)
+    train_n = base[:300] + 0.05 * torch.randn(300, 1, 4, generator=gen)
+    val_n = base[300:] + 0.2 * torch.randn(100, 1, 4, generator=gen)
+    spec = kinds.Spec(kind="vae", window=1, features=4, latent=1)
+    core, _ = fit._train(spec, train_n, val_n, train.TrainConfig(epochs=3, quiet=True))
+    with torch.no_grad():
+        on_val = ((core(val_n) - val_n) ** 2).mean(dim=0)
+        on_train = ((core(train_n) - train_n) ** 2).mean(dim=0)
+    assert torch.allclose(core.noise_var, on_val.clamp(min=kinds.Variational.NOISE_FLOOR))
+    assert (on_val > on_train).all()
+    # Too few held-back windows for a variance of their own: the training windows are added.
+    core, _ = fit._train(spec, train_n, val_n[: fit.MIN_NOISE_WINDOWS - 1], train.TrainConfig(epochs=1, quiet=True))
+    both = torch.cat([train_n, val_n[: fit.MIN_NOISE_WINDOWS - 1]])
+    with torch.no_grad():
+        assert torch.allclose(core.noise_var, ((core(both) - both) ** 2).mean(dim=0).clamp(min=1e-4))
+
+
 def test_calibration_summary():
     rng = np.random.default_rng(0)
     err = rng.gamma(2.0, 0.01, size=(5000, 3))
