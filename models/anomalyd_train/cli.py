@@ -135,8 +135,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"with fewer than {SMALL_CALIBRATION} validation windows, also train K models on "
                         "K-1 of K folds of the data and calibrate on their held-out scores too, so that "
                         "every row gives a score the thresholds start from; for conv, lstm and gru the folds "
-                        "are contiguous and a series' first fold is never held out, its start being a regime "
-                        "live rows have left (default 5; 1: off)")
+                        "are blocks of 2 x window rows dealt at random, so that no fold is a stretch of the "
+                        "series the others never saw (default 5; 1: off)")
     t.add_argument("--seed", type=int, metavar="N", default=0,
                    help="random seed: same seed and data, same model (default 0)")
     t.add_argument("--threads", metavar="N", type=int, default=1,

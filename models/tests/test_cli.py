@@ -104,21 +104,25 @@ def test_windows_never_cross_entities_and_splits_share_no_rows():
     assert 0.1 < len(val) / (len(train) + len(val)) < 0.4
 
 
-def test_sequence_folds_hold_out_every_chunk_but_a_series_start():
-    # Rows are e*1000 + t again. Point models: every row held out once. Sequence models: every
-    # window of chunks 1..4 held out once, none of the first chunk, and never a row trained on.
+def test_folds_hold_out_blocks_spread_over_each_series_once():
+    # Rows are e*1000 + t again. Point models: every row held out once. Sequence models: blocks
+    # of 2 x window rows, each held out in one split, spread over the series, never a row both
+    # trained on and held out, and every window inside a block held out once.
     parts = [np.stack([np.arange(200) + 1000 * e] * 2, axis=1).astype(float) for e in range(3)]
     point = data.folds(parts, window=1, k=5, seed=0)
     assert sorted(np.concatenate([h[:, 0, 0] for _, h in point]).tolist()) == sorted(
         np.concatenate([p[:, 0] for p in parts]).tolist())
     seq = data.folds(parts, window=8, k=5, seed=0)
-    assert len(seq) == 4
-    held_rows = []
+    assert len(seq) == 5
+    starts = []
     for train, held in seq:
         assert not set(train[:, :, 0].ravel().tolist()) & set(held[:, :, 0].ravel().tolist())
-        held_rows += held[:, :, 0].ravel().tolist()
-    assert {r % 1000 for r in held_rows} == set(range(40, 200)), "the first 40 rows of each series stay in training"
-    assert all(len(h) == 3 * (40 - 8 + 1) for _, h in seq), "every window inside a chunk, once"
+        blocks = set((held[:, 0, 0] // 16).tolist())
+        assert len(blocks) >= 5, "each split holds out several blocks, not one stretch"
+        starts += held[:, 0, 0].tolist()
+    assert len(starts) == len(set(starts)), "no window is held out twice"
+    inside = {e * 1000 + b * 16 + i for e in range(3) for b in range(13) for i in range(9) if b * 16 + i + 8 <= 200}
+    assert inside <= set(starts), "every window inside one block is held out once"
 
 
 def test_a_variational_models_noise_variance_is_its_error_on_the_held_back_windows():
