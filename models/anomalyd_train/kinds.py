@@ -141,7 +141,7 @@ class Core(nn.Module):
         return fn.mse_loss(self(x), x)
 
     def fit_noise(self, x: torch.Tensor) -> None:
-        """After training: whatever `squared_error` needs from the training data (`Variational`)."""
+        """After training: whatever `squared_error` needs, from the held-back windows (`Variational`)."""
 
     def squared_error(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The exported `error` before its mean over the window: (r - x)^2 in normalised units."""
