@@ -179,7 +179,7 @@ impl Gpd {
 
 impl Gpd {
     /// The fit [`Gpd::search`] would make, found from the root `x` of a fit of nearly the same
-    /// peaks by Newton's method: a few passes over the peaks where the search makes ~250. After
+    /// peaks by Newton's method: a few passes over the peaks where the search makes ~150. After
     /// one new peak the root moves little, so this finds the same fit unless another root has
     /// become the likeliest (the caller searches in full now and then for that). Without a root
     /// (the search found none) the fit stays exponential. `None` when the iteration leaves the
@@ -263,10 +263,10 @@ fn roots(f: &impl Fn(f64) -> f64, grid: &[f64]) -> Vec<f64> {
 
 /// The root of `f` in `[a, b]`, where `f` changes sign, to the last few bits: the Illinois
 /// variant of regula falsi, which keeps the bracket and converges superlinearly, falling back to
-/// a bisection step whenever the bracket fails to halve. Each evaluation of Grimshaw's `w` is a
-/// pass over the peaks (a logarithm each); the 60 bisection steps this replaced made most of a
-/// full search's ~250 passes, and a key searched in full every 32nd fit spent 60 % of its time
-/// there (`hot_path`, a long-running key).
+/// a bisection step whenever the bracket fails to halve: about 20 evaluations a root (a unit
+/// test). Each evaluation of Grimshaw's `w` is a pass over the peaks (a logarithm each); the 60
+/// bisection steps a root this replaced made most of a full search's ~250 passes, and a key
+/// searched in full every 32nd fit spent 60 % of its time there (`hot_path`, a long-running key).
 fn bracketed_root(
     f: &impl Fn(f64) -> f64,
     (mut a, mut fa): (f64, f64),
@@ -485,7 +485,7 @@ const RUN_REFIT_ALL: usize = 32;
 /// The tail is fitted in full (every root of Grimshaw's equation searched) every this many
 /// fits, in case another root than the one followed has become the likeliest; in between, a new
 /// peak moves the root it has ([`Gpd::refine`]: a few passes over the peaks where the search
-/// makes ~250). On a sustained shift, where every score is a peak, the full search on each
+/// makes ~150). On a sustained shift, where every score is a peak, the full search on each
 /// (~1 ms over 200 peaks) cost 1.7 ms per record. On a stationary stream, searching in full on
 /// every peak until the window of peaks was full made SPOT's judge 1.89 µs a score, 155× the
 /// quantile's; following the root from the first fit on, 0.14 µs (12×), with the stationary
@@ -949,8 +949,9 @@ mod tests {
             }
         }
         assert!(brackets >= 20, "{brackets} sign changes");
+        // About 20 a root here (940 for 47), against 60 bisection steps.
         assert!(
-            evaluations <= brackets * 20,
+            evaluations <= brackets * 25,
             "{evaluations} evaluations for {brackets} roots"
         );
     }
