@@ -225,10 +225,14 @@ impl Gpd {
             // to alternate by ~1e-12 until the steps ran out, and the key then searched in full:
             // on one peak in seven of a long-running key with an exponential tail, 6× its cost.
             let noise = step.abs() >= last_step && step.abs() <= 1e-8 * x.abs().max(1.0 / max);
+            // Or converging quadratically, so that the next step would be below 1e-12 of x:
+            // from a step s after a step S, Newton's next is about s·(s/S)², here ≤ 1e-6·1e-6.
+            // This saves the pass that would only confirm it.
+            let quadratic = step.abs() <= 1e-6 * x.abs() && step.abs() <= 1e-3 * last_step;
             last_step = step.abs();
-            if step.abs() <= 1e-10 * x.abs() || noise {
-                // The shape at the new x from this pass's sums, to first order: the step is so
-                // small that the second-order term is below rounding, and a pass is saved.
+            if step.abs() <= 1e-10 * x.abs() || noise || quadratic {
+                // The shape at the new x from this pass's sums, to first order (the second-order
+                // term is ~step², below 1e-12), and a pass is saved.
                 let (candidate, ll) = Gpd::with_shape(n, x, u - 1.0 - du * step)?;
                 let best = if ll > exponential.log_likelihood(peaks) {
                     candidate
