@@ -271,59 +271,58 @@ fn roots(f: &impl Fn(f64) -> f64, grid: &[f64]) -> Vec<f64> {
 /// test). Each evaluation of Grimshaw's `w` is a pass over the peaks (a logarithm each); the 60
 /// bisection steps a root this replaced made most of a full search's ~250 passes, and a key
 /// searched in full every 32nd fit spent 60 % of its time there (`hot_path`, a long-running key).
-fn bracketed_root(
-    f: &impl Fn(f64) -> f64,
-    (mut a, mut fa): (f64, f64),
-    (mut b, mut fb): (f64, f64),
-) -> f64 {
-    // Which end the last two steps replaced: the other end's value is halved when the same end
-    // moves twice in a row (Illinois), so that it cannot stay put.
+fn bracketed_root(f: &impl Fn(f64) -> f64, mut a: (f64, f64), mut b: (f64, f64)) -> f64 {
+    // The end the last step replaced (1: `b`, -1: `a`): when the same end moves twice in a row,
+    // the other end's value is halved (Illinois), so that it cannot stay put.
     let mut last = 0i8;
     for _ in 0..BRACKET_STEPS {
-        let width = (b - a).abs();
-        if width <= 4.0 * f64::EPSILON * a.abs().max(b.abs()) {
+        let width = (b.0 - a.0).abs();
+        if width <= 4.0 * f64::EPSILON * a.0.abs().max(b.0.abs()) {
             break;
         }
-        let secant = (a * fb - b * fa) / (fb - fa);
-        let (lo, hi) = (a.min(b), a.max(b));
-        let c = if secant > lo && secant < hi {
+        let secant = (a.0 * b.1 - b.0 * a.1) / (b.1 - a.1);
+        let c = if secant > a.0.min(b.0) && secant < a.0.max(b.0) {
             secant
         } else {
-            0.5 * (a + b)
+            0.5 * (a.0 + b.0)
         };
-        let fc = f(c);
-        if fc == 0.0 || !fc.is_finite() {
+        let Some(side) = narrow(f, &mut a, &mut b, c) else {
             return c;
-        }
-        if fc.signum() == fb.signum() {
-            (b, fb) = (c, fc);
-            if last == 1 {
-                fa *= 0.5;
-            }
-            last = 1;
-        } else {
-            (a, fa) = (c, fc);
-            if last == -1 {
-                fb *= 0.5;
-            }
-            last = -1;
-        }
-        // A bracket that did not halve takes a bisection step next time round.
-        if (b - a).abs() > 0.5 * width {
-            let mid = 0.5 * (a + b);
-            let fm = f(mid);
-            if fm == 0.0 || !fm.is_finite() {
-                return mid;
-            }
-            if fm.signum() == fb.signum() {
-                (b, fb) = (mid, fm);
+        };
+        if side == last {
+            if side == 1 {
+                a.1 *= 0.5;
             } else {
-                (a, fa) = (mid, fm);
+                b.1 *= 0.5;
+            }
+        }
+        last = side;
+        // A bracket that did not halve is bisected at once.
+        if (b.0 - a.0).abs() > 0.5 * width {
+            let mid = 0.5 * (a.0 + b.0);
+            if narrow(f, &mut a, &mut b, mid).is_none() {
+                return mid;
             }
             last = 0;
         }
     }
-    0.5 * (a + b)
+    0.5 * (a.0 + b.0)
+}
+
+/// Evaluates `f` at `c`, inside the bracket `(a, b)` of (point, value) pairs, and replaces the
+/// end whose value has the sign of `f(c)`: `Some(1)` when that is `b`, `Some(-1)` when `a`;
+/// `None` when `c` is the root (or `f` is not finite there).
+fn narrow(f: &impl Fn(f64) -> f64, a: &mut (f64, f64), b: &mut (f64, f64), c: f64) -> Option<i8> {
+    let fc = f(c);
+    if fc == 0.0 || !fc.is_finite() {
+        None
+    } else if fc.signum() == b.1.signum() {
+        *b = (c, fc);
+        Some(1)
+    } else {
+        *a = (c, fc);
+        Some(-1)
+    }
 }
 
 /// At most this many steps of [`bracketed_root`] (each halves the bracket at least every other
