@@ -201,7 +201,7 @@ async fn a_failing_output_pauses_consumption_instead_of_piling_up_deliveries() {
     let stream = fleet_stream(15, 1000, 0, 34);
     let total = stream.records.len() as u64;
     let offsets = produce(&kafka.bootstrap, "metrics", &stream.records).await;
-    kafka.inject(Fault::RejectProduces(100_000_000)).unwrap();
+    kafka.inject(Fault::RejectProduces(100_000)).unwrap();
     let shutdown = CancellationToken::new();
     let daemon = Daemon::start(config(&kafka.bootstrap, "bound-test", ""), shutdown.clone())
         .await
@@ -451,7 +451,7 @@ async fn a_daemon_paused_by_a_failing_output_still_shuts_down() {
     let kafka = MockKafka::start(TOPICS).unwrap();
     let stream = fleet_stream(15, 1000, 0, 39);
     produce(&kafka.bootstrap, "metrics", &stream.records).await;
-    kafka.inject(Fault::RejectProduces(100_000_000)).unwrap();
+    kafka.inject(Fault::RejectProduces(100_000)).unwrap();
     let mut cfg = config(&kafka.bootstrap, "paused-test", "");
     cfg.runtime.shutdown_grace = Duration::from_secs(2);
     let shutdown = CancellationToken::new();

@@ -20,6 +20,11 @@ pub enum Fault {
     BrokerDown,
     BrokerUp,
     /// The next `n` produce requests, from any client, fail with a non-retriable error.
+    /// librdkafka's mock moves its whole stack of remaining errors down one place for every
+    /// request it fails, so `n` costs O(n) per request on the mock broker's one thread, which
+    /// also serves every fetch: 100,000,000 made each request a 1.6 GB memmove and slowed the
+    /// daemon under test to ~25 records/s on one machine (the delivery-bound tests then failed).
+    /// The tests inject 100,000: each rejected request then moves 1.6 MB.
     RejectProduces(usize),
     /// Produce requests succeed again.
     AcceptProduces,
