@@ -1116,8 +1116,9 @@ async fn reload_loop(
     let mut pending: Option<(oneshot::Receiver<bool>, Stamp)> = None;
     loop {
         let asked = tokio::select! {
-            _ = tokio::time::sleep(every), if !every.is_zero() => false,
-            _ = shared.reload.notified() => true,
+            // A decision first: a promoted candidate's file replaces the model's even when the
+            // pipeline stops right after promoting it.
+            biased;
             decided = async { (&mut pending.as_mut().expect("enabled only when pending").0).await }, if pending.is_some() => {
                 let (_, stamp) = pending.take().expect("pending");
                 match decided {
@@ -1131,6 +1132,8 @@ async fn reload_loop(
                 continue;
             }
             _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every), if !every.is_zero() => false,
+            _ = shared.reload.notified() => true,
         };
         for (file, watching, is_candidate) in [
             (&path, &mut watch, false),

@@ -558,8 +558,9 @@ async fn a_candidate_is_shadowed_then_promoted_and_one_that_cannot_serve_is_refu
     replace(&candidate, &with_version(&original, "1.0.0", "1.0.2"));
     let producer = streaming(rest);
     assert!(wait_for(Duration::from_secs(60), || candidates("promoted") == 1).await);
+    // The detector counts the promotion, then the reload task renames the file.
     assert!(
-        !candidate.exists(),
+        wait_for(Duration::from_secs(30), || !candidate.exists()).await,
         "the candidate file became the model file"
     );
     assert_eq!(
