@@ -9,8 +9,9 @@
 //!
 //! SPOT: a score above `z_q` is an anomaly; a score above `t` is a peak and the GPD is refitted
 //! (past the 32nd peak of a run of consecutive peaks, a sustained shift, only every 16th peak
-//! and at the run's end, so that its cost stays bounded; a refit follows the last fit's root,
-//! and searches for every root only every 32nd time); anything else only counts. DSPOT does
+//! and at the run's end, so that its cost stays bounded; a refit follows the last fit's root on
+//! running sums over the peaks, without a pass over them, and searches for every root only
+//! every 256th time); anything else only counts. DSPOT does
 //! the same on the score minus a local level (the mean of the last `depth` normal scores), so it
 //! follows a drifting baseline instead of alarming on it.
 //!
@@ -177,50 +178,196 @@ impl Gpd {
     }
 }
 
-impl Gpd {
+/// The peaks a key fits its tail to (excesses over `t`, newest last), with running sums that
+/// let a refit follow its root without a pass over them.
+#[derive(Debug, Clone, PartialEq)]
+struct Tail {
+    peaks: VecDeque<f64>,
+    sums: Sums,
+}
+
+/// Running sums over a tail's peaks: their sum (the exponential fit), and Grimshaw's equation
+/// as a power series about a point, which a refit evaluates near that point in `O(POWERS)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sums {
+    pub sum: f64,
+    /// `None` until a refit anchors it (and after a search, or a peak outside its domain).
+    pub series: Option<Series>,
+}
+
+/// Terms kept of each power series: within [`RADIUS`], the first left out is below 1e-16.
+const POWERS: usize = 16;
+
+/// How far from its anchor a series is evaluated: `|x − x0| · max z`, the ratio of its
+/// geometric terms. 0.05^14 times the largest binomial factor (120) is ~1e-16.
+const RADIUS: f64 = 0.05;
+
+/// Grimshaw's sums over peaks `y` at `x = x0 + h`, from sums at `x0` alone. With `s = 1 + x0·y`
+/// and `z = y/s`, `1 + x·y = s·(1 + h·z)` and `1/s = 1 − x0·z`, so `ln(1 + x·y)` and the
+/// powers of `1/(1 + x·y)` Grimshaw's `w` and its derivatives take are series in `h·z`, whose
+/// coefficients are the power sums `Σ z^k`. Adding or removing a peak updates them in one
+/// logarithm and [`POWERS`] products, where evaluating `w` directly is a logarithm per peak:
+/// a refit after one new peak costs as much as a few scores, not a few passes over 200 peaks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Series {
+    pub x0: f64,
+    /// `Σ ln s`.
+    pub log: f64,
+    /// `Σ z^k` for k = 1..=POWERS.
+    pub powers: [f64; POWERS],
+    /// The largest `z` added since anchoring (kept when that peak leaves, so that the rounding
+    /// its removal leaves in the high powers stays within [`RADIUS`]'s bound).
+    pub z_max: f64,
+}
+
+impl Series {
+    /// The sums of `peaks` about `x0`, or `None` if some `1 + x0·y` is not positive.
+    fn anchor<'a>(peaks: impl IntoIterator<Item = &'a f64>, x0: f64) -> Option<Series> {
+        let mut series = Series {
+            x0,
+            log: 0.0,
+            powers: [0.0; POWERS],
+            z_max: 0.0,
+        };
+        for &y in peaks {
+            if !series.add(y, 1.0) {
+                return None;
+            }
+        }
+        Some(series)
+    }
+
+    /// Adds (`sign` 1) or removes (−1) peak `y`; false when `1 + x0·y` is not positive.
+    fn add(&mut self, y: f64, sign: f64) -> bool {
+        let s = 1.0 + self.x0 * y;
+        // NaN counts as outside too.
+        if s.is_nan() || s <= 0.0 {
+            return false;
+        }
+        let z = y / s;
+        self.log += sign * s.ln();
+        let mut power = z;
+        for sum in &mut self.powers {
+            *sum += sign * power;
+            power *= z;
+        }
+        if sign > 0.0 {
+            self.z_max = self.z_max.max(z);
+        }
+        true
+    }
+
+    /// Whether `x` is close enough to the anchor for [`Series::at`] to be exact.
+    fn covers(&self, x: f64) -> bool {
+        (x - self.x0).abs() * self.z_max <= RADIUS
+    }
+
+    /// Means over the `n` peaks at `x`: `[ln(1 + xY), 1/(1 + xY)]` and their first and second
+    /// derivatives in `x`, `[u, v, u', v', u'', v'']` without `u`'s leading 1.
+    fn at(&self, n: f64, x: f64) -> [f64; 6] {
+        let h = x - self.x0;
+        // P(k) = Σ z^k, P(0) = n.
+        let p = |k: usize| if k == 0 { n } else { self.powers[k - 1] };
+        let (x0, mut sums, mut hj) = (self.x0, [0.0; 6], 1.0);
+        sums[0] = self.log;
+        // Term j of each series, (−h)^j times: 1/(1 + hz)^m has coefficients C(j + m − 1, j),
+        // and ln(1 + hz) is h·z·(1/(j + 1))(−hz)^j.
+        for j in 0..POWERS - 2 {
+            let (c2, c3) = ((j + 1) as f64, ((j + 1) * (j + 2) / 2) as f64);
+            sums[0] += hj * h * p(j + 1) / (j + 1) as f64;
+            sums[1] += hj * (p(j) - x0 * p(j + 1));
+            sums[2] += hj * p(j + 1);
+            sums[3] -= hj * c2 * (p(j + 1) - x0 * p(j + 2));
+            sums[4] -= hj * c2 * p(j + 2);
+            sums[5] += hj * 2.0 * c3 * (p(j + 2) - x0 * p(j + 3));
+            hj *= -h;
+        }
+        sums.map(|s| s / n)
+    }
+}
+
+impl Sums {
+    /// The sums of `peaks` afresh (rounding does not pile up), the series left to anchor.
+    fn of(peaks: &VecDeque<f64>) -> Sums {
+        Sums {
+            sum: peaks.iter().sum(),
+            series: None,
+        }
+    }
+}
+
+impl Tail {
+    fn new(peaks: VecDeque<f64>) -> Tail {
+        let sums = Sums::of(&peaks);
+        Tail { peaks, sums }
+    }
+
+    /// Appends peak `y`, the oldest leaving once there are `max` of them.
+    fn push(&mut self, y: f64, max: usize) {
+        if self.peaks.len() == max {
+            if let Some(old) = self.peaks.pop_front() {
+                self.count(old, -1.0);
+            }
+        }
+        self.peaks.push_back(y);
+        self.count(y, 1.0);
+    }
+
+    fn count(&mut self, y: f64, sign: f64) {
+        self.sums.sum += sign * y;
+        if let Some(series) = &mut self.sums.series {
+            if !series.add(y, sign) {
+                self.sums.series = None;
+            }
+        }
+    }
+
+    /// [`Gpd::search`] on the peaks, their sums taken afresh.
+    fn search(&mut self) -> (Gpd, Option<f64>) {
+        self.sums = Sums::of(&self.peaks);
+        Gpd::search(self.peaks.make_contiguous())
+    }
+
+    /// The sums' series about `x`: the one kept if it covers `x`, else anchored there anew
+    /// (a pass over the peaks); `None` outside the domain of Grimshaw's equation.
+    fn series_at(&mut self, x: f64) -> Option<Series> {
+        if !self.sums.series.is_some_and(|s| s.covers(x)) {
+            self.sums.series = Series::anchor(&self.peaks, x);
+        }
+        self.sums.series
+    }
+
     /// The fit [`Gpd::search`] would make, found from the root `x` of a fit of nearly the same
-    /// peaks by Halley's method: a pass or two over the peaks where the search makes ~150. After
-    /// one new peak the root moves little, so this finds the same fit unless another root has
-    /// become the likeliest (the caller searches in full now and then for that). Without a root
-    /// (the search found none) the fit stays exponential. `None` when the iteration leaves the
-    /// domain or does not settle.
-    pub fn refine(peaks: &[f64], x: Option<f64>) -> Option<(Gpd, Option<f64>)> {
-        if peaks.len() < 3 {
+    /// peaks by Halley's method on the kept [`Series`], without a pass over the peaks unless
+    /// the root has moved out of its reach. After one new peak the root moves little, so this
+    /// finds the same fit unless another root has become the likeliest (the caller searches in
+    /// full now and then for that). Without a root (the search found none) the fit stays
+    /// exponential. `None` when the iteration leaves the domain or does not settle.
+    fn refine(&mut self, x: Option<f64>) -> Option<(Gpd, Option<f64>)> {
+        if self.peaks.len() < 3 {
             return None;
         }
+        let n = self.peaks.len() as f64;
         let exponential = Gpd {
             gamma: 0.0,
-            sigma: (peaks.iter().sum::<f64>() / peaks.len() as f64).max(f64::MIN_POSITIVE),
+            sigma: (self.sums.sum / n).max(f64::MIN_POSITIVE),
         };
         let Some(mut x) = x else {
             return Some((exponential, None));
         };
-        let n = peaks.len() as f64;
-        let max = peaks.iter().fold(0.0f64, |m, &y| m.max(y));
         let mut last_step = f64::INFINITY;
         for _ in 0..REFINE_STEPS {
-            if !(1.0 + x * max > 0.0 && x != 0.0 && x.is_finite()) {
+            if !(x != 0.0 && x.is_finite()) {
                 return None;
             }
-            let mut sums = [0.0; 6];
-            for &y in peaks {
-                let s = 1.0 + x * y;
-                let inv = 1.0 / s;
-                let a = y * inv;
-                sums[0] += s.ln();
-                sums[1] += inv;
-                sums[2] += a;
-                sums[3] -= a * inv;
-                sums[4] -= a * a;
-                sums[5] += 2.0 * a * a * inv;
-            }
-            let [u, v, du, dv, d2u, d2v] = sums.map(|s| s / n);
+            let series = self.series_at(x)?;
+            let [u, v, du, dv, d2u, d2v] = series.at(n, x);
             let u = 1.0 + u;
             // Halley's method on g(x) = w(x) / x², not on w = u·v − 1 itself: w has a double
             // root at 0 for any peaks (w(0) = w'(0) = 0), and near it, where the root of a
             // near-exponential tail lies, Newton on w converges slowly. In terms of w (all
             // scaled by powers of x): g·x² = w, g'·x³ = w'·x − 2w, g''·x⁴ = w''·x² − 4w'·x + 6w.
-            // Halley converges cubically, so after a new peak one pass usually lands the root
+            // Halley converges cubically, so after a new peak one step usually lands the root
             // to rounding, where Newton took three.
             let (w, dw, d2w) = (
                 u * v - 1.0,
@@ -248,14 +395,15 @@ impl Gpd {
             // of w, which near 0 is a small difference of two numbers near 1. Such a root used
             // to alternate by ~1e-12 until the steps ran out, and the key then searched in full:
             // on one peak in seven of a long-running key with an exponential tail, 6× its cost.
-            let noise = step.abs() >= last_step && step.abs() <= 1e-8 * x.abs().max(1.0 / max);
+            let scale = x.abs().max(1.0 / series.z_max);
+            let noise = step.abs() >= last_step && step.abs() <= 1e-8 * scale;
             last_step = step.abs();
             if step.abs() <= SETTLED * x.abs() || noise {
-                // The shape at the new x from this pass's sums, to second order (the next term
-                // is ~step³), and a pass is saved.
-                let gamma = u - 1.0 - du * step + 0.5 * d2u * step * step;
+                let gamma = self.series_at(x)?.at(n, x)[0];
                 let (candidate, ll) = Gpd::with_shape(n, x, gamma)?;
-                let best = if ll > exponential.log_likelihood(peaks) {
+                let ll_exponential =
+                    -n * exponential.sigma.ln() - self.sums.sum / exponential.sigma;
+                let best = if ll > ll_exponential {
                     candidate
                 } else {
                     exponential
@@ -267,10 +415,10 @@ impl Gpd {
     }
 }
 
-/// A step of [`Gpd::refine`] at most this fraction of the root ends it: Halley's next step would
+/// A step of [`Tail::refine`] at most this fraction of the root ends it: Halley's next step would
 /// be ~its cube, below 1e-12 of the root.
 const SETTLED: f64 = 1e-4;
-/// Steps [`Gpd::refine`] takes at most before giving up.
+/// Steps [`Tail::refine`] takes at most before giving up.
 const REFINE_STEPS: usize = 12;
 
 /// Points per search grid of Grimshaw's equation.
@@ -466,6 +614,11 @@ pub struct SpotFit {
     pub n_peaks: u64,
     pub refined: usize,
     pub run: usize,
+    /// The peaks' running sums, which a refit follows its root on: without them (an older
+    /// version's snapshot) they are taken afresh, and the key's next fits can differ from the
+    /// original's in the last bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<Sums>,
 }
 
 /// SPOT's state for one key (DSPOT adds the local level around it).
@@ -476,8 +629,8 @@ pub struct Spot {
     max_peaks: usize,
     /// The peaks level.
     t: f64,
-    /// Excesses over `t`, newest last; shared with the template until this key's first peak.
-    peaks: Arc<VecDeque<f64>>,
+    /// Excesses over `t`; shared with the template until this key's first peak.
+    tail: Arc<Tail>,
     /// Observations and peaks ever counted (the tail's weight is `n_peaks / n`).
     n: u64,
     n_peaks: u64,
@@ -485,7 +638,7 @@ pub struct Spot {
     z: f64,
     /// Beyond this, anomalies are not learned.
     z_far: f64,
-    /// Fits since the last full search (the others refine its root, see [`Gpd::refine`]).
+    /// Fits since the last full search (the others refine its root, see [`Tail::refine`]).
     refined: usize,
     /// The root of Grimshaw's equation of the last fit, if it had one.
     root: Option<f64>,
@@ -511,8 +664,8 @@ const RUN_REFIT_ALL: usize = 32;
 
 /// The tail is fitted in full (every root of Grimshaw's equation searched) every this many
 /// fits, in case another root than the one followed has become the likeliest; in between, a new
-/// peak moves the root it has ([`Gpd::refine`]: a few passes over the peaks where the search
-/// makes ~150). On a sustained shift, where every score is a peak, the full search on each
+/// peak moves the root it has ([`Tail::refine`]: no pass over the peaks, where the search makes
+/// ~150). On a sustained shift, where every score is a peak, the full search on each
 /// (~1 ms over 200 peaks) cost 1.7 ms per record. On a stationary stream, searching in full on
 /// every peak until the window of peaks was full made SPOT's judge 1.89 µs a score, 155× the
 /// quantile's; following the root from the first fit on, 0.14 µs (12×), with the stationary
@@ -541,7 +694,7 @@ impl Spot {
             t,
             n_peaks: excesses.len() as u64,
             n: sorted.len() as u64,
-            peaks: Arc::new(peaks),
+            tail: Arc::new(Tail::new(peaks)),
             gpd: Gpd {
                 gamma: 0.0,
                 sigma: 1.0,
@@ -560,22 +713,15 @@ impl Spot {
 
     fn refit(&mut self) {
         self.fitted = (self.n, self.n_peaks);
-        if self.peaks.is_empty() || self.n == 0 {
+        if self.tail.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
             self.z_far = f64::INFINITY;
             return;
         }
-        // The peaks as one slice: in place when this key owns them (a template's are shared).
-        let copy: Vec<f64>;
-        let peaks: &[f64] = match Arc::get_mut(&mut self.peaks) {
-            Some(own) => own.make_contiguous(),
-            None => {
-                copy = self.peaks.iter().copied().collect();
-                &copy
-            }
-        };
+        // A key refits only after its own first peak, so this does not copy a template's.
+        let tail = Arc::make_mut(&mut self.tail);
         let refined = if self.refined < FULL_FIT_EVERY {
-            Gpd::refine(peaks, self.root)
+            tail.refine(self.root)
         } else {
             None
         };
@@ -586,7 +732,7 @@ impl Spot {
             }
             None => {
                 self.refined = 0;
-                Gpd::search(peaks)
+                tail.search()
             }
         };
         (self.gpd, self.root) = (gpd, root);
@@ -634,11 +780,7 @@ impl Spot {
         self.n += 1;
         if x > self.t {
             self.n_peaks += 1;
-            let peaks = Arc::make_mut(&mut self.peaks);
-            if peaks.len() == self.max_peaks {
-                peaks.pop_front();
-            }
-            peaks.push_back(x - self.t);
+            Arc::make_mut(&mut self.tail).push(x - self.t, self.max_peaks);
             self.run += 1;
             if self.run <= RUN_REFIT_ALL || self.run.is_multiple_of(RUN_REFIT_EVERY) {
                 self.refit();
@@ -674,7 +816,7 @@ impl Threshold for Spot {
     fn snapshot(&self) -> ThresholdState {
         ThresholdState::Spot {
             t: self.t,
-            peaks: self.peaks.iter().copied().collect(),
+            peaks: self.tail.peaks.iter().copied().collect(),
             n: self.n,
             n_peaks: self.n_peaks,
             // JSON has no infinity: without a finite fit (no peaks yet) the restore refits, to
@@ -690,6 +832,7 @@ impl Threshold for Spot {
                     n_peaks: self.fitted.1,
                     refined: self.refined,
                     run: self.run,
+                    sums: Some(self.tail.sums),
                 }),
         }
     }
@@ -706,11 +849,13 @@ impl Threshold for Spot {
         };
         self.t = *t;
         let keep = peaks.len().saturating_sub(self.max_peaks);
-        self.peaks = Arc::new(peaks[keep..].iter().copied().collect());
+        let mut tail = Tail::new(peaks[keep..].iter().copied().collect());
         (self.n, self.n_peaks) = (*n, *n_peaks);
         match fit {
             // The same window: judge by the fit the key had, exactly as it would have.
             Some(f) if keep == 0 => {
+                tail.sums = f.sums.unwrap_or(tail.sums);
+                self.tail = Arc::new(tail);
                 self.gpd = Gpd {
                     gamma: f.gamma,
                     sigma: f.sigma,
@@ -721,6 +866,7 @@ impl Threshold for Spot {
             }
             // An older version's snapshot, or a smaller window now: fit it afresh.
             _ => {
+                self.tail = Arc::new(tail);
                 self.refined = FULL_FIT_EVERY;
                 self.run = 0;
                 self.refit();
@@ -883,16 +1029,14 @@ mod tests {
             Box::new(move |r| truth.excess_at(1.0 - r.random::<f64>())),
         ];
         for mut draw in tails {
-            let mut peaks: VecDeque<f64> = (0..200).map(|_| draw(&mut rng)).collect();
-            let mut root = Gpd::search(peaks.make_contiguous()).1;
+            let mut tail = Tail::new((0..200).map(|_| draw(&mut rng)).collect());
+            let mut root = tail.search().1;
             let mut refined = 0;
             for _ in 0..300 {
-                peaks.pop_front();
-                peaks.push_back(draw(&mut rng));
-                let (full, full_root) = Gpd::search(peaks.make_contiguous());
-                if let Some((r, _)) =
-                    root.and_then(|x| Gpd::refine(peaks.make_contiguous(), Some(x)))
-                {
+                tail.push(draw(&mut rng), 200);
+                let (full, full_root) =
+                    Gpd::search(&tail.peaks.iter().copied().collect::<Vec<_>>());
+                if let Some((r, _)) = root.and_then(|x| tail.refine(Some(x))) {
                     refined += 1;
                     assert!(same_tail(&r, &full), "{r:?} vs {full:?}");
                 }
@@ -900,6 +1044,64 @@ mod tests {
             }
             assert!(refined > 250, "refined {refined} of 300");
         }
+    }
+
+    /// Grimshaw's means at `x` ([`Series::at`]'s six), summed directly over `peaks`.
+    fn exact_sums(peaks: &VecDeque<f64>, x: f64) -> [f64; 6] {
+        let n = peaks.len() as f64;
+        let mut sums = [0.0; 6];
+        for &y in peaks {
+            let s = 1.0 + x * y;
+            sums[0] += s.ln();
+            sums[1] += 1.0 / s;
+            sums[2] += y / s;
+            sums[3] -= y / (s * s);
+            sums[4] -= y * y / (s * s);
+            sums[5] += 2.0 * y * y / (s * s * s);
+        }
+        sums.map(|v| v / n)
+    }
+
+    /// The series a tail keeps, updated peak by peak as its window slides, gives the sums a
+    /// pass over the peaks gives wherever it claims to cover, about roots of heavy, light and
+    /// bounded tails; and it claims to cover a neighbourhood of its anchor, not just the anchor.
+    #[test]
+    fn the_series_sums_are_the_direct_sums_wherever_they_cover() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut checked = 0;
+        for gamma in [-0.3, -0.05, 0.0, 0.1, 0.5] {
+            let truth = Gpd { gamma, sigma: 2.0 };
+            let mut draw = || truth.excess_at(1.0 - rng.random::<f64>());
+            let mut tail = Tail::new((0..200).map(|_| draw()).collect());
+            let (_, root) = tail.search();
+            let x0 = root.unwrap_or(-0.01);
+            let series = tail.series_at(x0).expect("anchored at a root");
+            assert!(series.covers(x0 + 0.5 * RADIUS / series.z_max));
+            for _ in 0..1000 {
+                tail.push(draw(), 200);
+            }
+            let Some(series) = tail.sums.series else {
+                // A bounded tail's new peak can leave the anchor's domain; it re-anchors then.
+                assert!(x0 < 0.0, "lost the series of γ = {gamma}");
+                continue;
+            };
+            assert!(
+                (tail.sums.sum - tail.peaks.iter().sum::<f64>()).abs() <= 1e-12 * tail.sums.sum
+            );
+            checked += 1;
+            for f in [-0.99, -0.5, 0.0, 0.3, 0.99] {
+                let x = x0 + f * RADIUS / series.z_max;
+                assert!(series.covers(x));
+                let (got, want) = (series.at(200.0, x), exact_sums(&tail.peaks, x));
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (g - w).abs() <= 1e-12 * w.abs().max(1e-3),
+                        "γ = {gamma}, x = {x}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+        assert!(checked >= 4, "{checked} tails kept their series");
     }
 
     /// The bracketed root search finds the root 60 bisection steps find, to rounding, in far
@@ -1093,7 +1295,7 @@ mod tests {
                 searches += usize::from(key.refined == 0);
             }
         }
-        assert_eq!(key.peaks.len(), key.max_peaks);
+        assert_eq!(key.tail.peaks.len(), key.max_peaks);
         assert!(fits > 500, "{fits} fits");
         let near_zero = key.root.is_some_and(|x| x.abs() * key.gpd.sigma < 0.2);
         assert!(near_zero, "root {:?}, {:?}", key.root, key.gpd);
@@ -1148,10 +1350,10 @@ mod tests {
         let scores: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0).collect();
         let template = Spot::calibrate(&SpotConfig::default(), &scores);
         let mut key = template.clone();
-        assert!(Arc::ptr_eq(&key.peaks, &template.peaks));
+        assert!(Arc::ptr_eq(&key.tail, &template.tail));
         key.judge(0.1);
-        assert!(Arc::ptr_eq(&key.peaks, &template.peaks));
+        assert!(Arc::ptr_eq(&key.tail, &template.tail));
         key.judge(0.985);
-        assert!(!Arc::ptr_eq(&key.peaks, &template.peaks));
+        assert!(!Arc::ptr_eq(&key.tail, &template.tail));
     }
 }
