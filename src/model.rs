@@ -317,6 +317,7 @@ impl Model {
             .plan
             .run(tvec![tensor.into()])
             .map_err(|e| fail(format!("{e:#}")))?;
+        clear_upper_vector_state();
         let f = self.contract.features.len();
         let errors = read_output(&outputs[0], n * f, "error").map_err(fail)?;
         let reconstructions = read_output(&outputs[1], n * per, "reconstruction").map_err(fail)?;
@@ -324,6 +325,22 @@ impl Model {
             errors,
             reconstructions,
         })
+    }
+}
+
+/// tract's AVX-512 kernels return with the upper halves of the vector registers dirty, and on
+/// Intel cores every SSE instruction after them in the same thread (decode, thresholds, output:
+/// the crate is built for baseline x86-64) then pays for it: SPOT judged 12x slower after a
+/// model had run (`benches/hot_path.rs`, docs/NOTES.md). `vzeroupper` makes the state clean.
+fn clear_upper_vector_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX, which is all the intrinsic requires; vzeroupper zeroes only
+        // bits 128 and up of ymm0-15, which code built without AVX never holds values in.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::arch::x86_64::_mm256_zeroupper()
+        };
     }
 }
 
