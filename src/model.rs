@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod affine;
 mod recurrent;
 
 use crate::baseline::Baseline;
@@ -215,6 +216,8 @@ impl Model {
             let assertion = format!("{batch} >= 1");
             typed.symbols.add_assertion(assertion).map_err(onnx_err)?;
         }
+        let mut typed = typed.into_decluttered().map_err(onnx_err)?;
+        affine::fuse(&mut typed).map_err(onnx_err)?;
         let typed = typed.into_optimized().map_err(onnx_err)?;
         let input = typed.input_fact(0).map_err(onnx_err)?.clone();
         if input.datum_type != f32::datum_type() {

@@ -527,7 +527,7 @@ fn transpose_into(from: &[f32], batch: usize, to: &mut [f32]) {
 /// block of rows, vectorised on their own but were spilled to the stack, scalar, once inlined
 /// into [`RecurrentSeq::steps`]: 119 µs a call against 67.)
 #[inline(always)]
-fn matvec_acc(a_t: &[f32], b: &[f32], b_stride: usize, c: &mut [f32]) {
+pub(super) fn matvec_acc(a_t: &[f32], b: &[f32], b_stride: usize, c: &mut [f32]) {
     let m = c.len();
     for (row, kk) in a_t.chunks_exact(m).zip(0..) {
         let v = b[kk * b_stride];
@@ -540,7 +540,7 @@ fn matvec_acc(a_t: &[f32], b: &[f32], b_stride: usize, c: &mut [f32]) {
 /// `c += a · b`, `c` `[m, n]` row-major, `a` `[m, k]` and `b` `[k, n]` given by their strides
 /// (row, column): ndarray hands f32 matrices to `matrixmultiply`'s sgemm, which packs any
 /// strides and picks its AVX2/FMA/AVX-512 kernel at run time.
-fn gemm_acc(
+pub(super) fn gemm_acc(
     (m, k, n): (usize, usize, usize),
     a: &[f32],
     a_strides: (usize, usize),
