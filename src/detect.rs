@@ -156,11 +156,13 @@ pub struct Scored {
     pub verdict: Verdict,
     /// The features with the largest errors.
     pub top: Top,
-    /// The firing or resolved event, when this record changed the key's alert state.
-    pub event: Option<AlertEvent>,
+    /// The firing or resolved event, when this record changed the key's alert state. (Boxed,
+    /// as `evicted`: most records have neither, and a `Scored` with both inline was 784 bytes
+    /// to build and move for each record.)
+    pub event: Option<Box<AlertEvent>>,
     /// The resolution of another key's episode, when this record's new key evicted that key
     /// while it was firing (every episode that fires resolves, at every sink).
-    pub evicted: Option<AlertEvent>,
+    pub evicted: Option<Box<AlertEvent>>,
     /// The model's reconstruction of the record (for sequence models, of the window's last
     /// row): the denoised values, when the pipeline emits them.
     pub reconstruction: Option<Vec<f32>>,
@@ -701,8 +703,9 @@ impl Detector {
                     w.level = Some(b.start());
                 }
             }
-            let evicted = evicted
-                .map(|gone| self.episode_event(EventKind::Resolved, gone, Some(source()), EVICTED));
+            let evicted = evicted.map(|gone| {
+                Box::new(self.episode_event(EventKind::Resolved, gone, Some(source()), EVICTED))
+            });
             let event = transition.map(|t| {
                 let (kind, episode, reason) = match t {
                     Transition::Fired(e) => (EventKind::Firing, e, None),
@@ -710,7 +713,7 @@ impl Detector {
                     Transition::Rebaselined(e) => (EventKind::Resolved, e, Some(REBASELINED)),
                 };
                 let image = c.shape.is_some();
-                AlertEvent {
+                Box::new(AlertEvent {
                     event: kind,
                     pipeline: self.pipeline.clone(),
                     key: entry.record.key.clone(),
@@ -733,7 +736,7 @@ impl Detector {
                     source: source(),
                     episode,
                     reason,
-                }
+                })
             });
             out.push(Outcome::Scored(Box::new(Scored {
                 origin: entry.origin,
