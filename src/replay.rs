@@ -574,7 +574,7 @@ impl<R: BufRead> Lines<R> {
             if chunk.is_empty() {
                 break;
             }
-            let (taken, done) = match chunk.iter().position(|&b| b == b'\n') {
+            let (taken, done) = match memchr::memchr(b'\n', chunk) {
                 Some(i) => (i + 1, true),
                 None => (chunk.len(), false),
             };
