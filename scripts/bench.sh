@@ -3,7 +3,9 @@
 #   0. replay throughput: `anomalyd score` on 1M NDJSON rows of 8 features through a dense model
 #      on one core (and, with BENCH_BASELINE=path/to/an/older/anomalyd, that binary interleaved
 #      with this one: before and after), and memory per tracked key and with 1M keys;
-#   1. tract vs onnxruntime on each shipped model (batch 1 and 256, one thread each, one process);
+#   1. tract vs onnxruntime on each shipped model (batch 1 and 256, one thread each, one process),
+#      the shipped recurrent model (demo-lstm) through `anomalyd score` on one core, and SPOT's
+#      judge against the quantile's (`cargo bench --bench hot_path -- threshold`);
 #   2. Kafka end to end on the tansu broker: the release `anomalyd run` binary's throughput, and
 #      p50/p99 record-to-alert latency at half that rate;
 #   3. against a Python consumer (confluent-kafka + onnxruntime, benches/python_consumer.py) doing
@@ -64,7 +66,7 @@ fi
 
 log "building the benches and anomalyd in release mode"
 cargo build --release --bin anomalyd
-cargo bench --no-run --bench tract_vs_ort --bench kafka_e2e --bench memory --message-format=json-render-diagnostics \
+cargo bench --no-run --bench tract_vs_ort --bench kafka_e2e --bench memory --bench hot_path --message-format=json-render-diagnostics \
     >"$out/build.jsonl"
 exe() {
     "$py" -c 'import json,sys
@@ -76,16 +78,21 @@ for l in open(sys.argv[1]):
 tract_vs_ort="$(exe tract_vs_ort)"
 kafka_e2e="$(exe kafka_e2e)"
 memory="$(exe memory)"
-[[ -x "$tract_vs_ort" && -x "$kafka_e2e" && -x "$memory" ]] || die "bench executables not found in $out/build.jsonl"
+hot_path="$(exe hot_path)"
+[[ -x "$tract_vs_ort" && -x "$kafka_e2e" && -x "$memory" && -x "$hot_path" ]] || die "bench executables not found in $out/build.jsonl"
 
 if [[ -n "$quick" ]]; then
     replay_rows=200000
     replay_runs=1
+    lstm_copies=5 # of models/demo/fleet-normal.csv's 20 hosts and 1000 rows: 100k rows
+    criterion_args=(--warm-up-time 1 --measurement-time 2)
     tvo_args=(--rounds 5 --round-ms 100)
     e2e_args=(--records 200000 --python-records 100000 --repeats 1 --latency-seconds 5 --latency-repeats 1)
 else
     replay_rows=1000000
     replay_runs=5
+    lstm_copies=25 # 500 hosts, 500k rows
+    criterion_args=()
     tvo_args=(--rounds 15 --round-ms 150)
     e2e_args=(--records 1000000 --python-records 300000 --repeats 3 --latency-seconds 10 --latency-repeats 3)
 fi
@@ -135,6 +142,36 @@ cmd1="$single $tract_vs_ort ${tvo_args[*]} --profile"
 $cmd1 >"$out/tract_vs_ort.txt"
 grep '^BENCH ' "$out/tract_vs_ort.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 
+# The recurrent model through the daemon's code: the demo fleet's normal rows, each host copied
+# under new names (500 hosts × 1000 rows), `anomalyd score --model models/demo-lstm.onnx`.
+lstm_data="$out/lstm-fleet-x$lstm_copies.csv"
+[[ -s "$lstm_data" ]] || "$py" -c 'import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+with open(sys.argv[2], "w") as out:
+    out.write(",".join(rows[0]) + "\n")
+    for r in rows[1:]:
+        for c in range(int(sys.argv[3])):
+            out.write(",".join([f"{r[0]}-{c:02d}"] + r[1:]) + "\n")' models/demo/fleet-normal.csv "$lstm_data" "$lstm_copies"
+log "the demo-lstm through anomalyd score: 3 runs on $lstm_data${single:+, pinned to CPU 0}"
+for ((i = 0; i < 3; i++)); do
+    line="$($single target/release/anomalyd score --model models/demo-lstm.onnx --input "$lstm_data" --output "$out/lstm-out.csv" 2>&1 | grep '^scored')"
+    echo "$line" >&2
+    "$py" -c 'import json, re, sys
+m = re.search(r"scored (\d+) of (\d+) rows in ([0-9.]+)s", sys.argv[1])
+print(json.dumps({"bench": "replay_lstm", "rows": int(m.group(2)), "seconds": float(m.group(3))}))' "$line" >>"$out/results.jsonl"
+done
+
+log "SPOT's judge against the quantile's (criterion${single:+, pinned to CPU 0})"
+$single "$hot_path" --bench threshold "${criterion_args[@]}" >"$out/threshold.txt" 2>&1
+"$py" -c 'import json, sys
+from pathlib import Path
+for b in sorted(Path(sys.argv[1]).glob("*/new/benchmark.json")):
+    meta, est = json.loads(b.read_text()), json.loads((b.parent / "estimates.json").read_text())
+    method, case = meta["function_id"].split("/", 1)
+    print(json.dumps({"bench": "threshold", "method": method, "case": case,
+                      "scores": meta["throughput"]["Elements"], "ns": est["median"]["point_estimate"]}))' \
+    target/criterion/threshold >>"$out/results.jsonl"
+
 log "Kafka end to end and the Python baseline (tansu; consumer ${consumer_cpus:+on CPU $consumer_cpus, the rest on CPU 1})"
 cmd2="$others $kafka_e2e ${e2e_args[*]} --consumer-cpus '$consumer_cpus' --python $py"
 $others "$kafka_e2e" "${e2e_args[@]}" --consumer-cpus "$consumer_cpus" --python "$py" \
@@ -144,5 +181,7 @@ grep '^BENCH ' "$out/kafka_e2e.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 "$py" benches/report.py "$out" \
     --command-replay "$replay_cmd" --command-memory "cargo bench --bench memory" \
     --command-tract "ORT_DYLIB_PATH=$ort_dylib $cmd1" \
+    --command-lstm "$single target/release/anomalyd score --model models/demo-lstm.onnx --input $lstm_data --output $out/lstm-out.csv" \
+    --command-threshold "$single $hot_path --bench threshold ${criterion_args[*]}" \
     --command-kafka "TANSU_BIN=$tansu $cmd2" | tee "$out/report.md"
 log "raw outputs in $out (tract profile: $out/tract_vs_ort.txt)"
