@@ -55,8 +55,8 @@ fn patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> 
     if x.datum_type != f32::datum_type() || w.datum_type() != f32::datum_type() || w.rank() != 2 {
         return Ok(None);
     }
-    let out_rank = model.outlet_fact(OutletId::new(id, 0))?.rank();
-    let Some(layout) = Layout::of(&einsum.axes, x, out_rank) else {
+    let out_fact = model.outlet_fact(OutletId::new(id, 0))?;
+    let Some(layout) = Layout::of(&einsum.axes, x, out_fact.rank()) else {
         return Ok(None);
     };
     let w = w
@@ -77,7 +77,6 @@ fn patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> 
     if let [succ] = succs.as_slice() {
         let add = model.node(succ.node);
         let other = add.inputs[1 - succ.slot];
-        let out_fact = model.outlet_fact(OutletId::new(id, 0))?;
         if add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>())
             && model.outlet_fact(OutletId::new(add.id, 0))?.shape == out_fact.shape
             && !model.output_outlets()?.contains(&OutletId::new(id, 0))
@@ -104,8 +103,7 @@ fn patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> 
     for (i, &axis) in layout.added.iter().enumerate() {
         wire = patch.wire_node(format!("{}.add{i}", node.name), AxisOp::Add(axis), &[wire])?[0];
     }
-    let out = wire;
-    patch.shunt_outside(model, replaced, out)?;
+    patch.shunt_outside(model, replaced, wire)?;
     Ok(Some(patch))
 }
 
