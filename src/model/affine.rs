@@ -105,6 +105,10 @@ fn patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> 
         wire = patch.wire_node(format!("{}.rm{i}", node.name), AxisOp::Rm(axis), &[wire])?[0];
     }
     wire = patch.wire_node(&node.name, op, &[wire])?[0];
+    for (i, &(from, to)) in layout.moves.iter().enumerate() {
+        let mv = AxisOp::Move(from, to);
+        wire = patch.wire_node(format!("{}.move{i}", node.name), mv, &[wire])?[0];
+    }
     for (i, &axis) in layout.added.iter().enumerate() {
         wire = patch.wire_node(format!("{}.add{i}", node.name), AxisOp::Add(axis), &[wire])?[0];
     }
@@ -114,13 +118,18 @@ fn patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> 
 
 /// How an einsum of an activation `x` (input 0) and a matrix (input 1) maps onto an [`Affine`]:
 /// it contracts `x`'s last axis with one of the matrix's, puts the matrix's other axis last in
-/// its output, and keeps `x`'s other axes in order, except axes of one element it drops or adds
-/// (an ONNX `Flatten` or `Reshape` around a `Gemm` folds into the einsum that way).
+/// its output, and keeps `x`'s other axes, except axes of one element it drops or adds (an ONNX
+/// `Flatten` or `Reshape` around a `Gemm` folds into the einsum that way). It may reorder the
+/// axes it keeps: tract folds the `Transpose` of a recurrent layer's `[T, batch, H]` output into
+/// the next product (the demo-lstm's output layer), which then runs as the product and a move of
+/// the axes, since the bias along the last axis commutes with it.
 struct Layout {
     /// Whether the matrix is `[K, N]` (true) or `[N, K]`.
     k_row: bool,
     /// `x`'s axes of one element the output does not have, ascending.
     removed: Vec<usize>,
+    /// `AxisOp::Move`s that put the product's kept axes (in `x`'s order) in the output's order.
+    moves: Vec<(usize, usize)>,
     /// The output's axes of one element `x` does not have, ascending.
     added: Vec<usize>,
 }
@@ -147,11 +156,25 @@ impl Layout {
         kept.sort_unstable();
         removed.sort_unstable();
         added.sort_unstable();
-        let in_order = kept.windows(2).all(|p| p[0].1 < p[1].1);
-        let k_row = k_row.filter(|_| n_found && in_order)?;
+        // Where each kept axis goes among the kept ones, in `x`'s order; then the moves that sort
+        // them, one axis at a time.
+        let mut order: Vec<usize> = kept
+            .iter()
+            .map(|&(_, o)| kept.iter().filter(|k| k.1 < o).count())
+            .collect();
+        let mut moves = vec![];
+        for to in 0..order.len() {
+            let from = order.iter().position(|&p| p == to)?;
+            if from != to {
+                moves.push((from, to));
+                let axis = order.remove(from);
+                order.insert(to, axis);
+            }
+        }
         Some(Layout {
-            k_row,
+            k_row: k_row.filter(|_| n_found)?,
             removed,
+            moves,
             added,
         })
     }
@@ -331,14 +354,18 @@ mod tests {
 
     #[test]
     fn products_over_the_last_axis_fuse_with_their_bias_and_keep_their_values() -> TractResult<()> {
-        let sizes = [('b', 5), ('t', 3), ('k', 4), ('n', 6), ('o', 1)];
+        let sizes = [('a', 2), ('b', 5), ('t', 3), ('k', 4), ('n', 6), ('o', 1)];
         for bias in [false, true] {
             for expr in [
-                "bk,kn->bn",   // Gemm
-                "bk,nk->bn",   // Gemm with transB
-                "btk,kn->btn", // MatMul over a window
-                "bok,kn->bn",  // Flatten of a [batch, 1, K] before the Gemm
-                "bk,kn->bon",  // Unsqueeze after it
+                "bk,kn->bn",     // Gemm
+                "bk,nk->bn",     // Gemm with transB
+                "btk,kn->btn",   // MatMul over a window
+                "bok,kn->bn",    // Flatten of a [batch, 1, K] before the Gemm
+                "bk,kn->bon",    // Unsqueeze after it
+                "tbk,kn->btn",   // the transpose after a recurrent layer
+                "btok,kn->tbn",  // the same after a Flatten
+                "tbk,nk->obtn",  // ...before an Unsqueeze
+                "abtk,kn->tban", // three axes reordered
             ] {
                 assert_eq!(fused_matches(expr, &sizes, bias)?, 1, "{expr} bias={bias}");
             }
@@ -355,10 +382,9 @@ mod tests {
     fn other_products_are_left_alone() -> TractResult<()> {
         let sizes = [('b', 5), ('t', 3), ('k', 4), ('n', 6)];
         for expr in [
-            "kb,kn->bn",   // contracts x's first axis
-            "bk,kn->nb",   // the matrix's axis is not last
-            "tbk,kn->btn", // reorders x's other axes
-            "btk,kn->bn",  // sums over an axis of x that is not of one element
+            "kb,kn->bn",  // contracts x's first axis
+            "bk,kn->nb",  // the matrix's axis is not last
+            "btk,kn->bn", // sums over an axis of x that is not of one element
         ] {
             assert_eq!(fused_matches(expr, &sizes, true)?, 0, "{expr}");
         }
