@@ -289,6 +289,8 @@ fn print_graph(model: &TypedModel, indent: usize) {
 }
 
 fn main() {
+    // As the daemon does (anomalyd::cli::main), so that `tract` is what it costs there.
+    anomalyd::model::keep_freed_buffers();
     let args = parse_args();
     let Some(dylib) = std::env::var_os("ORT_DYLIB_PATH") else {
         eprintln!("ORT_DYLIB_PATH is not set");

@@ -148,6 +148,7 @@ fn parse_format(s: &str) -> Result<Format, String> {
 
 /// The entry point of the binary.
 pub fn main() -> ExitCode {
+    crate::model::keep_freed_buffers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => return run(&config),

@@ -153,6 +153,26 @@ pub struct Model {
 
 const META_PREFIX: &str = "anomalyd.";
 
+/// Keeps the buffers freed after an inference for the next one, process-wide (glibc on Linux;
+/// elsewhere nothing). tract allocates every intermediate tensor of a call afresh, and glibc
+/// serves blocks from 128 KiB up (the threshold adapts, but only so far) by `mmap`, and returns
+/// a heap top of more than twice that to the kernel: every call then faults its buffers in
+/// again, zeroed. The demo-lstm at batch 256 (buffers of 512 KiB) faulted ~65k pages a second
+/// and spent 17 % of its time in the kernel; it ran at 1.9-2.5 ms a call against 1.5 ms with
+/// the thresholds below, the gap varying with the machine's memory pressure (docs/NOTES.md).
+/// The cost: a heap top of up to 64 MiB that the peak load touched stays resident. `unsafe`
+/// because it is FFI: glibc reads its `MALLOC_*_` variables before `main`, so only `mallopt`
+/// can set this from inside the process.
+#[allow(unsafe_code)]
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; both are valid options and values.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 impl Model {
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
         let path = path.as_ref().to_path_buf();
