@@ -3,7 +3,8 @@
 #   0. replay throughput: `anomalyd score` on 1M NDJSON rows of 8 features through a dense model
 #      on one core (and, with BENCH_BASELINE=path/to/an/older/anomalyd, that binary interleaved
 #      with this one: before and after), and memory per tracked key and with 1M keys;
-#   1. tract vs onnxruntime on each shipped model (batch 1 and 256, one thread each, one process),
+#   1. tract vs onnxruntime on each shipped model and a GRU trained like the demo-lstm (batch 1 and
+#      256, one thread each, one process),
 #      the shipped recurrent model (demo-lstm) through `anomalyd score` on one core, and SPOT's
 #      judge against the quantile's (`cargo bench --bench hot_path -- threshold`);
 #   2. Kafka end to end on the tansu broker: the release `anomalyd run` binary's throughput, and
@@ -137,8 +138,14 @@ log "memory per tracked key (each measurement in a process of its own)"
 "$memory" >"$out/memory.md" 2>"$out/memory.txt"
 grep '^BENCH ' "$out/memory.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 
+# No GRU model is shipped: one is trained here (cached) on the demo fleet, as models/regenerate.sh
+# trains the demo-lstm, so that both recurrent cells are measured.
+gru_model="$out/demo-gru.onnx"
+[[ -s "$gru_model" ]] || "$venv/bin/anomalyd-train" fit --kind gru --data models/demo/fleet-normal.csv \
+    --features cpu_pct,requests_per_s,latency_ms,net_out_mbps --key host --seed 0 --threads 1 \
+    --window 16 --epochs 20 --code window --name demo-gru --out "$gru_model" --no-plot --quiet
 log "tract vs onnxruntime (one thread each${single:+, pinned to CPU 0})"
-cmd1="$single $tract_vs_ort ${tvo_args[*]} --profile"
+cmd1="$single $tract_vs_ort ${tvo_args[*]} --profile models/demo-dense.onnx models/demo-lstm.onnx $gru_model"
 $cmd1 >"$out/tract_vs_ort.txt"
 grep '^BENCH ' "$out/tract_vs_ort.txt" | sed 's/^BENCH //' >>"$out/results.jsonl"
 

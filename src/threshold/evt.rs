@@ -686,7 +686,12 @@ const NEAR: f64 = 0.5;
 /// alarm counts of `tests/evt_statistics.rs` unchanged and NAB's line up on all three seeds
 /// (docs/NOTES.md). The followed root differed from a full search's at most once in 3,000 fits,
 /// so with Halley's refine (~2 passes a fit) the search every 32nd fit (~4.7 passes a fit) was
-/// the bigger cost; every 256th it is ~0.6.
+/// the bigger cost; every 256th it is ~0.6. A search that comes due inside a run of peaks (past
+/// [`RUN_REFIT_ALL`], a sustained shift) waits for the run's end, whose catch-up fit makes it:
+/// the run's own peaks are replacing the window meanwhile, so a search mid-run is soon out of
+/// date, and the refits follow the root in between (a refine that fails searches at once, as
+/// anywhere). Mid-run, a search (~90 µs over 200 peaks) every 4,096 peaks had cost more than
+/// the rest of SPOT's judge (`hot_path -- threshold`, level shift: docs/NOTES.md).
 const FULL_FIT_EVERY: usize = 256;
 
 impl Spot {
@@ -721,11 +726,13 @@ impl Spot {
             fitted: (0, 0),
             run: 0,
         };
-        spot.refit();
+        spot.refit(false);
         spot
     }
 
-    fn refit(&mut self) {
+    /// Fits the tail to the peaks: follows the last root, or searches for every root when one is
+    /// due (see [`FULL_FIT_EVERY`]) and `in_run` does not defer it.
+    fn refit(&mut self, in_run: bool) {
         self.fitted = (self.n, self.n_peaks);
         if self.tail.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
@@ -734,14 +741,14 @@ impl Spot {
         }
         // A key refits only after its own first peak, so this does not copy a template's.
         let tail = Arc::make_mut(&mut self.tail);
-        let refined = if self.refined < FULL_FIT_EVERY {
+        let refined = if self.refined < FULL_FIT_EVERY || in_run {
             tail.refine(self.root)
         } else {
             None
         };
         let (gpd, root) = match refined {
             Some(fit) => {
-                self.refined += 1;
+                self.refined = self.refined.saturating_add(1);
                 fit
             }
             None => {
@@ -790,7 +797,7 @@ impl Spot {
     /// peaks later), unless a score near the threshold, which the fit decides, comes first.
     pub fn judge(&mut self, x: f64) -> Verdict {
         if self.run <= RUN_REFIT_ALL && self.stale() && x > self.t + NEAR * (self.z - self.t) {
-            self.refit();
+            self.refit(false);
         }
         let verdict = Verdict::with_tail(x, self.z, self.tail_probability(x));
         if x > self.z_far || !x.is_finite() {
@@ -806,11 +813,11 @@ impl Spot {
                 run => run <= RUN_REFIT_ALL || run.is_multiple_of(RUN_REFIT_EVERY),
             };
             if due {
-                self.refit();
+                self.refit(self.run > RUN_REFIT_ALL);
             }
         } else {
             if self.run > RUN_REFIT_ALL && self.stale() {
-                self.refit();
+                self.refit(false);
             }
             self.run = 0;
         }
@@ -897,7 +904,7 @@ impl Threshold for Spot {
                 self.tail = Arc::new(tail);
                 self.refined = FULL_FIT_EVERY;
                 self.run = 0;
-                self.refit();
+                self.refit(false);
             }
         }
         true
@@ -1347,6 +1354,35 @@ mod tests {
             searches <= fits / FULL_FIT_EVERY + 1,
             "{searches} full searches in {fits} fits"
         );
+    }
+
+    /// A full search that comes due inside a sustained run waits for the run's end: over a run
+    /// of 16 × 16 × [`FULL_FIT_EVERY`] peaks (a search due every 4,096 without the deferral) the
+    /// fits follow their root, and the first fit after the run searches.
+    #[test]
+    fn a_full_search_due_inside_a_run_is_made_when_the_run_ends() {
+        let (mut key, shifted) = key_and_shift();
+        let (mut fits, mut searches) = (0, 0);
+        let run = 16 * RUN_REFIT_EVERY * FULL_FIT_EVERY;
+        // One peak past a refit, so that the run's end has a fit to catch up.
+        for i in 1..=run + 1 {
+            let before = key.fitted;
+            key.judge(shifted(i));
+            if i > RUN_REFIT_ALL && key.fitted != before {
+                fits += 1;
+                searches += usize::from(key.refined == 0);
+            }
+        }
+        assert!(fits >= run / RUN_REFIT_EVERY - 4, "{fits} fits in the run");
+        // A refine that fails (the root moving out of reach while the shift fills the window)
+        // still searches at once; the schedule alone would have made 16.
+        assert!(
+            searches <= 2,
+            "{searches} full searches in {fits} fits inside the run"
+        );
+        assert!(key.refined >= FULL_FIT_EVERY, "a search is due");
+        key.judge(0.0);
+        assert_eq!(key.refined, 0, "the run's end searched");
     }
 
     /// Inside a run a key judges by a fit some peaks old; its snapshot carries that fit, so a
