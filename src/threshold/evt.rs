@@ -726,13 +726,13 @@ impl Spot {
             fitted: (0, 0),
             run: 0,
         };
-        spot.refit(false);
+        spot.refit();
         spot
     }
 
     /// Fits the tail to the peaks: follows the last root, or searches for every root when one is
-    /// due (see [`FULL_FIT_EVERY`]) and `in_run` does not defer it.
-    fn refit(&mut self, in_run: bool) {
+    /// due (see [`FULL_FIT_EVERY`]) and the key is not inside a sustained run, which defers it.
+    fn refit(&mut self) {
         self.fitted = (self.n, self.n_peaks);
         if self.tail.peaks.is_empty() || self.n == 0 {
             self.z = f64::INFINITY;
@@ -741,7 +741,7 @@ impl Spot {
         }
         // A key refits only after its own first peak, so this does not copy a template's.
         let tail = Arc::make_mut(&mut self.tail);
-        let refined = if self.refined < FULL_FIT_EVERY || in_run {
+        let refined = if self.refined < FULL_FIT_EVERY || self.run > RUN_REFIT_ALL {
             tail.refine(self.root)
         } else {
             None
@@ -797,7 +797,7 @@ impl Spot {
     /// peaks later), unless a score near the threshold, which the fit decides, comes first.
     pub fn judge(&mut self, x: f64) -> Verdict {
         if self.run <= RUN_REFIT_ALL && self.stale() && x > self.t + NEAR * (self.z - self.t) {
-            self.refit(false);
+            self.refit();
         }
         let verdict = Verdict::with_tail(x, self.z, self.tail_probability(x));
         if x > self.z_far || !x.is_finite() {
@@ -813,13 +813,15 @@ impl Spot {
                 run => run <= RUN_REFIT_ALL || run.is_multiple_of(RUN_REFIT_EVERY),
             };
             if due {
-                self.refit(self.run > RUN_REFIT_ALL);
+                self.refit();
             }
         } else {
-            if self.run > RUN_REFIT_ALL && self.stale() {
-                self.refit(false);
-            }
+            // The run is over: its catch-up fit may search.
+            let ended = self.run > RUN_REFIT_ALL;
             self.run = 0;
+            if ended && self.stale() {
+                self.refit();
+            }
         }
         verdict
     }
@@ -904,7 +906,7 @@ impl Threshold for Spot {
                 self.tail = Arc::new(tail);
                 self.refined = FULL_FIT_EVERY;
                 self.run = 0;
-                self.refit(false);
+                self.refit();
             }
         }
         true
