@@ -131,6 +131,9 @@ class NabOptions:
     # What NAB sees: each firing row, and each doubling of an open episode's rarity (see REPORTS).
     report: str = "escalation"
     escalate: float = 2.0
+    # A key's k-th episode reports its rarity divided by 1 + repeat_discount * (k - 1): a key that
+    # keeps alerting is noisier than its tail says (docs/BENCHMARKS.md, "Repeat discount").
+    repeat_discount: float = 0.1
     jobs: int = 2
     files: list[str] | None = None  # a subset of <category>/<file>.csv; default every labelled file
     anomalyd: str | None = None  # the daemon binary
@@ -193,6 +196,7 @@ def validate(opts: NabOptions) -> None:
         (opts.jobs >= 1, f"--jobs must be at least 1, got {opts.jobs}"),
         (opts.ensemble >= 1, f"--ensemble must be at least 1, got {opts.ensemble}"),
         (opts.escalate > 1, f"--escalate must be above 1, got {opts.escalate}"),
+        (opts.repeat_discount >= 0, f"--repeat-discount must be 0 or more, got {opts.repeat_discount}"),
         (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
         (opts.retrain_calibration in ("val", "probation"),
          f"--retrain-calibration must be val or probation, got {opts.retrain_calibration}"),
@@ -423,7 +427,7 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
             pass  # too little clean data in this stretch: the model before keeps serving
         train_seconds += time.perf_counter() - started
     daemon = score(candidates)
-    nab = report(opts.report, daemon, opts.escalate)
+    nab = report(opts.report, daemon, opts.escalate, opts.repeat_discount)
     firing = daemon.firing
 
     rows = ns.file_rows(name, times, windows)
@@ -594,7 +598,7 @@ class DaemonRows:
     resolved: np.ndarray  # the row closed one
 
 
-def report(mode: str, d: DaemonRows, escalate: float = 2.0) -> np.ndarray:
+def report(mode: str, d: DaemonRows, escalate: float = 2.0, repeat_discount: float = 0.0) -> np.ndarray:
     """A row's NAB anomaly score from the daemon's columns (see REPORTS); causal: a row's value
     depends on that row and the rows before it only."""
     if mode == "score":
@@ -606,14 +610,21 @@ def report(mode: str, d: DaemonRows, escalate: float = 2.0) -> np.ndarray:
         x = d.score / np.maximum(before, 1e-300)
         return np.where(d.firing, x / (1.0 + x), 0.0)
     if mode in ("rarity", "escalation"):
-        return _rarity(d, escalate if mode == "escalation" else math.inf)
+        return _rarity(d, escalate if mode == "escalation" else math.inf, repeat_discount)
     raise ns.NabError(f"unknown report mode {mode!r}")
 
 
-def _rarity(d: DaemonRows, escalate: float) -> np.ndarray:
+def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0) -> np.ndarray:
     """x = score / (99th percentile of the scores of every earlier row), reported as x / (1 + x)
     on firing rows and, inside the episode, on anomalous rows where x has grown `escalate`-fold
-    over the largest x reported in it so far.
+    over the largest x reported in it so far. In the key's k-th episode the reported x is
+    divided by 1 + `repeat_discount` * (k - 1).
+
+    Why the discount: the threshold's tail calls a fixed share of scores rare whatever the key's
+    history, but a key that has alerted many times is noisier than that tail says (unlabelled
+    bursts, a regime the model never saw), and an operator reads its next alert with less
+    urgency. The rank of an alert among all keys' alerts, which is what NAB's corpus threshold
+    reads, should say the same.
 
     Why re-report: an episode fires on its first few anomalous rows, often on the shoulder of what
     becomes a much larger anomaly (a spike after a small bump, a level shift that never resolves,
@@ -624,16 +635,19 @@ def _rarity(d: DaemonRows, escalate: float) -> np.ndarray:
     out = np.zeros(len(d.score))
     past: list[float] = []  # every earlier score, sorted
     in_episode, best = False, 0.0
+    episodes, discount = 0, 1.0  # discount: 1 + repeat_discount * (episodes fired before this one)
     for i, s in enumerate(d.score):
         if past:
             q = past[min(int(RARITY_QUANTILE * len(past)), len(past) - 1)]
             x = s / max(q, 1e-300)
             if d.firing[i]:
+                discount = 1.0 + repeat_discount * episodes
+                episodes += 1
                 in_episode, best = True, x
-                out[i] = x / (1.0 + x)
+                out[i] = (x / discount) / (1.0 + x / discount)
             elif in_episode and d.is_anomaly[i] and x >= escalate * best:
                 best = x
-                out[i] = x / (1.0 + x)
+                out[i] = (x / discount) / (1.0 + x / discount)
         if d.resolved[i]:
             in_episode = False
         if s > 0:  # rows still filling a sequence window have no score

@@ -34,7 +34,8 @@ reports (--report; each is causal, computed from the daemon's per-row output):
               row of the open episode whose rarity has grown --escalate-fold over the largest
               reported in it (a re-notification: the anomaly got worse)
   rarity      on the rows that open an episode only: x / (1 + x), x = the row's score over the
-              99th percentile of every earlier score of the file
+              99th percentile of every earlier score of the file, divided by 1 + --repeat-discount
+              per episode the key fired before
   novelty     as rarity, over the largest earlier score
   firing      the daemon's anomaly_score on the rows that open an episode, 0 elsewhere
   score       the daemon's calibrated anomaly_score on every row
@@ -153,6 +154,10 @@ def add_nab_parser(sub) -> None:
     t.add_argument("--escalate", type=float, default=d.escalate, metavar="X",
                    help=f"report escalation: the growth of an open episode's rarity that is reported again "
                         f"(default {d.escalate})")
+    t.add_argument("--repeat-discount", type=float, default=d.repeat_discount, metavar="X",
+                   help="reports rarity and escalation: a key's k-th episode reports its rarity divided by "
+                        f"1 + X * (k - 1), so a key that keeps alerting ranks lower (default {d.repeat_discount}; "
+                        "0: no discount)")
 
 
 def add_plot_parser(sub) -> None:
@@ -203,7 +208,8 @@ def run(args) -> int:
         alpha=args.alpha, k=args.k, memory=args.memory, fire_after=args.fire_after,
         resolve_after=args.resolve_after, rebaseline_after=args.rebaseline_after,
         retrain_every=args.retrain_every, retrain_rows=args.retrain_rows,
-        shadow_rows=args.shadow_rows, retrain_calibration=args.retrain_calibration, report=args.report, escalate=args.escalate, jobs=args.jobs,
+        shadow_rows=args.shadow_rows, retrain_calibration=args.retrain_calibration, report=args.report, escalate=args.escalate,
+        repeat_discount=args.repeat_discount, jobs=args.jobs,
         files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )

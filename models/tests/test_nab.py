@@ -59,6 +59,24 @@ def test_escalation_reports_the_opening_row_and_each_doubling_only():
     np.testing.assert_allclose(rarity[n:], [expected[0], 0, 0, 0, 0, 0, 0])
 
 
+def test_a_keys_later_episodes_report_their_rarity_discounted():
+    # Three episodes of the same rarity (x = 3) after 1000 rows of score 1: the k-th reports
+    # x / (1 + 0.5 (k - 1)), its escalations too; no discount reports all three alike.
+    n = 1000
+    score = [1.0] * n + [3.0, 3.0, 1.0, 3.0, 9.0, 1.0, 3.0]
+    anomalous = [False] * n + [True, True, False, True, True, False, True]
+    events = [""] * n + ["f", "", "r", "f", "", "r", "f"]
+    rows = daemon_rows(score, anomalous, events)
+    out = nb.report("escalation", rows, escalate=2.0, repeat_discount=0.5)
+
+    def rep(x):
+        return x / (1 + x)
+
+    np.testing.assert_allclose(out[n:], [rep(3), 0, 0, rep(3 / 1.5), rep(9 / 1.5), 0, rep(3 / 2)])
+    plain = nb.report("escalation", rows, escalate=2.0)
+    np.testing.assert_allclose(plain[n:], [rep(3), 0, 0, rep(3), rep(9), 0, rep(3)])
+
+
 def test_reports_are_causal():
     rng = np.random.default_rng(3)
     n = 400
