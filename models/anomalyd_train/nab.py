@@ -634,20 +634,23 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0) -> np.
     """
     out = np.zeros(len(d.score))
     past: list[float] = []  # every earlier score, sorted
-    in_episode, best = False, 0.0
-    episodes, discount = 0, 1.0  # discount: 1 + repeat_discount * (episodes fired before this one)
+    in_episode, best, episodes = False, 0.0, 0
+
+    def reported(x: float) -> float:
+        """x discounted for the key's earlier episodes, as x / (1 + x)."""
+        x /= 1.0 + repeat_discount * (episodes - 1)
+        return x / (1.0 + x)
+
     for i, s in enumerate(d.score):
         if past:
             q = past[min(int(RARITY_QUANTILE * len(past)), len(past) - 1)]
             x = s / max(q, 1e-300)
             if d.firing[i]:
-                discount = 1.0 + repeat_discount * episodes
-                episodes += 1
-                in_episode, best = True, x
-                out[i] = (x / discount) / (1.0 + x / discount)
+                in_episode, best, episodes = True, x, episodes + 1
+                out[i] = reported(x)
             elif in_episode and d.is_anomaly[i] and x >= escalate * best:
                 best = x
-                out[i] = (x / discount) / (1.0 + x / discount)
+                out[i] = reported(x)
         if d.resolved[i]:
             in_episode = False
         if s > 0:  # rows still filling a sequence window have no score
