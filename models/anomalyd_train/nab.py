@@ -397,6 +397,7 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         score_seconds += time.perf_counter() - started
         if p.returncode != 0:
             raise ns.NabError(f"{name}: anomalyd score failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+        (work / "score.log").write_text(p.stderr)  # the daemon's own account: promotions, refusals
         counts = re.search(r"candidates: (\d+) promoted, (\d+) refused", p.stderr)
         decided[:] = [int(c) for c in counts.groups()] if counts else [0, 0]
         return read_scores(scores, rows, name)
