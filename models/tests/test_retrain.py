@@ -23,7 +23,8 @@ def test_the_daemons_config_is_read_with_its_defaults_and_environment_overrides(
         '[pipelines.fleet.field_map]\ncpu_pct = "cpu.util"\n[pipelines.fleet.feedback]\ntopic = "fb"\n'
     )
     s = retrain.load_source(str(config), "fleet", environ={})
-    assert (s.brokers, s.topics, s.key_field, s.alerts_topic) == ("k1:9092", ["a", "b"], "host", "anomalyd-alerts")
+    # key_field as the daemon's default (src/config.rs, docs/CONFIG.md): "key".
+    assert (s.brokers, s.topics, s.key_field, s.alerts_topic) == ("k1:9092", ["a", "b"], "key", "anomalyd-alerts")
     assert s.model == (tmp_path / "models" / "fleet.onnx").resolve()
     assert s.candidate == (tmp_path / "models" / "fleet.candidate.onnx").resolve()
     assert (s.properties, s.feedback_topic) == ({"security.protocol": "SSL"}, "fb")
