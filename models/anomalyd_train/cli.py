@@ -15,17 +15,6 @@ Train autoencoders on normal data and export them as self-describing ONNX models
 anomalyd daemon (one file: features, window, normalisation, per-feature error output and the
 calibration of held-back validation scores; see docs/MODEL-CONTRACT.md).
 
-commands:
-  fit       train a model on normal data and export it (plus a loss-curve PNG beside it)
-  generate  sample synthetic normal data from a trained VAE model
-  check     check ONNX files against the model contract
-  select    choose the kind and code size on your data: train a grid, judge each candidate on
-            anomalies injected into held-back data, write the winner
-  synth     write a synthetic dataset (normal data, optionally with labelled anomalies)
-  retrain   fit a candidate for a running pipeline on its recent input, read from Kafka
-  nab       run the Numenta Anomaly Benchmark through the daemon and score it (NAB's rules)
-  nab-plot  plot one file of a finished NAB run: value, score, threshold, labelled windows
-
 Run `anomalyd-train COMMAND --help` for a command's options.
 """
 
@@ -95,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         prog="anomalyd-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--version", action="version", version=f"anomalyd-train {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
 
     f = sub.add_parser(
         "fit", help="train a model and export it", description="Train a model on normal data and export it "

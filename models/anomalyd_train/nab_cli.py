@@ -31,8 +31,8 @@ The last line printed is `NAB standard=S low_fp=S low_fn=S`.
 EPILOG = """\
 reports (--report; each is causal, computed from the daemon's per-row output):
   escalation  (default) rarity on the row that opens an alert episode, and again on any anomalous
-              row of the open episode whose rarity has grown --escalate-fold over the largest
-              reported in it (a re-notification: the anomaly got worse)
+              row of the open episode whose rarity has grown by a factor of --escalate over the
+              largest reported in it (a re-notification: the anomaly got worse)
   rarity      on the rows that open an episode only: x / (1 + x), x = the row's score over the
               99th percentile of every earlier score of the file, divided by 1 + --repeat-discount
               per episode the key fired before
