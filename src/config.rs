@@ -254,6 +254,33 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
     })
 }
 
+/// Fills in `method = "quantile"` (the documented default) in every `[pipelines.P.threshold]`
+/// that leaves it out. The section's type is tagged by its method, so without this a section
+/// holding only `q`, or the override `ANOMALYD__PIPELINES__P__THRESHOLD__Q` alone, would be
+/// refused for a missing `method`.
+fn default_threshold_methods(raw: config::Config) -> Result<config::Config, config::ConfigError> {
+    let Ok(pipelines) = raw.get_table("pipelines") else {
+        return Ok(raw);
+    };
+    let missing: Vec<String> = pipelines
+        .into_iter()
+        .filter_map(|(name, pipeline)| {
+            let threshold = pipeline.into_table().ok()?.remove("threshold")?;
+            let has_method = threshold.into_table().ok()?.contains_key("method");
+            (!has_method).then(|| format!("pipelines.{name}.threshold.method"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(raw);
+    }
+    missing
+        .into_iter()
+        .try_fold(config::Config::builder().add_source(raw), |b, key| {
+            b.set_override(key, ThresholdConfig::default().method())
+        })?
+        .build()
+}
+
 /// Most keys a pipeline may hold (about 0.5 KB each for a dense model).
 pub const MAX_KEYS: usize = 10_000_000;
 /// Most inference threads.
@@ -298,6 +325,7 @@ impl Config {
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(environment)
             .build()
+            .and_then(default_threshold_methods)
             .map_err(|e| ConfigError::one(format!("config: {e}")))?;
         let mut unknown = Vec::new();
         let parsed: Result<Config, _> =
@@ -502,6 +530,25 @@ mod tests {
         assert_eq!(c.pipelines["fleet"].topics, ["a", "b"]);
         assert_eq!(c.pipelines["fleet"].batch.max_size, 64);
         assert_eq!(c.runtime.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_threshold_section_without_a_method_is_the_quantile() {
+        use crate::threshold::QuantileConfig;
+        let quantile = |q: f64| ThresholdConfig::Quantile(QuantileConfig { q, memory: 10_000 });
+        let text = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nq = 0.9995\n");
+        let c = Config::from_toml(&text, env(&[])).unwrap();
+        assert_eq!(c.pipelines["fleet"].threshold, quantile(0.9995));
+        // docs/CONFIG.md's example: the override alone, on a file without the section.
+        let q = ("ANOMALYD__PIPELINES__FLEET__THRESHOLD__Q", "0.9995");
+        let c = Config::from_toml(MINIMAL, env(&[q])).unwrap();
+        assert_eq!(c.pipelines["fleet"].threshold, quantile(0.9995));
+        // A method said in the file stays, and its own parameters are still checked.
+        let spot = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nmethod = \"spot\"\n");
+        let c = Config::from_toml(&spot, env(&[])).unwrap();
+        assert_eq!(c.pipelines["fleet"].threshold.method(), "spot");
+        let wrong = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nalpha = 0.1\n");
+        assert!(Config::from_toml(&wrong, env(&[])).is_err(), "alpha is not the quantile's");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::changelog::Changelog;
 use crate::decode::{DecodeError, Decoder, Record};
 use crate::detect::Origin;
-use crate::kafka::{consumer_config, log_kafka, KafkaConfig};
+use crate::kafka::{consumer_config, log_kafka, log_kafka_error, KafkaConfig};
 use crate::metrics::{Health, Metrics};
 use crate::model::Model;
 use crate::offsets::{Offset, Partition};
@@ -196,7 +196,7 @@ impl Poller {
                 }
                 Some(Err(e)) => {
                     consecutive_errors += 1;
-                    tracing::warn!(pipeline = %ctx.pipeline, "Consumer error: {e}");
+                    log_kafka_error(Some(&ctx.pipeline), format_args!("Consumer error: {e}"));
                     // Back off a little while the broker is unreachable, so the log stays
                     // readable. This is the ingest thread: nothing else waits on it.
                     std::thread::sleep(Duration::from_millis(
@@ -394,7 +394,10 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", pipeline = %self.pipeline, "Kafka consumer error: {error}: {reason}");
+        log_kafka_error(
+            Some(&self.pipeline),
+            format_args!("Kafka consumer error: {error}: {reason}"),
+        );
     }
 }
 

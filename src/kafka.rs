@@ -189,14 +189,23 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     with_user_properties(c, kafka)
 }
 
-/// Maps librdkafka's log lines onto tracing.
+/// librdkafka reports an unreachable or failing broker many times over: an error line per
+/// client and connection attempt, then each client's error callback. With the brokers down that
+/// was ~30 lines a second from one pipeline. One line per 10 s, saying how many were held back,
+/// tells the operator as much; a broker that recovers stops the lines by itself.
+static ERRORS: std::sync::LazyLock<crate::log::Throttle> =
+    std::sync::LazyLock::new(|| crate::log::Throttle::new(std::time::Duration::from_secs(10)));
+
+/// Maps librdkafka's log lines onto tracing; its errors are throttled (see [`ERRORS`]).
 pub fn log_kafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
         | RDKafkaLogLevel::Error => {
-            tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            if let Some(held) = ERRORS.allow() {
+                tracing::error!(target: "librdkafka", facility = fac, held_back = held, "{message}")
+            }
         }
         RDKafkaLogLevel::Warning => {
             tracing::warn!(target: "librdkafka", facility = fac, "{message}")
@@ -210,6 +219,14 @@ pub fn log_kafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
     }
 }
 
+/// A Kafka client's error (its error callback, a failed poll), throttled with librdkafka's
+/// error lines: with the brokers down these mostly repeat them.
+pub fn log_kafka_error(pipeline: Option<&str>, what: std::fmt::Arguments) {
+    if let Some(held) = ERRORS.allow() {
+        tracing::warn!(target: "librdkafka", pipeline, held_back = held, "{what}");
+    }
+}
+
 /// Client context of the producers: routes logs and errors to tracing.
 pub struct ProducerContext;
 
@@ -218,6 +235,6 @@ impl ClientContext for ProducerContext {
         log_kafka(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", "Kafka producer error: {error}: {reason}");
+        log_kafka_error(None, format_args!("Kafka producer error: {error}: {reason}"));
     }
 }

@@ -34,12 +34,30 @@ impl Default for LogConfig {
 
 impl LogConfig {
     /// What is wrong with these settings, each as `field: reason`.
+    ///
+    /// A bare word that is not a level is a valid filter to tracing (every event of the target
+    /// of that name, which none of ours is), so `level = "verbose"` would silence the daemon
+    /// without a word: it is refused here instead.
     pub fn problems(&self) -> Vec<String> {
-        match tracing_subscriber::EnvFilter::try_new(&self.level) {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![format!("level: {e}")],
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return vec![format!("level: {e}")];
         }
+        self.level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty() && !d.contains(['=', '[']) && !is_level(d))
+            .map(|d| {
+                format!(
+                    "level: {d:?} is not a level (trace, debug, info, warn, error, off) \
+                     nor a `target=level` directive"
+                )
+            })
+            .collect()
     }
+}
+
+fn is_level(word: &str) -> bool {
+    word.parse::<tracing_subscriber::filter::LevelFilter>().is_ok()
 }
 
 fn default_log_level() -> String {
@@ -121,5 +139,24 @@ mod tests {
         assert_eq!(at(10), Some(3));
         assert_eq!(at(11), None);
         assert_eq!(at(30), Some(1));
+    }
+
+    #[test]
+    fn a_level_that_would_silence_the_daemon_is_refused_by_name() {
+        let problems = |level: &str| {
+            LogConfig {
+                format: LogFormat::Text,
+                level: level.into(),
+            }
+            .problems()
+        };
+        for ok in ["info", "WARN", "anomalyd=debug,rdkafka=warn", "off", "3", "info,anomalyd=trace"] {
+            assert!(problems(ok).is_empty(), "{ok}: {:?}", problems(ok));
+        }
+        let bad = problems("verbose");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].starts_with("level: \"verbose\" is not a level"), "{bad:?}");
+        assert_eq!(problems("info,verbos").len(), 1);
+        assert_eq!(problems("anomalyd=loud").len(), 1, "tracing's own parse error");
     }
 }
