@@ -548,7 +548,10 @@ mod tests {
         let c = Config::from_toml(&spot, env(&[])).unwrap();
         assert_eq!(c.pipelines["fleet"].threshold.method(), "spot");
         let wrong = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nalpha = 0.1\n");
-        assert!(Config::from_toml(&wrong, env(&[])).is_err(), "alpha is not the quantile's");
+        assert!(
+            Config::from_toml(&wrong, env(&[])).is_err(),
+            "alpha is not the quantile's"
+        );
     }
 
     #[test]

@@ -235,6 +235,9 @@ impl ClientContext for ProducerContext {
         log_kafka(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        log_kafka_error(None, format_args!("Kafka producer error: {error}: {reason}"));
+        log_kafka_error(
+            None,
+            format_args!("Kafka producer error: {error}: {reason}"),
+        );
     }
 }

@@ -57,7 +57,8 @@ impl LogConfig {
 }
 
 fn is_level(word: &str) -> bool {
-    word.parse::<tracing_subscriber::filter::LevelFilter>().is_ok()
+    word.parse::<tracing_subscriber::filter::LevelFilter>()
+        .is_ok()
 }
 
 fn default_log_level() -> String {
@@ -150,13 +151,27 @@ mod tests {
             }
             .problems()
         };
-        for ok in ["info", "WARN", "anomalyd=debug,rdkafka=warn", "off", "3", "info,anomalyd=trace"] {
+        for ok in [
+            "info",
+            "WARN",
+            "anomalyd=debug,rdkafka=warn",
+            "off",
+            "3",
+            "info,anomalyd=trace",
+        ] {
             assert!(problems(ok).is_empty(), "{ok}: {:?}", problems(ok));
         }
         let bad = problems("verbose");
         assert_eq!(bad.len(), 1, "{bad:?}");
-        assert!(bad[0].starts_with("level: \"verbose\" is not a level"), "{bad:?}");
+        assert!(
+            bad[0].starts_with("level: \"verbose\" is not a level"),
+            "{bad:?}"
+        );
         assert_eq!(problems("info,verbos").len(), 1);
-        assert_eq!(problems("anomalyd=loud").len(), 1, "tracing's own parse error");
+        assert_eq!(
+            problems("anomalyd=loud").len(),
+            1,
+            "tracing's own parse error"
+        );
     }
 }
