@@ -276,13 +276,13 @@ def _consumer(source: Source):
     return Consumer(conf)
 
 
-def _partitions(consumer, topic: str) -> list[int]:
+def _partitions(consumer, topic: str, brokers: str) -> list[int]:
     from confluent_kafka import KafkaException
 
     try:
         md = consumer.list_topics(topic, timeout=10)
     except KafkaException as e:
-        raise DataError(f"Kafka: cannot read the metadata of topic {topic!r}: {e}") from None
+        raise DataError(f"Kafka at {brokers}: cannot read the metadata of topic {topic!r}: {e}") from None
     t = md.topics.get(topic)
     if t is None or t.error is not None:
         raise DataError(f"topic {topic!r} cannot be read: {t.error if t is not None else 'not found'}")
@@ -298,7 +298,7 @@ def read_topics(source: Source, topics: list[str], start, log=lambda _m: None) -
     consumer = _consumer(source)
     try:
         assign, ends = [], {}
-        partitions = [(topic, p) for topic in topics for p in _partitions(consumer, topic)]
+        partitions = [(topic, p) for topic in topics for p in _partitions(consumer, topic, source.brokers)]
         for topic, p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             first = max(low, start(consumer, topic, p, low, high, len(partitions)))
