@@ -197,8 +197,8 @@ impl Poller {
                 Some(Err(e)) => {
                     consecutive_errors += 1;
                     log_kafka_error(Some(&ctx.pipeline), format_args!("Consumer error: {e}"));
-                    // Back off a little while the broker is unreachable, so the log stays
-                    // readable. This is the ingest thread: nothing else waits on it.
+                    // Back off a little while the broker is unreachable, instead of spinning on
+                    // errors. This is the ingest thread: nothing else waits on it.
                     std::thread::sleep(Duration::from_millis(
                         50 * u64::from(consecutive_errors.min(20)),
                     ));
