@@ -39,6 +39,18 @@ use crate::model::Model;
 use crate::offsets::{Offset, Partition};
 use crate::state::StateRecord;
 
+/// How a handing-back of partitions ended (a rebalance's, or the final one at shutdown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing was assigned, so nothing was left to settle.
+    NothingAssigned,
+    /// The detector settled the partitions and their positions (this many) were committed.
+    Committed { positions: usize },
+    /// The positions were not committed, for this reason: the records since the last commit
+    /// will be processed again by the partitions' next owner.
+    NotCommitted(String),
+}
+
 /// What reaches a pipeline's detector task, in stream order.
 #[derive(Debug)]
 pub enum Input {
@@ -135,7 +147,7 @@ impl Ingest {
         input: mpsc::Sender<Input>,
         commits: std::sync::mpsc::Receiver<Positions>,
         shutdown: CancellationToken,
-    ) -> Result<std::thread::JoinHandle<()>, KafkaError> {
+    ) -> Result<std::thread::JoinHandle<Drained>, KafkaError> {
         let context = Context {
             pipeline: self.pipeline.clone(),
             input,
@@ -174,7 +186,8 @@ struct Poller {
 }
 
 impl Poller {
-    fn run(self, shutdown: CancellationToken) {
+    /// Polls until `shutdown`, then hands back every partition held; returns how that ended.
+    fn run(self, shutdown: CancellationToken) -> Drained {
         let Poller {
             consumer,
             decoder,
@@ -186,7 +199,9 @@ impl Poller {
         let mut consecutive_errors = 0u32;
         while !shutdown.is_cancelled() {
             for positions in commits.try_iter() {
-                ctx.commit(&consumer, &positions, CommitMode::Async);
+                if let Err(e) = ctx.commit(&consumer, &positions, CommitMode::Async) {
+                    tracing::debug!(pipeline = %ctx.pipeline, "Committing offsets: {e}");
+                }
             }
             let input = match consumer.poll(Duration::from_millis(100)) {
                 None => continue,
@@ -216,11 +231,12 @@ impl Poller {
             .assignment()
             .map(|a| partitions_of(&a))
             .unwrap_or_default();
-        ctx.revoke(&consumer, assigned, grace);
+        let drained = ctx.revoke(&consumer, assigned, grace);
         ctx.closing.store(true, Ordering::SeqCst);
         consumer.unsubscribe();
         // Dropping the consumer closes it (leaving the group) and, with it, its end of the
         // detector's channel.
+        drained
     }
 }
 
@@ -287,10 +303,15 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Context {
     /// Hands `partitions` back: the detector settles them (within `within`) and answers with
-    /// their positions, committed here before the callback returns.
-    fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: Vec<Partition>, within: Duration) {
+    /// their positions, committed here before the callback returns. The caller logs the outcome.
+    fn revoke(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: Vec<Partition>,
+        within: Duration,
+    ) -> Drained {
         if partitions.is_empty() {
-            return;
+            return Drained::NothingAssigned;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let message = Input::Revoked {
@@ -299,22 +320,30 @@ impl Context {
             reply: Some(tx),
         };
         if !self.rebalancing.send(&self.input, message) {
-            return;
+            return Drained::NotCommitted("the detector task is gone".into());
         }
         // The detector keeps its own deadline; this one only guards against a detector that
         // is gone or stuck.
         match rx.recv_timeout(within + Duration::from_secs(5)) {
-            Ok(positions) => self.commit(consumer, &positions, CommitMode::Sync),
-            Err(_) => {
-                tracing::warn!(pipeline = %self.pipeline, "The detector did not settle the revoked partitions in time; their records since the last commit will be processed again.")
-            }
+            Ok(positions) => match self.commit(consumer, &positions, CommitMode::Sync) {
+                Ok(positions) => Drained::Committed { positions },
+                Err(e) => Drained::NotCommitted(format!("committing offsets failed: {e}")),
+            },
+            Err(_) => Drained::NotCommitted(format!(
+                "the detector did not settle the revoked partitions within {within:?}"
+            )),
         }
     }
 
-    /// Stores and commits positions.
-    fn commit(&self, consumer: &BaseConsumer<Self>, positions: &Positions, mode: CommitMode) {
+    /// Stores and commits positions; returns how many.
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        positions: &Positions,
+        mode: CommitMode,
+    ) -> Result<usize, KafkaError> {
         if positions.is_empty() {
-            return;
+            return Ok(0);
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), pos) in positions {
@@ -322,20 +351,14 @@ impl Context {
         }
         // A partition revoked a moment ago cannot be stored or committed any more; its next
         // owner starts from the position committed on revoke.
-        match consumer
+        consumer
             .store_offsets(&tpl)
-            .and_then(|()| consumer.commit(&tpl, mode))
-        {
-            Ok(()) => self
-                .metrics
-                .offsets_committed
-                .with_label_values(&[&self.pipeline])
-                .inc_by(positions.len() as u64),
-            Err(e) if matches!(mode, CommitMode::Sync) => {
-                tracing::warn!(pipeline = %self.pipeline, "Committing offsets failed: {e}; records since the last commit will be processed again.")
-            }
-            Err(e) => tracing::debug!(pipeline = %self.pipeline, "Committing offsets: {e}"),
-        }
+            .and_then(|()| consumer.commit(&tpl, mode))?;
+        self.metrics
+            .offsets_committed
+            .with_label_values(&[&self.pipeline])
+            .inc_by(positions.len() as u64);
+        Ok(positions.len())
     }
 
     /// The state of the keys of newly assigned partitions, from the changelog (created, if
@@ -419,8 +442,10 @@ impl ConsumerContext for Context {
                 reply: None,
             };
             self.rebalancing.send(&self.input, message);
-        } else {
-            self.revoke(consumer, partitions, self.drain_timeout);
+        } else if let Drained::NotCommitted(why) =
+            self.revoke(consumer, partitions, self.drain_timeout)
+        {
+            tracing::warn!(pipeline = %self.pipeline, "Revoked partitions were not committed ({why}); their records since the last commit will be processed again by their next owner.");
         }
     }
 

@@ -46,7 +46,7 @@ use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, DetectorConfig, Origin, Outcome};
 use crate::feedback::FeedbackOutcome;
-use crate::ingest::{Ingest, Input, Positions, Rebalancing};
+use crate::ingest::{Drained, Ingest, Input, Positions, Rebalancing};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
@@ -175,13 +175,27 @@ pub async fn run(
     .run(input_rx, shutdown)
     .await;
     // The detector task ended: the ingest thread has revoked everything and is closing.
-    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
+    let drained = tokio::task::spawn_blocking(move || ingest.join()).await;
     let _ = reloader.await;
     if let Some(feedback) = feedback {
         let _ = feedback.await;
     }
     parts.close().await;
-    tracing::info!(pipeline = %name, elapsed_ms = took.as_millis() as u64, "Pipeline drained and committed.");
+    let elapsed_ms = took.as_millis() as u64;
+    match drained {
+        Ok(Ok(Drained::Committed { positions })) => {
+            tracing::info!(pipeline = %name, elapsed_ms, positions, "Pipeline drained and committed.")
+        }
+        Ok(Ok(Drained::NothingAssigned)) => {
+            tracing::info!(pipeline = %name, elapsed_ms, "Pipeline stopped; it held no partitions, so there was nothing to commit.")
+        }
+        Ok(Ok(Drained::NotCommitted(why))) => {
+            tracing::warn!(pipeline = %name, elapsed_ms, "Pipeline stopped without committing ({why}); its records since the last commit will be processed again.")
+        }
+        Ok(Err(_)) | Err(_) => {
+            tracing::error!(pipeline = %name, elapsed_ms, "Pipeline stopped without committing: its ingest thread panicked; its records since the last commit will be processed again.")
+        }
+    }
     Ok(())
 }
 
