@@ -67,6 +67,13 @@ impl KafkaConfig {
         .collect();
         if self.brokers.trim().is_empty() {
             problems.push("brokers: must name at least one broker".into());
+        } else {
+            problems.extend(
+                self.brokers
+                    .split(',')
+                    .filter_map(broker_problem)
+                    .map(|p| format!("brokers: {p}")),
+            );
         }
         if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
             problems.push(format!(
@@ -90,6 +97,52 @@ impl KafkaConfig {
             }
         }
         problems
+    }
+}
+
+/// What is wrong with one entry of `brokers`, as librdkafka reads it: `host`, `host:port` or
+/// `[v6-address]:port`, optionally behind a security protocol (`SASL_SSL://host:port`). Without
+/// this check a typo (`kafka:909`, `http://kafka:9092`) passes `check` and the daemon then
+/// retries a broker that cannot exist, forever.
+fn broker_problem(entry: &str) -> Option<String> {
+    let entry = entry.trim();
+    if entry.is_empty() {
+        return Some("an empty entry (two commas, or a trailing one)".into());
+    }
+    let address = match entry.split_once("://") {
+        Some((scheme, rest)) => {
+            let known = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(scheme)) {
+                return Some(format!(
+                    "{entry:?}: `{scheme}://` is not a Kafka security protocol (write host:port)"
+                ));
+            }
+            rest
+        }
+        None => entry,
+    };
+    let port = match address.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((_, "")) => None,
+            Some((_, rest)) => Some(rest.strip_prefix(':').unwrap_or(rest)),
+            None => {
+                return Some(format!(
+                    "{entry:?}: an IPv6 address without its closing `]`"
+                ))
+            }
+        },
+        // A bare IPv6 address (several colons): left to librdkafka.
+        None if address.matches(':').count() > 1 => return None,
+        None => address.split_once(':').map(|(_, port)| port),
+    };
+    if address.is_empty() || address.starts_with(':') {
+        return Some(format!("{entry:?}: no host"));
+    }
+    match port.map(str::parse::<u16>) {
+        Some(Ok(0)) | Some(Err(_)) => Some(format!(
+            "{entry:?}: the port must be a number from 1 to 65535"
+        )),
+        _ => None,
     }
 }
 
@@ -239,5 +292,43 @@ impl ClientContext for ProducerContext {
             None,
             format_args!("Kafka producer error: {error}: {reason}"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_are_checked_as_librdkafka_reads_them() {
+        for good in [
+            "kafka",
+            "kafka:9092",
+            "10.0.0.1:19092",
+            "SASL_SSL://kafka.example.com:9093",
+            "[::1]:9092",
+            "::1",
+        ] {
+            assert_eq!(broker_problem(good), None, "{good}");
+        }
+        for (bad, says) in [
+            ("", "empty entry"),
+            ("kafka:90x2", "port"),
+            ("kafka:0", "port"),
+            ("kafka:", "port"),
+            ("http://kafka:9092", "not a Kafka security protocol"),
+            (":9092", "no host"),
+            ("[::1:9092", "closing"),
+        ] {
+            let problem = broker_problem(bad).unwrap_or_default();
+            assert!(problem.contains(says), "{bad:?} gave {problem:?}");
+        }
+        let cfg = KafkaConfig {
+            brokers: "b1:9092,,b2:99999".into(),
+            ..KafkaConfig::default()
+        };
+        let problems = cfg.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.starts_with("brokers: ")));
     }
 }
