@@ -281,6 +281,63 @@ fn default_threshold_methods(raw: config::Config) -> Result<config::Config, conf
         .build()
 }
 
+/// The type errors of a configuration, section by section. Serde stops at the first error of
+/// the whole file, so each section (and each pipeline, and its threshold) is read again on its
+/// own. A threshold is an internally tagged enum, whose errors lose the field's name (serde
+/// buffers its content before it knows the method), so it is read again as its method's type.
+fn type_problems(raw: &config::Config) -> Vec<String> {
+    fn check<T: serde::de::DeserializeOwned>(raw: &config::Config, key: &str) -> Option<String> {
+        let section = raw.get::<config::Value>(key).ok()?;
+        read_as::<T>(key, section)
+    }
+    let mut out: Vec<String> = [
+        check::<KafkaConfig>(raw, "kafka"),
+        check::<HttpConfig>(raw, "http"),
+        check::<LogConfig>(raw, "log"),
+        check::<RuntimeConfig>(raw, "runtime"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let names = raw.get_table("pipelines").unwrap_or_default().into_keys();
+    for name in names {
+        let pipeline = format!("pipelines.{name}");
+        let threshold = threshold_problem(raw, &format!("{pipeline}.threshold"));
+        let whole = check::<PipelineConfig>(raw, &pipeline);
+        // The threshold's own message replaces the pipeline's, which names the section only.
+        let about_threshold = |e: &String| e.starts_with(&format!("{pipeline}.threshold"));
+        out.extend(threshold.clone());
+        out.extend(whole.filter(|e| threshold.is_none() || !about_threshold(e)));
+    }
+    out
+}
+
+/// A type error in the threshold section at `key`, read as its method's own type.
+fn threshold_problem(raw: &config::Config, key: &str) -> Option<String> {
+    use crate::threshold::evt::SpotConfig;
+    use crate::threshold::{EwmaConfig, QuantileConfig, StaticConfig};
+    let mut table = raw.get_table(key).ok()?;
+    let method = table.remove("method")?.into_string().ok()?;
+    let table = config::Value::from(table);
+    match method.as_str() {
+        "ewma" => read_as::<EwmaConfig>(key, table),
+        "quantile" => read_as::<QuantileConfig>(key, table),
+        "static" => read_as::<StaticConfig>(key, table),
+        "spot" | "dspot" => read_as::<SpotConfig>(key, table),
+        _ => None, // an unknown method: the pipeline's own error lists the methods
+    }
+}
+
+/// The error of reading the section at `key` as a `T`, as `key.field: what`.
+fn read_as<T: serde::de::DeserializeOwned>(key: &str, section: config::Value) -> Option<String> {
+    let e = section.try_deserialize::<T>().err()?.to_string();
+    // The config crate ends a type error with the field's path inside the section.
+    Some(match e.rsplit_once(" for key `") {
+        Some((what, field)) => format!("{key}.{}: {what}", field.trim_end_matches('`')),
+        None => format!("{key}: {e}"),
+    })
+}
+
 /// Most keys a pipeline may hold (about 0.5 KB each for a dense model).
 pub const MAX_KEYS: usize = 10_000_000;
 /// Most inference threads.
@@ -329,7 +386,7 @@ impl Config {
             .map_err(|e| ConfigError::one(format!("config: {e}")))?;
         let mut unknown = Vec::new();
         let parsed: Result<Config, _> =
-            serde_ignored::deserialize(raw, |path| unknown.push(path.to_string()));
+            serde_ignored::deserialize(raw.clone(), |path| unknown.push(path.to_string()));
         let mut problems: Vec<String> = unknown
             .into_iter()
             .map(|k| format!("{k}: unknown key"))
@@ -338,7 +395,12 @@ impl Config {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError { problems }),
             Err(e) => {
-                problems.push(format!("config: {e}"));
+                let each = type_problems(&raw);
+                if each.is_empty() {
+                    problems.push(format!("config: {e}"));
+                } else {
+                    problems.extend(each);
+                }
                 Err(ConfigError { problems })
             }
         }
@@ -609,9 +671,34 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_type_names_the_field() {
-        let text = format!("{MINIMAL}\nmax_keys = \"many\"\n");
+    fn every_wrong_type_is_reported_by_its_field() {
+        let text = format!(
+            "{MINIMAL}\n[pipelines.fleet.threshold]\nmethod = \"spot\"\nq = \"small\"\n\
+             [runtime]\ninference_threads = \"all\"\n\
+             [pipelines.other]\ntopics = [\"o\"]\nmodel = \"m.onnx\"\n[pipelines.other.alert]\nfire_after = \"soon\"\n"
+        );
         let e = Config::from_toml(&text, env(&[])).unwrap_err();
-        assert!(e.to_string().contains("max_keys"), "{e}");
+        let all = e.to_string();
+        for needle in [
+            "runtime.inference_threads: invalid type",
+            // Inside a threshold (an internally tagged enum), serde alone names only the section.
+            "pipelines.fleet.threshold.q: invalid type",
+            "pipelines.other.alert.fire_after: invalid type",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // The other pipeline's error is its own; a threshold's is not repeated for its section.
+        assert_eq!(e.problems.len(), 3, "{all}");
+        let unknown = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nmethod = \"magic\"\n");
+        let e = Config::from_toml(&unknown, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pipelines.fleet.threshold.method: unknown variant `magic`"),
+            "{e}"
+        );
+        let wrong = format!("{MINIMAL}\nmax_keys = \"many\"\n");
+        let e = Config::from_toml(&wrong, env(&[])).unwrap_err().to_string();
+        assert!(e.contains("pipelines.fleet.max_keys: invalid type"), "{e}");
     }
 }
