@@ -47,7 +47,7 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Score a file offline (CSV or NDJSON) through the same code as the daemon.
     #[command(
-        long_about = "Score a file offline through the daemon's own decode → window → infer → threshold → alert code, with the settings of a pipeline of a configuration (--config), or the defaults around a model (--model: no configuration needed). Writes one row per input row (CSV or NDJSON, by the output's extension): key, timestamp, score (reconstruction error), threshold, anomaly_score in [0, 1], is_anomaly, top features, alert event, and the error for rows that could not be scored."
+        long_about = "Score a file offline through the daemon's own decode → window → infer → threshold → alert code, with the settings of a pipeline of a configuration (--config), or the defaults around a model (--model: no configuration needed). Writes one row per input row (CSV or NDJSON, by the output's extension): key, timestamp, score (reconstruction error), threshold, anomaly_score in [0, 1], is_anomaly, top features, alert event, and the error for rows that could not be scored (with their key and timestamp when those could be read)."
     )]
     Score(ScoreArgs),
     /// Validate a configuration and load every model; report every problem at once.

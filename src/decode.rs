@@ -109,6 +109,14 @@ pub struct Record {
     pub values: Vec<f32>,
 }
 
+/// Where a record that could not be decoded belongs: its key and timestamp, when they could be
+/// read from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Whereabouts {
+    pub key: Option<String>,
+    pub timestamp: Option<String>,
+}
+
 /// Decodes records for one pipeline's model.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -249,6 +257,38 @@ impl Decoder {
             timestamp: timestamp.filter(|t| !t.is_empty()).map(str::to_string),
             values,
         })
+    }
+
+    /// The key and timestamp of a JSON record that could not be decoded, as far as they can be
+    /// read (the record is a JSON object with them at the top, as strings or numbers): what
+    /// `anomalyd score` writes on the row of its error.
+    pub fn locate_json(&self, bytes: &[u8]) -> Whereabouts {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(bytes) else {
+            return Whereabouts::default();
+        };
+        let text = |field: &str| match object.get(field)? {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        Whereabouts {
+            key: text(&self.key_field),
+            timestamp: text(&self.timestamp_field),
+        }
+    }
+
+    /// The key and timestamp of a CSV row that could not be decoded, as far as they can be read.
+    pub fn locate_csv(&self, row: &csv::StringRecord, columns: &CsvColumns) -> Whereabouts {
+        let cell = |column: Option<usize>| {
+            column
+                .and_then(|i| row.get(i))
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+        };
+        Whereabouts {
+            key: cell(columns.key).or_else(|| self.default_key.clone()),
+            timestamp: cell(columns.timestamp),
+        }
     }
 
     /// Decodes one CSV row, given the header's column index of each field.
@@ -781,6 +821,29 @@ mod tests {
             .unwrap();
         assert_eq!(r.key, "17");
         assert_eq!(r.timestamp.as_deref(), Some("1767225600"));
+    }
+
+    #[test]
+    fn a_bad_record_is_located_as_far_as_it_can_be_read() {
+        let d = row_decoder();
+        let at = |key: Option<&str>, timestamp: Option<&str>| Whereabouts {
+            key: key.map(str::to_string),
+            timestamp: timestamp.map(str::to_string),
+        };
+        let bad = br#"{"host":"h1","ts":"2026-01-01T00:00:00Z","a":"x","b":2}"#;
+        assert!(d.decode_json(bad).is_err());
+        assert_eq!(
+            d.locate_json(bad),
+            at(Some("h1"), Some("2026-01-01T00:00:00Z"))
+        );
+        assert_eq!(d.locate_json(br#"{"host":17,"a":1}"#), at(Some("17"), None));
+        assert_eq!(d.locate_json(br#"{"host":"h1","a":1"#), at(None, None));
+        assert_eq!(d.locate_json(b"[1,2]"), at(None, None));
+        let header = csv::StringRecord::from(vec!["ts", "host", "a", "b"]);
+        let columns = d.csv_columns(&header).unwrap();
+        let row = csv::StringRecord::from(vec!["t0", "h2", "oops", "1"]);
+        assert!(d.decode_csv(&row, &columns).is_err());
+        assert_eq!(d.locate_csv(&row, &columns), at(Some("h2"), Some("t0")));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::PipelineConfig;
-use crate::decode::{DecodeError, Record};
+use crate::decode::{DecodeError, Record, Whereabouts};
 use crate::detect::{Detector, DetectorConfig, DetectorError, Origin, Outcome, Top};
 use crate::model::{Model, ModelError};
 use crate::shadow::{Decision, PromotionConfig, Shadow};
@@ -235,7 +235,7 @@ struct Replayer<W: Write> {
     source: Arc<str>,
     /// The rows of the current batch, in order: decoded ones went to `records`, failed ones keep
     /// their place here with their error.
-    slots: Vec<Result<(), DecodeError>>,
+    slots: Vec<Result<(), (DecodeError, Whereabouts)>>,
     records: Vec<(Origin, Record)>,
     sink: RowSink<W>,
     summary: Summary,
@@ -249,7 +249,10 @@ struct Replayer<W: Write> {
 }
 
 impl<W: Write> Replayer<W> {
-    fn push(&mut self, parsed: Result<Record, DecodeError>) -> Result<(), ReplayError> {
+    fn push(
+        &mut self,
+        parsed: Result<Record, (DecodeError, Whereabouts)>,
+    ) -> Result<(), ReplayError> {
         let index = self.summary.rows + self.slots.len() as u64;
         while self.swaps.last().is_some_and(|(row, _)| *row <= index) {
             let (row, model) = self.swaps.pop().expect("a swap is due");
@@ -336,10 +339,12 @@ impl<W: Write> Replayer<W> {
         for slot in self.slots.drain(..) {
             summary.rows += 1;
             match slot {
-                Err(e) => {
+                Err((e, at)) => {
                     summary.errors += 1;
                     let error = format!("{}: {e}", e.reason());
                     self.sink.write(&Row {
+                        key: at.key.as_deref(),
+                        timestamp: at.timestamp.as_deref(),
                         error: Some(&error),
                         ..Row::default()
                     })?;
@@ -361,6 +366,7 @@ impl<W: Write> Replayer<W> {
                         );
                         self.sink.write(&Row {
                             key: Some(&record.key),
+                            timestamp: record.timestamp.as_deref(),
                             error: Some(&error),
                             ..Row::default()
                         })?;
@@ -468,20 +474,37 @@ pub fn replay(
             while let Some(line) = lines.next()? {
                 match line {
                     Ok(text) if text.trim_ascii().is_empty() => {}
-                    Ok(text) => r.push(decoder.decode_json(text.trim_ascii()))?,
-                    Err(size) => r.push(Err(DecodeError::TooLarge { size, limit }))?,
+                    Ok(text) => {
+                        let text = text.trim_ascii();
+                        r.push(
+                            decoder
+                                .decode_json(text)
+                                .map_err(|e| (e, decoder.locate_json(text))),
+                        )?
+                    }
+                    Err(size) => r.push(Err((
+                        DecodeError::TooLarge { size, limit },
+                        Whereabouts::default(),
+                    )))?,
                 }
             }
         }
         Format::Csv => {
             let (columns, mut csv) = csv_header(&mut lines, &decoder)?;
             while let Some(line) = lines.next()? {
+                let nowhere = |e| (e, Whereabouts::default());
                 let row = match line {
                     Ok(text) if text.trim_ascii().is_empty() => continue,
-                    Ok(text) => csv.parse(text).map_err(DecodeError::MalformedCsv),
-                    Err(size) => Err(DecodeError::TooLarge { size, limit }),
+                    Ok(text) => csv
+                        .parse(text)
+                        .map_err(|e| nowhere(DecodeError::MalformedCsv(e))),
+                    Err(size) => Err(nowhere(DecodeError::TooLarge { size, limit })),
                 };
-                r.push(row.and_then(|row| decoder.decode_csv(row, &columns)))?;
+                r.push(row.and_then(|row| {
+                    decoder
+                        .decode_csv(row, &columns)
+                        .map_err(|e| (e, decoder.locate_csv(row, &columns)))
+                }))?;
             }
         }
     }

@@ -228,6 +228,14 @@ fn score_replays_a_file_one_row_per_input_row() {
     assert!(errors[2].starts_with("malformed_csv"), "{errors:?}");
     assert!(errors[3].starts_with("too_large"), "{errors:?}");
     assert_eq!(errors[4], "", "the row after them is scored");
+    // A row that could be split into cells says whose record it was; a broken line cannot.
+    let whose = |r: &csv::StringRecord| (r[0].to_string(), r[1].to_string());
+    let nan_row = &rows[rows.len() - 5];
+    assert_eq!(
+        whose(nan_row),
+        ("host-01".into(), "2026-02-01T00:00:00Z".into())
+    );
+    assert_eq!(whose(&rows[rows.len() - 4]), (String::new(), String::new()));
     let anomalous = rows.iter().filter(|r| &r[5] == "true").count();
     // Normal data, warm-started thresholds at q = 0.999: very few points over the threshold.
     assert!(
