@@ -286,37 +286,41 @@ fn default_threshold_methods(raw: config::Config) -> Result<config::Config, conf
 /// own. A threshold is an internally tagged enum, whose errors lose the field's name (serde
 /// buffers its content before it knows the method), so it is read again as its method's type.
 fn type_problems(raw: &config::Config) -> Vec<String> {
-    fn check<T: serde::de::DeserializeOwned>(raw: &config::Config, key: &str) -> Option<String> {
-        let section = raw.get::<config::Value>(key).ok()?;
-        read_as::<T>(key, section)
-    }
+    let section = |key: &str| raw.get::<config::Value>(key).ok();
     let mut out: Vec<String> = [
-        check::<KafkaConfig>(raw, "kafka"),
-        check::<HttpConfig>(raw, "http"),
-        check::<LogConfig>(raw, "log"),
-        check::<RuntimeConfig>(raw, "runtime"),
+        section("kafka").and_then(|v| read_as::<KafkaConfig>("kafka", v)),
+        section("http").and_then(|v| read_as::<HttpConfig>("http", v)),
+        section("log").and_then(|v| read_as::<LogConfig>("log", v)),
+        section("runtime").and_then(|v| read_as::<RuntimeConfig>("runtime", v)),
     ]
     .into_iter()
     .flatten()
     .collect();
-    let names = raw.get_table("pipelines").unwrap_or_default().into_keys();
-    for name in names {
-        let pipeline = format!("pipelines.{name}");
-        let threshold = threshold_problem(raw, &format!("{pipeline}.threshold"));
-        let whole = check::<PipelineConfig>(raw, &pipeline);
-        // The threshold's own message replaces the pipeline's, which names the section only.
-        let about_threshold = |e: &String| e.starts_with(&format!("{pipeline}.threshold"));
-        out.extend(threshold.clone());
-        out.extend(whole.filter(|e| threshold.is_none() || !about_threshold(e)));
+    for (name, pipeline) in raw.get_table("pipelines").unwrap_or_default() {
+        let at = format!("pipelines.{name}");
+        let Ok(mut table) = pipeline.clone().into_table() else {
+            out.extend(read_as::<PipelineConfig>(&at, pipeline));
+            continue;
+        };
+        // A threshold with a problem of its own is reported by it, and the rest of the pipeline
+        // is read without it (the section has a default), so that its errors show too.
+        let threshold = table.get("threshold").cloned();
+        if let Some(problem) =
+            threshold.and_then(|t| threshold_problem(&format!("{at}.threshold"), t))
+        {
+            out.push(problem);
+            table.remove("threshold");
+        }
+        out.extend(read_as::<PipelineConfig>(&at, config::Value::from(table)));
     }
     out
 }
 
-/// A type error in the threshold section at `key`, read as its method's own type.
-fn threshold_problem(raw: &config::Config, key: &str) -> Option<String> {
+/// A type error in the threshold section `value` (at `key`), read as its method's own type.
+fn threshold_problem(key: &str, value: config::Value) -> Option<String> {
     use crate::threshold::evt::SpotConfig;
     use crate::threshold::{EwmaConfig, QuantileConfig, StaticConfig};
-    let mut table = raw.get_table(key).ok()?;
+    let mut table = value.into_table().ok()?;
     let method = table.remove("method")?.into_string().ok()?;
     let table = config::Value::from(table);
     match method.as_str() {
@@ -328,13 +332,28 @@ fn threshold_problem(raw: &config::Config, key: &str) -> Option<String> {
     }
 }
 
-/// The error of reading the section at `key` as a `T`, as `key.field: what`.
-fn read_as<T: serde::de::DeserializeOwned>(key: &str, section: config::Value) -> Option<String> {
-    let e = section.try_deserialize::<T>().err()?.to_string();
-    // The config crate ends a type error with the field's path inside the section.
-    Some(match e.rsplit_once(" for key `") {
-        Some((what, field)) => format!("{key}.{}: {what}", field.trim_end_matches('`')),
-        None => format!("{key}: {e}"),
+/// The error of reading the section `value` (at `key`) as a `T`, as `key.field: what`.
+fn read_as<T: serde::de::DeserializeOwned>(key: &str, value: config::Value) -> Option<String> {
+    let source = |origin: &Option<String>| match origin {
+        Some(origin) => format!(" (from {origin})"),
+        None => String::new(),
+    };
+    Some(match value.try_deserialize::<T>().err()? {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key: Some(field),
+            origin,
+        } => format!(
+            "{key}.{field}: invalid type: {unexpected}, expected {expected}{}",
+            source(&origin)
+        ),
+        config::ConfigError::At {
+            error,
+            key: Some(field),
+            origin,
+        } => format!("{key}.{field}: {error}{}", source(&origin)),
+        other => format!("{key}: {other}"),
     })
 }
 
@@ -673,22 +692,23 @@ mod tests {
     #[test]
     fn every_wrong_type_is_reported_by_its_field() {
         let text = format!(
-            "{MINIMAL}\n[pipelines.fleet.threshold]\nmethod = \"spot\"\nq = \"small\"\n\
-             [runtime]\ninference_threads = \"all\"\n\
+            "{MINIMAL}\nmax_keys = \"many\"\n[pipelines.fleet.threshold]\nmethod = \"spot\"\nq = \"small\"\n\
              [pipelines.other]\ntopics = [\"o\"]\nmodel = \"m.onnx\"\n[pipelines.other.alert]\nfire_after = \"soon\"\n"
         );
-        let e = Config::from_toml(&text, env(&[])).unwrap_err();
+        let threads = ("ANOMALYD__RUNTIME__INFERENCE_THREADS", "all");
+        let e = Config::from_toml(&text, env(&[threads])).unwrap_err();
         let all = e.to_string();
         for needle in [
-            "runtime.inference_threads: invalid type",
-            // Inside a threshold (an internally tagged enum), serde alone names only the section.
+            "runtime.inference_threads: invalid type: string \"all\", expected an integer",
+            // Inside a threshold (an internally tagged enum), serde alone names only the section;
+            // and the pipeline's other error shows too.
             "pipelines.fleet.threshold.q: invalid type",
+            "pipelines.fleet.max_keys: invalid type",
             "pipelines.other.alert.fire_after: invalid type",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        // The other pipeline's error is its own; a threshold's is not repeated for its section.
-        assert_eq!(e.problems.len(), 3, "{all}");
+        assert_eq!(e.problems.len(), 4, "{all}");
         let unknown = format!("{MINIMAL}\n[pipelines.fleet.threshold]\nmethod = \"magic\"\n");
         let e = Config::from_toml(&unknown, env(&[]))
             .unwrap_err()
@@ -697,8 +717,5 @@ mod tests {
             e.contains("pipelines.fleet.threshold.method: unknown variant `magic`"),
             "{e}"
         );
-        let wrong = format!("{MINIMAL}\nmax_keys = \"many\"\n");
-        let e = Config::from_toml(&wrong, env(&[])).unwrap_err().to_string();
-        assert!(e.contains("pipelines.fleet.max_keys: invalid type"), "{e}");
     }
 }

@@ -260,11 +260,12 @@ impl Decoder {
     }
 
     /// The key and timestamp of a JSON record that could not be decoded, as far as they can be
-    /// read (the record is a JSON object with them at the top, as strings or numbers): what
+    /// read (the record is a JSON object with them at the top, as strings or numbers; else the
+    /// default key): what
     /// `anomalyd score` writes on the row of its error.
     pub fn locate_json(&self, bytes: &[u8]) -> Whereabouts {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(bytes) else {
-            return Whereabouts::default();
+            return self.unlocated();
         };
         let text = |field: &str| match object.get(field)? {
             serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -272,8 +273,16 @@ impl Decoder {
             _ => None,
         };
         Whereabouts {
-            key: text(&self.key_field),
+            key: text(&self.key_field).or_else(|| self.default_key.clone()),
             timestamp: text(&self.timestamp_field),
+        }
+    }
+
+    /// Where a record that could not be read at all belongs: to the default key, if there is one.
+    pub fn unlocated(&self) -> Whereabouts {
+        Whereabouts {
+            key: self.default_key.clone(),
+            timestamp: None,
         }
     }
 

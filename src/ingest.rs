@@ -39,13 +39,26 @@ use crate::model::Model;
 use crate::offsets::{Offset, Partition};
 use crate::state::StateRecord;
 
+/// The detector's answer to a revocation.
+#[derive(Debug)]
+pub struct Settled {
+    /// Where everything before is delivered and its state durable: the positions to commit.
+    pub positions: Positions,
+    /// Whether every record received got there in time (false: the drain timed out, and the
+    /// records after `positions` will be processed again by the partitions' next owner).
+    pub complete: bool,
+}
+
 /// How a handing-back of partitions ended (a rebalance's, or the final one at shutdown).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drained {
-    /// Nothing was assigned, so nothing was left to settle.
-    NothingAssigned,
+    /// No partition had a position to commit: nothing was assigned, or nothing consumed.
+    NothingToCommit,
     /// The detector settled the partitions and their positions (this many) were committed.
     Committed { positions: usize },
+    /// The drain timed out: the positions reached (this many) were committed, and the records
+    /// after them will be processed again by the partitions' next owner.
+    CommittedInPart { positions: usize },
     /// The positions were not committed, for this reason: the records since the last commit
     /// will be processed again by the partitions' next owner.
     NotCommitted(String),
@@ -73,7 +86,7 @@ pub enum Input {
     Revoked {
         partitions: Vec<Partition>,
         within: Duration,
-        reply: Option<std::sync::mpsc::SyncSender<Positions>>,
+        reply: Option<std::sync::mpsc::SyncSender<Settled>>,
     },
     /// A new version of the model, to swap in between batches, and when its file was found.
     Reload {
@@ -311,7 +324,7 @@ impl Context {
         within: Duration,
     ) -> Drained {
         if partitions.is_empty() {
-            return Drained::NothingAssigned;
+            return Drained::NothingToCommit;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let message = Input::Revoked {
@@ -325,13 +338,13 @@ impl Context {
         // The detector keeps its own deadline; this one only guards against a detector that
         // is gone or stuck.
         match rx.recv_timeout(within + Duration::from_secs(5)) {
-            Ok(positions) => match self.commit(consumer, &positions, CommitMode::Sync) {
-                Ok(positions) => Drained::Committed { positions },
+            Ok(settled) => match self.commit(consumer, &settled.positions, CommitMode::Sync) {
+                Ok(0) => Drained::NothingToCommit,
+                Ok(positions) if settled.complete => Drained::Committed { positions },
+                Ok(positions) => Drained::CommittedInPart { positions },
                 Err(e) => Drained::NotCommitted(format!("committing offsets failed: {e}")),
             },
-            Err(_) => Drained::NotCommitted(format!(
-                "the detector did not settle the revoked partitions within {within:?}"
-            )),
+            Err(_) => Drained::NotCommitted("the detector did not answer".into()),
         }
     }
 

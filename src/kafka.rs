@@ -65,16 +65,26 @@ impl KafkaConfig {
         .into_iter()
         .flatten()
         .collect();
-        if self.brokers.trim().is_empty() {
+        // librdkafka skips empty entries (a trailing comma from a templated variable).
+        let brokers: Vec<&str> = self
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .collect();
+        if brokers.is_empty() {
             problems.push("brokers: must name at least one broker".into());
-        } else {
-            problems.extend(
-                self.brokers
-                    .split(',')
-                    .filter_map(broker_problem)
-                    .map(|p| format!("brokers: {p}")),
-            );
         }
+        let protocol = self
+            .properties
+            .get("security.protocol")
+            .map_or("plaintext", String::as_str);
+        problems.extend(
+            brokers
+                .into_iter()
+                .filter_map(|b| broker_problem(b, protocol))
+                .map(|p| format!("brokers: {p}")),
+        );
         if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
             problems.push(format!(
                 "auto_offset_reset: {:?} is neither `earliest` nor `latest`",
@@ -101,24 +111,18 @@ impl KafkaConfig {
 }
 
 /// What is wrong with one entry of `brokers`, as librdkafka reads it: `host`, `host:port` or
-/// `[v6-address]:port`, optionally behind a security protocol (`SASL_SSL://host:port`). Without
-/// this check a typo (`kafka:909`, `http://kafka:9092`) passes `check` and the daemon then
+/// `[v6-address]:port` (port 9092 when left out), optionally behind the `security.protocol` in
+/// use (`SASL_SSL://host:port`; librdkafka refuses any other). Without this check a typo
+/// (`kafka:909`, `http://kafka:9092`, a space for a comma) passes `check` and the daemon then
 /// retries a broker that cannot exist, forever.
-fn broker_problem(entry: &str) -> Option<String> {
-    let entry = entry.trim();
-    if entry.is_empty() {
-        return Some("an empty entry (two commas, or a trailing one)".into());
-    }
+fn broker_problem(entry: &str, protocol: &str) -> Option<String> {
     let address = match entry.split_once("://") {
-        Some((scheme, rest)) => {
-            let known = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
-            if !known.iter().any(|k| k.eq_ignore_ascii_case(scheme)) {
-                return Some(format!(
-                    "{entry:?}: `{scheme}://` is not a Kafka security protocol (write host:port)"
-                ));
-            }
-            rest
+        Some((scheme, _)) if !scheme.eq_ignore_ascii_case(protocol) => {
+            return Some(format!(
+                "{entry:?}: `{scheme}://` is not the security.protocol in use ({protocol}); write host:port"
+            ))
         }
+        Some((_, rest)) => rest,
         None => entry,
     };
     let port = match address.strip_prefix('[') {
@@ -131,8 +135,15 @@ fn broker_problem(entry: &str) -> Option<String> {
                 ))
             }
         },
-        // A bare IPv6 address (several colons): left to librdkafka.
-        None if address.matches(':').count() > 1 => return None,
+        None if address.parse::<std::net::Ipv6Addr>().is_ok() => return None,
+        None if address.matches(':').count() > 1 => {
+            return Some(format!(
+                "{entry:?}: more than one `:` (a missing comma? an IPv6 address goes in brackets, [::1]:9092)"
+            ))
+        }
+        None if address.contains(char::is_whitespace) => {
+            return Some(format!("{entry:?}: a space (brokers are separated by commas)"))
+        }
         None => address.split_once(':').map(|(_, port)| port),
     };
     if address.is_empty() || address.starts_with(':') {
@@ -305,30 +316,38 @@ mod tests {
             "kafka",
             "kafka:9092",
             "10.0.0.1:19092",
-            "SASL_SSL://kafka.example.com:9093",
+            "PLAINTEXT://kafka.example.com:9093",
             "[::1]:9092",
             "::1",
         ] {
-            assert_eq!(broker_problem(good), None, "{good}");
+            assert_eq!(broker_problem(good, "plaintext"), None, "{good}");
         }
+        assert_eq!(broker_problem("sasl_ssl://k:9093", "SASL_SSL"), None);
         for (bad, says) in [
-            ("", "empty entry"),
             ("kafka:90x2", "port"),
             ("kafka:0", "port"),
             ("kafka:", "port"),
-            ("http://kafka:9092", "not a Kafka security protocol"),
+            ("http://kafka:9092", "not the security.protocol in use"),
+            ("SSL://kafka:9093", "not the security.protocol in use"),
             (":9092", "no host"),
             ("[::1:9092", "closing"),
+            ("k1:9092 k2:9092", "more than one `:`"),
+            ("k1 k2:9092", "a space"),
         ] {
-            let problem = broker_problem(bad).unwrap_or_default();
+            let problem = broker_problem(bad, "plaintext").unwrap_or_default();
             assert!(problem.contains(says), "{bad:?} gave {problem:?}");
         }
-        let cfg = KafkaConfig {
-            brokers: "b1:9092,,b2:99999".into(),
+        let cfg = |brokers: &str| KafkaConfig {
+            brokers: brokers.into(),
             ..KafkaConfig::default()
         };
-        let problems = cfg.problems();
-        assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems.iter().all(|p| p.starts_with("brokers: ")));
+        // Empty entries are skipped, as librdkafka does; the bad port is one problem.
+        let problems = cfg("b1:9092,,b2:99999,").problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("brokers: \"b2:99999\""),
+            "{problems:?}"
+        );
+        assert_eq!(cfg(" , ").problems().len(), 1);
     }
 }

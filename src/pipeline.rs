@@ -46,7 +46,7 @@ use crate::config::PipelineConfig;
 use crate::decode::Record;
 use crate::detect::{Batch, Detector, DetectorConfig, Origin, Outcome};
 use crate::feedback::FeedbackOutcome;
-use crate::ingest::{Drained, Ingest, Input, Positions, Rebalancing};
+use crate::ingest::{Drained, Ingest, Input, Positions, Rebalancing, Settled};
 use crate::kafka::{producer_config, KafkaConfig, ProducerContext};
 use crate::metrics::{label, Health, Metrics};
 use crate::model::{Inference, Model, ModelError};
@@ -186,8 +186,11 @@ pub async fn run(
         Ok(Ok(Drained::Committed { positions })) => {
             tracing::info!(pipeline = %name, elapsed_ms, positions, "Pipeline drained and committed.")
         }
-        Ok(Ok(Drained::NothingAssigned)) => {
-            tracing::info!(pipeline = %name, elapsed_ms, "Pipeline stopped; it held no partitions, so there was nothing to commit.")
+        Ok(Ok(Drained::NothingToCommit)) => {
+            tracing::info!(pipeline = %name, elapsed_ms, "Pipeline stopped; it had no position to commit (no partition, or nothing consumed).")
+        }
+        Ok(Ok(Drained::CommittedInPart { positions })) => {
+            tracing::warn!(pipeline = %name, elapsed_ms, positions, "Pipeline drained in part: the drain timed out; the positions reached were committed, and the records after them will be processed again.")
         }
         Ok(Ok(Drained::NotCommitted(why))) => {
             tracing::warn!(pipeline = %name, elapsed_ms, "Pipeline stopped without committing ({why}); its records since the last commit will be processed again.")
@@ -855,7 +858,7 @@ impl DetectorTask {
         &mut self,
         partitions: Vec<Partition>,
         within: Duration,
-        reply: Option<std::sync::mpsc::SyncSender<Positions>>,
+        reply: Option<std::sync::mpsc::SyncSender<Settled>>,
     ) {
         let started = Instant::now();
         let mut settled = true;
@@ -872,7 +875,10 @@ impl DetectorTask {
                 .iter()
                 .filter_map(|p| self.committed.get(p).map(|pos| (p.clone(), *pos)))
                 .collect();
-            let _ = reply.send(positions);
+            let _ = reply.send(Settled {
+                positions,
+                complete: settled,
+            });
         }
         self.tracker.remove(&partitions);
         for p in &partitions {

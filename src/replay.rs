@@ -484,7 +484,7 @@ pub fn replay(
                     }
                     Err(size) => r.push(Err((
                         DecodeError::TooLarge { size, limit },
-                        Whereabouts::default(),
+                        decoder.unlocated(),
                     )))?,
                 }
             }
@@ -492,7 +492,7 @@ pub fn replay(
         Format::Csv => {
             let (columns, mut csv) = csv_header(&mut lines, &decoder)?;
             while let Some(line) = lines.next()? {
-                let nowhere = |e| (e, Whereabouts::default());
+                let nowhere = |e| (e, decoder.unlocated());
                 let row = match line {
                     Ok(text) if text.trim_ascii().is_empty() => continue,
                     Ok(text) => csv
