@@ -260,9 +260,8 @@ impl Decoder {
     }
 
     /// The key and timestamp of a JSON record that could not be decoded, as far as they can be
-    /// read (the record is a JSON object with them at the top, as strings or numbers; else the
-    /// default key): what
-    /// `anomalyd score` writes on the row of its error.
+    /// read (a JSON object with them at its top, as strings or numbers; else the default key):
+    /// what `anomalyd score` writes on the row of its error.
     pub fn locate_json(&self, bytes: &[u8]) -> Whereabouts {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(bytes) else {
             return self.unlocated();
