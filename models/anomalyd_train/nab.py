@@ -134,6 +134,10 @@ class NabOptions:
     # A key's k-th episode reports its rarity divided by 1 + repeat_discount * (k - 1): a key that
     # keeps alerting is noisier than its tail says (docs/BENCHMARKS.md, "Repeat discount").
     repeat_discount: float = 0.1
+    # ... and multiplied by ((s + 1) / k) ** key_rank, where s of its k - 1 earlier episodes opened
+    # with a smaller rarity: an alert ranks against the key's own earlier alerts (BENCHMARKS,
+    # "Rank among the key's own alerts").
+    key_rank: float = 1.0
     jobs: int = 2
     files: list[str] | None = None  # a subset of <category>/<file>.csv; default every labelled file
     anomalyd: str | None = None  # the daemon binary
@@ -197,6 +201,7 @@ def validate(opts: NabOptions) -> None:
         (opts.ensemble >= 1, f"--ensemble must be at least 1, got {opts.ensemble}"),
         (opts.escalate > 1, f"--escalate must be above 1, got {opts.escalate}"),
         (opts.repeat_discount >= 0, f"--repeat-discount must be 0 or more, got {opts.repeat_discount}"),
+        (opts.key_rank >= 0, f"--key-rank must be 0 or more, got {opts.key_rank}"),
         (opts.calibration in ("val", "probation"), f"--calibration must be val or probation, got {opts.calibration}"),
         (opts.retrain_calibration in ("val", "probation"),
          f"--retrain-calibration must be val or probation, got {opts.retrain_calibration}"),
@@ -428,7 +433,7 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
             pass  # too little clean data in this stretch: the model before keeps serving
         train_seconds += time.perf_counter() - started
     daemon = score(candidates)
-    nab = report(opts.report, daemon, opts.escalate, opts.repeat_discount)
+    nab = report(opts.report, daemon, opts.escalate, opts.repeat_discount, opts.key_rank)
     firing = daemon.firing
 
     rows = ns.file_rows(name, times, windows)
@@ -599,7 +604,8 @@ class DaemonRows:
     resolved: np.ndarray  # the row closed one
 
 
-def report(mode: str, d: DaemonRows, escalate: float = 2.0, repeat_discount: float = 0.0) -> np.ndarray:
+def report(mode: str, d: DaemonRows, escalate: float = 2.0, repeat_discount: float = 0.0,
+           key_rank: float = 0.0) -> np.ndarray:
     """A row's NAB anomaly score from the daemon's columns (see REPORTS); causal: a row's value
     depends on that row and the rows before it only."""
     if mode == "score":
@@ -611,21 +617,28 @@ def report(mode: str, d: DaemonRows, escalate: float = 2.0, repeat_discount: flo
         x = d.score / np.maximum(before, 1e-300)
         return np.where(d.firing, x / (1.0 + x), 0.0)
     if mode in ("rarity", "escalation"):
-        return _rarity(d, escalate if mode == "escalation" else math.inf, repeat_discount)
+        return _rarity(d, escalate if mode == "escalation" else math.inf, repeat_discount, key_rank)
     raise ns.NabError(f"unknown report mode {mode!r}")
 
 
-def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0) -> np.ndarray:
+def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0, key_rank: float = 0.0) -> np.ndarray:
     """x = score / (99th percentile of the scores of every earlier row), reported as x / (1 + x)
     on firing rows and, inside the episode, on anomalous rows where x has grown `escalate`-fold
     over the largest x reported in it so far. In the key's k-th episode the reported x is
-    divided by 1 + `repeat_discount` * (k - 1).
+    divided by 1 + `repeat_discount` * (k - 1), and multiplied by ((s + 1) / k) ** `key_rank`,
+    where s of the key's k - 1 earlier episodes opened with a smaller x.
 
     Why the discount: the threshold's tail calls a fixed share of scores rare whatever the key's
     history, but a key that has alerted many times is noisier than that tail says (unlabelled
     bursts, a regime the model never saw), and an operator reads its next alert with less
     urgency. The rank of an alert among all keys' alerts, which is what NAB's corpus threshold
     reads, should say the same.
+
+    Why the rank among the key's own alerts: within most files the labelled alerts are the
+    largest the key has raised so far, but one key's x does not mean what another's does (their
+    tails differ). A key's first alert and each new largest keep their x; an alert smaller than
+    most of the key's earlier ones ranks lower, as an operator who has seen that key raise bigger
+    ones would read it.
 
     Why re-report: an episode fires on its first few anomalous rows, often on the shoulder of what
     becomes a much larger anomaly (a spike after a small bump, a level shift that never resolves,
@@ -636,9 +649,11 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0) -> np.
     out = np.zeros(len(d.score))
     past: list[float] = []  # every earlier score, sorted
     in_episode, best, episodes = False, 0.0, 0
+    opened: list[float] = []  # the x of each earlier episode's firing row, sorted
 
     def reported(x: float) -> float:
-        """x discounted for the key's earlier episodes, as x / (1 + x)."""
+        """x ranked and discounted against the key's earlier episodes, as x / (1 + x)."""
+        x *= ((bisect.bisect_left(opened, x) + 1) / (len(opened) + 1)) ** key_rank
         x /= 1.0 + repeat_discount * (episodes - 1)
         return x / (1.0 + x)
 
@@ -649,6 +664,7 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0) -> np.
             if d.firing[i]:
                 in_episode, best, episodes = True, x, episodes + 1
                 out[i] = reported(x)
+                bisect.insort(opened, x)
             elif in_episode and d.is_anomaly[i] and x >= escalate * best:
                 best = x
                 out[i] = reported(x)

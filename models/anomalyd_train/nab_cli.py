@@ -35,7 +35,8 @@ reports (--report; each is causal, computed from the daemon's per-row output):
               largest reported in it (a re-notification: the anomaly got worse)
   rarity      on the rows that open an episode only: x / (1 + x), x = the row's score over the
               99th percentile of every earlier score of the file, divided by 1 + --repeat-discount
-              per episode the key fired before
+              per episode the key fired before, and ranked against the key's earlier episodes
+              (--key-rank)
   novelty     as rarity, over the largest earlier score
   firing      the daemon's anomaly_score on the rows that open an episode, 0 elsewhere
   score       the daemon's calibrated anomaly_score on every row
@@ -158,6 +159,11 @@ def add_nab_parser(sub) -> None:
                    help="reports rarity and escalation: a key's k-th episode reports its rarity divided by "
                         f"1 + X * (k - 1), so a key that keeps alerting ranks lower (default {d.repeat_discount}; "
                         "0: no discount)")
+    t.add_argument("--key-rank", type=float, default=d.key_rank, metavar="P",
+                   help="reports rarity and escalation: an episode's rarity is also multiplied by "
+                        "((s + 1) / k) ** P, where s of the key's k - 1 earlier episodes opened with a smaller "
+                        f"rarity, so an alert ranks against the key's own earlier ones (default {d.key_rank}; "
+                        "0: off)")
 
 
 def add_plot_parser(sub) -> None:
@@ -209,7 +215,7 @@ def run(args) -> int:
         resolve_after=args.resolve_after, rebaseline_after=args.rebaseline_after,
         retrain_every=args.retrain_every, retrain_rows=args.retrain_rows,
         shadow_rows=args.shadow_rows, retrain_calibration=args.retrain_calibration, report=args.report, escalate=args.escalate,
-        repeat_discount=args.repeat_discount, jobs=args.jobs,
+        repeat_discount=args.repeat_discount, key_rank=args.key_rank, jobs=args.jobs,
         files=args.files,
         anomalyd=args.anomalyd, reuse_models=args.reuse_models, quiet=args.quiet,
     )

@@ -77,17 +77,35 @@ def test_a_keys_later_episodes_report_their_rarity_discounted():
     np.testing.assert_allclose(plain[n:], [rep(3), 0, 0, rep(3), rep(9), 0, rep(3)])
 
 
+def test_an_alert_ranks_against_the_keys_own_earlier_alerts():
+    # Episodes opening at x = 8, 2, 4 and 16 after 1000 rows of score 1 (x is the score): the
+    # first and each new largest keep x; the second (smaller than the one before it) is halved,
+    # the third (above one of two) multiplied by 2/3.
+    n = 1000
+    score = [1.0] * n + [8.0, 1.0, 2.0, 1.0, 4.0, 1.0, 16.0]
+    anomalous = [s > 1 for s in score]
+    events = [""] * n + ["f", "r", "f", "r", "f", "r", "f"]
+    out = nb.report("rarity", daemon_rows(score, anomalous, events), key_rank=1.0)
+
+    def rep(x):
+        return x / (1 + x)
+
+    np.testing.assert_allclose(out[n:], [rep(8), 0, rep(2 / 2), 0, rep(4 * 2 / 3), 0, rep(16)])
+    off = nb.report("rarity", daemon_rows(score, anomalous, events))
+    np.testing.assert_allclose(off[n:], [rep(8), 0, rep(2), 0, rep(4), 0, rep(16)])
+
+
 def test_reports_are_causal():
     rng = np.random.default_rng(3)
     n = 400
     score = rng.lognormal(size=n)
     anomalous = score > 4
     events = np.where(rng.random(n) < 0.05, "f", np.where(rng.random(n) < 0.05, "r", ""))
-    full = nb.report("escalation", daemon_rows(score, anomalous, events))
+    full = nb.report("escalation", daemon_rows(score, anomalous, events), key_rank=1.0)
     cut = 250
     changed = score.copy()
     changed[cut:] = rng.lognormal(size=n - cut) * 50
-    again = nb.report("escalation", daemon_rows(changed, changed > 4, events))
+    again = nb.report("escalation", daemon_rows(changed, changed > 4, events), key_rank=1.0)
     np.testing.assert_array_equal(full[:cut], again[:cut])
 
 
