@@ -626,7 +626,8 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0, key_ra
     on firing rows and, inside the episode, on anomalous rows where x has grown `escalate`-fold
     over the largest x reported in it so far. In the key's k-th episode the reported x is
     divided by 1 + `repeat_discount` * (k - 1), and multiplied by ((s + 1) / k) ** `key_rank`,
-    where s of the key's k - 1 earlier episodes opened with a smaller x.
+    where s of the key's k - 1 earlier episodes opened with a smaller x (an escalation compares
+    with every episode opened so far, its own included).
 
     Why the discount: the threshold's tail calls a fixed share of scores rare whatever the key's
     history, but a key that has alerted many times is noisier than that tail says (unlabelled
