@@ -111,7 +111,7 @@ pub struct Record {
 
 /// Where a record that could not be decoded belongs: its key and timestamp, when they could be
 /// read from it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Whereabouts {
     pub key: Option<String>,
     pub timestamp: Option<String>,

@@ -469,6 +469,8 @@ pub fn replay(
     // `max_record_bytes`, not the longest line; a bad line is one row's error, never the run's.
     let limit = cfg.max_record_bytes;
     let mut lines = Lines::new(input.reader, limit);
+    // A record that could not be read at all: its row belongs to the default key, if any.
+    let nowhere = |e| (e, decoder.unlocated());
     match input.format {
         Format::Ndjson => {
             while let Some(line) = lines.next()? {
@@ -482,17 +484,13 @@ pub fn replay(
                                 .map_err(|e| (e, decoder.locate_json(text))),
                         )?
                     }
-                    Err(size) => r.push(Err((
-                        DecodeError::TooLarge { size, limit },
-                        decoder.unlocated(),
-                    )))?,
+                    Err(size) => r.push(Err(nowhere(DecodeError::TooLarge { size, limit })))?,
                 }
             }
         }
         Format::Csv => {
             let (columns, mut csv) = csv_header(&mut lines, &decoder)?;
             while let Some(line) = lines.next()? {
-                let nowhere = |e| (e, decoder.unlocated());
                 let row = match line {
                     Ok(text) if text.trim_ascii().is_empty() => continue,
                     Ok(text) => csv
