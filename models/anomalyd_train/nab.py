@@ -405,7 +405,10 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
         (work / "score.log").write_text(p.stderr)  # the daemon's own account: promotions, refusals
         counts = re.search(r"candidates: (\d+) promoted, (\d+) refused", p.stderr)
         decided[:] = [int(c) for c in counts.groups()] if counts else [0, 0]
-        return read_scores(scores, rows, name)
+        promoted = [int(r) for r in re.findall(r"^row (\d+): promoted", p.stderr, re.M)]
+        if len(promoted) != decided[0]:
+            raise ns.NabError(f"{name}: the daemon counted {decided[0]} promotions but logged {len(promoted)}")
+        return read_scores(scores, rows, name, promoted)
 
     # Scoring is causal, so the rows before a candidate are the same whichever come after it: each
     # retrain reads the daemon's verdicts on the rows so far from a run with the candidates so far.
@@ -452,9 +455,10 @@ def run_file(opts: NabOptions, name: str, binary: str, windows: list[tuple[str, 
                        score_seconds=score_seconds, alerts=int(firing.sum()), promoted=promoted, refused=refused)
 
 
-def read_scores(path: Path, n: int, name: str) -> "DaemonRows":
-    """The daemon's per-row output of one file, checked: one row per input, all scored."""
-    out = ns.read_columns(path, ["score", "anomaly_score", "is_anomaly", "event", "error"])
+def read_scores(path: Path, n: int, name: str, promoted: list[int] | None = None) -> "DaemonRows":
+    """The daemon's per-row output of one file, checked: one row per input, all scored.
+    `promoted`: the rows from which a promoted candidate served (the daemon's log says them)."""
+    out = ns.read_columns(path, ["score", "threshold", "anomaly_score", "is_anomaly", "event", "error"])
     if len(out["anomaly_score"]) != n:
         raise ns.NabError(f"{name}: anomalyd score wrote {len(out['anomaly_score'])} rows for {n} inputs")
     bad = [e for e in out["error"] if e]
@@ -463,6 +467,8 @@ def read_scores(path: Path, n: int, name: str) -> "DaemonRows":
     return DaemonRows(
         anomaly_score=np.array([float(v) if v else 0.0 for v in out["anomaly_score"]]),
         score=np.array([float(v) if v else 0.0 for v in out["score"]]),
+        threshold=np.array([float(v) if v else math.nan for v in out["threshold"]]),
+        promoted=list(promoted or []),
         is_anomaly=np.array([v == "true" for v in out["is_anomaly"]]),
         firing=np.array([e == "firing" for e in out["event"]]),
         resolved=np.array([e == "resolved" for e in out["event"]]),
@@ -602,6 +608,8 @@ class DaemonRows:
     is_anomaly: np.ndarray  # above the adaptive threshold
     firing: np.ndarray  # the row opened an alert episode
     resolved: np.ndarray  # the row closed one
+    threshold: np.ndarray | None = None  # the key's threshold on the row (NaN while warming)
+    promoted: list[int] = field(default_factory=list)  # the first row of each promoted model
 
 
 def report(mode: str, d: DaemonRows, escalate: float = 2.0, repeat_discount: float = 0.0,
@@ -641,6 +649,12 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0, key_ra
     most of the key's earlier ones ranks lower, as an operator who has seen that key raise bigger
     ones would read it.
 
+    Why rescale at a promotion: a promoted model's errors are on its own scale (a model trained
+    on more data usually reconstructs better), so the earlier rows' scores, another model's, are
+    multiplied by the ratio of the key's threshold after the swap to the one before (each
+    model's calibrated tail, at the same point of the stream). Without it a better model's
+    first alerts would look small against the old model's errors, and a worse one's large.
+
     Why re-report: an episode fires on its first few anomalous rows, often on the shoulder of what
     becomes a much larger anomaly (a spike after a small bump, a level shift that never resolves,
     so later anomalies happen inside it). An operator would want to hear that it has grown; NAB
@@ -658,7 +672,12 @@ def _rarity(d: DaemonRows, escalate: float, repeat_discount: float = 0.0, key_ra
         x /= 1.0 + repeat_discount * (episodes - 1)
         return x / (1.0 + x)
 
+    promoted = set(d.promoted) if d.threshold is not None else set()
     for i, s in enumerate(d.score):
+        if i in promoted and past:
+            ratio = d.threshold[i] / d.threshold[i - 1]
+            if math.isfinite(ratio) and ratio > 0:
+                past = [p * ratio for p in past]
         if past:
             q = past[min(int(RARITY_QUANTILE * len(past)), len(past) - 1)]
             x = s / max(q, 1e-300)

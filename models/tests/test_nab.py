@@ -95,6 +95,22 @@ def test_an_alert_ranks_against_the_keys_own_earlier_alerts():
     np.testing.assert_allclose(off[n:], [rep(8), 0, rep(2), 0, rep(4), 0, rep(16)])
 
 
+def test_a_promotion_rescales_the_earlier_scores_to_the_new_models():
+    # 1000 rows of score 2 under a threshold of 4; from row 1000 a promoted model serves whose
+    # threshold is 2 (its errors are half the old one's): its first alert, a score of 3, ranks
+    # against the earlier scores halved (x = 3 / 1), not against the old model's (x = 3 / 2).
+    n = 1000
+    score = [2.0] * n + [1.0, 3.0]
+    events = [""] * n + ["", "f"]
+    rows = daemon_rows(score, [False] * (n + 1) + [True], events)
+    plain = nb.report("rarity", rows)
+    rows.threshold = np.r_[np.full(n, 4.0), 2.0, 2.0]
+    rows.promoted = [n]
+    promoted = nb.report("rarity", rows)
+    np.testing.assert_allclose(plain[-1], 1.5 / 2.5)
+    np.testing.assert_allclose(promoted[-1], 3 / 4)
+
+
 def test_reports_are_causal():
     rng = np.random.default_rng(3)
     n = 400
