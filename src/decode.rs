@@ -266,10 +266,12 @@ impl Decoder {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(bytes) else {
             return self.unlocated();
         };
-        let text = |field: &str| match object.get(field)? {
-            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
+        // Read as the decoder reads them (`Scalar`), so that a row's key is spelled the same
+        // whether the record decoded or not (`1e3` is "1000" both ways).
+        let text = |field: &str| {
+            <Scalar as de::Deserialize>::deserialize(object.get(field)?)
+                .ok()?
+                .0
         };
         Whereabouts {
             key: text(&self.key_field).or_else(|| self.default_key.clone()),
@@ -845,6 +847,16 @@ mod tests {
             at(Some("h1"), Some("2026-01-01T00:00:00Z"))
         );
         assert_eq!(d.locate_json(br#"{"host":17,"a":1}"#), at(Some("17"), None));
+        for key in ["17", "1e3", "-2.5", "\"h1\""] {
+            let good = format!(r#"{{"host":{key},"ts":1767225600,"a":1,"b":2}}"#);
+            let decoded = d.decode_json(good.as_bytes()).unwrap();
+            let bad = good.replace(r#""a":1"#, r#""a":"x""#);
+            assert_eq!(
+                d.locate_json(bad.as_bytes()),
+                at(Some(&decoded.key), decoded.timestamp.as_deref()),
+                "{key}"
+            );
+        }
         assert_eq!(d.locate_json(br#"{"host":"h1","a":1"#), at(None, None));
         assert_eq!(d.locate_json(b"[1,2]"), at(None, None));
         let header = csv::StringRecord::from(vec!["ts", "host", "a", "b"]);
