@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command (README.md; .ci/run calls it). From nothing, it installs what
 # the tests need, caching each piece, then runs every check and test:
-#   - the tansu Kafka broker (cargo install, cached in ~/.cargo/bin; ~17 minutes the first time),
+#   - the tansu Kafka broker (cargo install, cached in ~/.cargo/bin; ~12 minutes the first time),
 #   - the Python training toolkit in a venv under target/venv (scripts/python-env.sh),
 #   - podman and local base images for the container image test (scripts/container-tools.sh),
 #   - formatting and clippy, the Rust unit and integration tests, the Python tests.
